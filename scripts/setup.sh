@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# Installs what podmigrate needs on a Debian bookworm-like host, idempotently:
+# containerd, runc, iptables, busybox-static, protoc, zip/unzip, zstd and a CRIU 4.x that passes `criu check`.
+# Host names are never written here: the next release's sources reuse this machine's own apt URIs.
+set -euo pipefail
+
+CRIU_VERSION=${CRIU_VERSION:-4.1.1}
+NEXT_SUITE=${NEXT_SUITE:-trixie}
+BUILD_ROOT=${PODMIGRATE_BUILD_ROOT:-/var/cache/podmigrate/build}
+APT_STAMP=/var/cache/podmigrate/apt-updated
+
+log() { printf '[setup] %s\n' "$*"; }
+die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" -eq 0 ] || die "must run as root (installs packages and builds CRIU)"
+command -v apt-get >/dev/null || die "apt-get not found: this script supports Debian-like hosts only"
+export DEBIAN_FRONTEND=noninteractive
+mkdir -p "$(dirname "$APT_STAMP")" "$BUILD_ROOT"
+
+apt_updated=0
+apt_update_once() {
+  [ "$apt_updated" -eq 1 ] && return 0
+  log "apt-get update"
+  apt-get update -qq >/dev/null || die "apt-get update failed"
+  apt_updated=1
+  touch "$APT_STAMP"
+}
+
+# Installs each package whose dpkg status is not 'installed'.
+install_missing() {
+  local missing=()
+  for pkg in "$@"; do
+    dpkg-query -W -f='${Status}' "${pkg%%/*}" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
+  done
+  [ "${#missing[@]}" -eq 0 ] && return 0
+  apt_update_once
+  log "installing ${missing[*]}"
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null || die "apt-get install ${missing[*]} failed"
+}
+
+# The first URI of this machine's own Debian sources (deb822 or one-line format).
+debian_mirror_uri() {
+  local uri=""
+  if [ -f /etc/apt/sources.list.d/debian.sources ]; then
+    uri=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources)
+  fi
+  if [ -z "$uri" ]; then
+    uri=$(grep -hsE '^deb(-src)? ' /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null \
+      | grep -v security | awk '{for (i=2;i<=NF;i++) if ($i ~ /^[a-z]+:\/\//) {print $i; exit}}' | head -n1)
+  fi
+  [ -n "$uri" ] || die "no Debian apt source found to derive the ${NEXT_SUITE} source from"
+  printf '%s\n' "$uri"
+}
+
+# Adds the next release's binary and source entries at low priority, so nothing upgrades by accident:
+# only packages named with /${NEXT_SUITE} come from it.
+add_next_suite() {
+  local list=/etc/apt/sources.list.d/podmigrate-${NEXT_SUITE}.sources
+  local pin=/etc/apt/preferences.d/podmigrate-${NEXT_SUITE}
+  if [ ! -f "$list" ]; then
+    local uri; uri=$(debian_mirror_uri)
+    local keyring=/usr/share/keyrings/debian-archive-keyring.gpg
+    log "adding ${NEXT_SUITE} (deb, deb-src) from this machine's own mirror configuration"
+    {
+      echo "Types: deb deb-src"
+      echo "URIs: ${uri}"
+      echo "Suites: ${NEXT_SUITE}"
+      echo "Components: main"
+      [ -f "$keyring" ] && echo "Signed-By: ${keyring}"
+    } >"$list"
+    apt_updated=0
+  fi
+  if [ ! -f "$pin" ]; then
+    printf 'Package: *\nPin: release n=%s\nPin-Priority: 100\n' "$NEXT_SUITE" >"$pin"
+  fi
+  apt_update_once
+}
+
+# --- base packages ----------------------------------------------------------------------------
+install_missing runc iptables busybox-static protobuf-compiler zip unzip zstd ca-certificates \
+  iproute2 pkg-config gcc make python3
+
+# --- containerd: 1.7 from the next release where it has it, otherwise the distro's ---------------
+containerd_version() { containerd --version 2>/dev/null | awk '{print $3}' | sed 's/^v//'; }
+if ! command -v containerd >/dev/null || ! [[ $(containerd_version) =~ ^(1\.7|2\.) ]]; then
+  add_next_suite
+  # awk reads all of madison's output (grep -q would close the pipe early and trip pipefail).
+  cand=$(apt-cache madison containerd | awk -v s="$NEXT_SUITE" '$0 ~ s"/" && /Packages/ && $3 ~ /^1\.7/ && !found {print $3; found=1}')
+  if [ -n "${cand:-}" ]; then
+    log "installing containerd ${cand} from ${NEXT_SUITE}"
+    apt-get install -y -qq --no-install-recommends "containerd=${cand}" >/dev/null || die "installing containerd ${cand} failed"
+  else
+    log "no containerd 1.7 in ${NEXT_SUITE}; using the distro's"
+    install_missing containerd
+  fi
+fi
+# The packaged service would race our own test daemons for /run/containerd; podmigrate starts its own.
+if command -v systemctl >/dev/null && systemctl is-enabled containerd >/dev/null 2>&1; then
+  systemctl disable --now containerd >/dev/null 2>&1 || true
+fi
+
+# --- CRIU 4.x ---------------------------------------------------------------------------------
+criu_ok() {
+  command -v criu >/dev/null && criu check >/dev/null 2>&1 || return 1
+  [[ $(criu --version) =~ Version:\ ([0-9]+)\. ]] && [ "${BASH_REMATCH[1]}" -ge 4 ]
+}
+if ! criu_ok; then
+  log "no working CRIU 4.x; building CRIU ${CRIU_VERSION} from ${NEXT_SUITE}'s source tarball"
+  install_missing libprotobuf-c-dev protobuf-c-compiler libprotobuf-dev libnl-3-dev libnet1-dev \
+    libcap-dev libbsd-dev libgnutls28-dev libnftables-dev uuid-dev python3-protobuf dpkg-dev xz-utils
+  add_next_suite
+  src_dir=${BUILD_ROOT}/criu
+  mkdir -p "$src_dir"
+  tarball=${src_dir}/criu_${CRIU_VERSION}.orig.tar.xz
+  if [ ! -s "$tarball" ]; then
+    # The .dsc may be missing from the mirror; the orig tarball is what we need.
+    (cd "$src_dir" && apt-get source --download-only -qq "criu/${NEXT_SUITE}" >/dev/null 2>&1) || true
+    [ -s "$tarball" ] || die "could not download criu_${CRIU_VERSION}.orig.tar.xz from ${NEXT_SUITE}'s sources"
+  fi
+  rm -rf "${src_dir}/criu-${CRIU_VERSION}"
+  tar -C "$src_dir" -xJf "$tarball"
+  log "make -j$(nproc) criu"
+  (cd "${src_dir}/criu-${CRIU_VERSION}" && make -j"$(nproc)" criu >"${src_dir}/build.log" 2>&1) \
+    || die "CRIU build failed; see ${src_dir}/build.log"
+  install -m 0755 "${src_dir}/criu-${CRIU_VERSION}/criu/criu" /usr/local/sbin/criu
+  hash -r
+  criu_ok || die "CRIU ${CRIU_VERSION} built but 'criu check' fails: $(criu check 2>&1 | tail -n1)"
+fi
+
+# --- report -----------------------------------------------------------------------------------
+log "versions:"
+printf '  %-11s %s\n' containerd "$(containerd --version | awk '{print $3}')"
+printf '  %-11s %s\n' runc "$(runc --version | awk 'NR==1 {print $3}')"
+printf '  %-11s %s\n' criu "$(criu --version | awk '/Version/ {print $2}')"
+printf '  %-11s %s\n' protoc "$(protoc --version | awk '{print $2}')"
+printf '  %-11s %s\n' kernel "$(uname -r)"
+printf '  criu check: %s\n' "$(criu check 2>&1 | tail -n1)"
