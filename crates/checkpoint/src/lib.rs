@@ -1,1 +1,7 @@
+//! The checkpoint side of podmigrate, shared by the shim and the agent: the archive format that
+//! carries a checkpoint across the share, and the drivers for the CRIU/runc stack that makes one.
 
+pub mod archive;
+pub mod criu;
+pub mod layout;
+pub mod runc;

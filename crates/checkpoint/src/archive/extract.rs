@@ -1,0 +1,335 @@
+//! `unpack` and `verify`: every chunk decompressed on all cores, every byte checked against the
+//! manifest's SHA-256 and the zip's CRC-32, in one pass.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant, SystemTime};
+
+use crossbeam_channel::bounded;
+use podmigrate_proto::v1::{ArchiveManifest, Entry, EntryKind};
+use sha2::{Digest, Sha256};
+use tracing::info;
+
+use super::codec::decompress_chunk;
+use super::error::ArchiveError;
+use super::read::{open, OpenArchive};
+use super::{pipeline, worker_threads};
+
+#[derive(Debug, Clone, Default)]
+pub struct UnpackOptions {
+    /// Worker threads; 0 means one per core.
+    pub threads: usize,
+}
+
+/// A verified archive's manifest and what reading it cost.
+#[derive(Debug, Clone)]
+pub struct Verified {
+    pub manifest: ArchiveManifest,
+    pub manifest_sha256: String,
+    pub archive_bytes: u64,
+    pub content_bytes: u64,
+    pub elapsed: Duration,
+}
+
+/// Checks every entry of `archive` against its manifest without writing anything.
+pub fn verify(archive: &Path, options: &UnpackOptions) -> Result<Verified, ArchiveError> {
+    let started = Instant::now();
+    let opened = open(archive)?;
+    stream(&opened, options, None)?;
+    Ok(finish(opened, started, "verified archive"))
+}
+
+/// Extracts `archive` into `dest`, which must not exist or be an empty directory.
+///
+/// Entries are written to a staging directory inside `dest` and moved into place only after
+/// every digest matched, so a bad archive leaves `dest` as it was and nothing anywhere else.
+pub fn unpack(
+    archive: &Path,
+    dest: &Path,
+    options: &UnpackOptions,
+) -> Result<Verified, ArchiveError> {
+    let started = Instant::now();
+    let opened = open(archive)?;
+    let created_dest = prepare_destination(dest)?;
+    let staging = dest.join(format!(".podmigrate-unpack-{}", std::process::id()));
+    let mut guard = Cleanup {
+        staging: staging.clone(),
+        dest: created_dest.then(|| dest.to_path_buf()),
+        armed: true,
+    };
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&staging)
+        .map_err(ArchiveError::io("creating", &staging))?;
+    let manifest = &opened.manifest;
+    for entry in manifest.entries.iter().filter(|e| is_dir(e)) {
+        let path = staging.join(&entry.name);
+        fs::create_dir_all(&path).map_err(ArchiveError::io("creating", &path))?;
+    }
+    stream(&opened, options, Some(&staging))?;
+    // Directory modes and times last: writing files into them changed their mtimes.
+    for entry in manifest.entries.iter().rev().filter(|e| is_dir(e)) {
+        apply_metadata(&staging.join(&entry.name), entry)?;
+    }
+    for item in fs::read_dir(&staging).map_err(ArchiveError::io("listing", &staging))? {
+        let item = item.map_err(ArchiveError::io("listing", &staging))?;
+        let target = dest.join(item.file_name());
+        fs::rename(item.path(), &target).map_err(ArchiveError::io("moving into place", &target))?;
+    }
+    fs::remove_dir(&staging).map_err(ArchiveError::io("removing", &staging))?;
+    guard.armed = false;
+    Ok(finish(opened, started, "unpacked archive"))
+}
+
+fn finish(opened: OpenArchive, started: Instant, what: &'static str) -> Verified {
+    let verified = Verified {
+        content_bytes: opened.manifest.entries.iter().map(|e| e.size).sum(),
+        manifest_sha256: opened.manifest_sha256,
+        archive_bytes: opened.archive_bytes,
+        manifest: opened.manifest,
+        elapsed: started.elapsed(),
+    };
+    info!(
+        archive = %opened.path.display(),
+        content_bytes = verified.content_bytes,
+        elapsed_ms = verified.elapsed.as_millis() as u64,
+        "{what}"
+    );
+    verified
+}
+
+fn is_dir(entry: &Entry) -> bool {
+    entry.kind == EntryKind::Directory as i32
+}
+
+/// Undoes a failed unpack: the staging directory, and `dest` itself if unpack created it.
+struct Cleanup {
+    staging: PathBuf,
+    dest: Option<PathBuf>,
+    armed: bool,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = fs::remove_dir_all(&self.staging);
+            if let Some(dest) = &self.dest {
+                let _ = fs::remove_dir(dest);
+            }
+        }
+    }
+}
+
+/// Returns whether `dest` had to be created.
+fn prepare_destination(dest: &Path) -> Result<bool, ArchiveError> {
+    match fs::symlink_metadata(dest) {
+        Ok(meta) => {
+            let empty = meta.is_dir()
+                && fs::read_dir(dest)
+                    .map_err(ArchiveError::io("listing", dest))?
+                    .next()
+                    .is_none();
+            if empty {
+                Ok(false)
+            } else {
+                Err(ArchiveError::DestinationNotEmpty {
+                    path: dest.to_path_buf(),
+                })
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            fs::create_dir(dest).map_err(ArchiveError::io("creating", dest))?;
+            Ok(true)
+        }
+        Err(e) => Err(ArchiveError::Io {
+            op: "reading metadata of",
+            path: dest.to_path_buf(),
+            source: e,
+        }),
+    }
+}
+
+fn apply_metadata(path: &Path, entry: &Entry) -> Result<(), ArchiveError> {
+    fs::set_permissions(path, fs::Permissions::from_mode(entry.mode))
+        .map_err(ArchiveError::io("setting the mode of", path))?;
+    let mtime = SystemTime::UNIX_EPOCH
+        .checked_add(Duration::from_nanos(entry.mtime_unix_nanos.max(0) as u64))
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    let file = File::open(path).map_err(ArchiveError::io("opening", path))?;
+    file.set_modified(mtime)
+        .map_err(ArchiveError::io("setting the mtime of", path))
+}
+
+struct Compressed {
+    entry: usize,
+    data: Vec<u8>,
+    expected_len: usize,
+    last: bool,
+}
+
+struct Decompressed {
+    entry: usize,
+    data: Arc<Vec<u8>>,
+    crc32: u32,
+    last: bool,
+}
+
+enum HashJob {
+    Data(Arc<Vec<u8>>),
+    End(usize),
+}
+
+/// Reads, decompresses and checks every file entry; writes each under `staging` when given.
+fn stream(
+    opened: &OpenArchive,
+    options: &UnpackOptions,
+    staging: Option<&Path>,
+) -> Result<(), ArchiveError> {
+    let manifest = &opened.manifest;
+    let path = opened.path.as_path();
+    let chunk_size = manifest.chunk_size;
+    let compression = opened.compression;
+    let workers = worker_threads(options.threads);
+    let expected_crc: Vec<Option<u32>> = {
+        let mut crcs = vec![None; manifest.entries.len()];
+        for d in &opened.data {
+            crcs[d.entry] = Some(d.crc32);
+        }
+        crcs
+    };
+
+    // SHA-256 is sequential per entry; it runs on its own thread beside the writer.
+    let (hash_tx, hash_rx) = bounded::<HashJob>(2 * workers + 2);
+    thread::scope(|scope| {
+        let hasher = scope.spawn(move || {
+            let mut digests = Vec::new();
+            let mut sha = Sha256::new();
+            for job in hash_rx {
+                match job {
+                    HashJob::Data(data) => sha.update(&data[..]),
+                    HashJob::End(entry) => digests.push((entry, sha.finalize_reset())),
+                }
+            }
+            digests
+        });
+
+        let mut current: Option<(usize, Option<File>, crc32fast::Hasher)> = None;
+        let streamed = pipeline::run(
+            workers,
+            2 * workers + 2,
+            |submit| {
+                for location in &opened.data {
+                    let entry = &manifest.entries[location.entry];
+                    let mut offset = location.data_start;
+                    let chunks = entry.chunk_compressed_sizes.len();
+                    for (k, &compressed_len) in entry.chunk_compressed_sizes.iter().enumerate() {
+                        let expected_len =
+                            (entry.size - k as u64 * chunk_size).min(chunk_size) as usize;
+                        let mut data = vec![0u8; compressed_len as usize];
+                        opened.file.read_exact_at(&mut data, offset).map_err(|e| {
+                            ArchiveError::bad_entry(
+                                path,
+                                &entry.name,
+                                format!("reading its data: {e}"),
+                            )
+                        })?;
+                        offset += compressed_len;
+                        let job = Compressed {
+                            entry: location.entry,
+                            data,
+                            expected_len,
+                            last: k + 1 == chunks,
+                        };
+                        if !submit(job) {
+                            return Ok(());
+                        }
+                    }
+                }
+                Ok(())
+            },
+            || {
+                |job: Compressed| {
+                    let data = decompress_chunk(compression, &job.data, job.expected_len, job.last)
+                        .map_err(|reason| {
+                            ArchiveError::bad_entry(path, &manifest.entries[job.entry].name, reason)
+                        })?;
+                    Ok(Decompressed {
+                        entry: job.entry,
+                        crc32: crc32fast::hash(&data),
+                        data: Arc::new(data),
+                        last: job.last,
+                    })
+                }
+            },
+            |chunk| {
+                let entry = &manifest.entries[chunk.entry];
+                if current.is_none() {
+                    let file = match staging {
+                        Some(staging) => Some(create_file(&staging.join(&entry.name))?),
+                        None => None,
+                    };
+                    current = Some((chunk.entry, file, crc32fast::Hasher::new()));
+                }
+                let (_, file, crc) = current.as_mut().expect("entry is open");
+                crc.combine(&crc32fast::Hasher::new_with_initial_len(
+                    chunk.crc32,
+                    chunk.data.len() as u64,
+                ));
+                let _ = hash_tx.send(HashJob::Data(Arc::clone(&chunk.data)));
+                if let (Some(file), Some(staging)) = (file.as_mut(), staging) {
+                    file.write_all(&chunk.data)
+                        .map_err(ArchiveError::io("writing", staging.join(&entry.name)))?;
+                }
+                if chunk.last {
+                    let (index, file, crc) = current.take().expect("entry is open");
+                    if Some(crc.finalize()) != expected_crc[index] {
+                        return Err(ArchiveError::bad_entry(
+                            path,
+                            &entry.name,
+                            "CRC-32 mismatch",
+                        ));
+                    }
+                    let _ = hash_tx.send(HashJob::End(index));
+                    if let (Some(file), Some(staging)) = (file, staging) {
+                        drop(file);
+                        apply_metadata(&staging.join(&entry.name), entry)?;
+                    }
+                }
+                Ok(())
+            },
+        );
+        drop(hash_tx);
+        let digests = hasher.join().expect("archive hasher thread panicked");
+        streamed?;
+        for (index, digest) in digests {
+            let entry = &manifest.entries[index];
+            if digest.as_slice() != entry.sha256.as_slice() {
+                return Err(ArchiveError::DigestMismatch {
+                    path: path.to_path_buf(),
+                    name: entry.name.clone(),
+                    expected: hex::encode(&entry.sha256),
+                    actual: hex::encode(digest),
+                });
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Creates a new file; never follows or replaces anything already there.
+fn create_file(path: &Path) -> Result<File, ArchiveError> {
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).map_err(ArchiveError::io("creating", parent))?;
+    }
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(ArchiveError::io("creating", path))
+}

@@ -1,0 +1,530 @@
+//! `pack`: a checkpoint directory into one archive, committed atomically.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use podmigrate_proto::v1::{ArchiveManifest, Entry, EntryKind, Source, Versions};
+use sha2::{Digest, Sha256};
+use tracing::{debug, info};
+
+use super::codec::{ChunkCompressor, Compression};
+use super::error::ArchiveError;
+use super::manifest::{self, entry_name_problem};
+use super::zipwriter::{OpenEntry, ZipStreamWriter};
+use super::{pipeline, worker_threads, ARCHIVE_COMMENT, DEFAULT_CHUNK_SIZE, FORMAT_VERSION};
+use crate::layout::MANIFEST_ENTRY;
+
+#[derive(Debug, Clone)]
+pub struct PackOptions {
+    pub compression: Compression,
+    /// `None` takes the method's default.
+    pub level: Option<i32>,
+    pub chunk_size: usize,
+    /// Worker threads; 0 means one per core.
+    pub threads: usize,
+    pub source: Source,
+    pub versions: Versions,
+}
+
+impl Default for PackOptions {
+    fn default() -> Self {
+        PackOptions {
+            compression: Compression::Zstd,
+            level: None,
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            threads: 0,
+            source: Source::default(),
+            versions: Versions {
+                podmigrate: env!("CARGO_PKG_VERSION").to_string(),
+                ..Versions::default()
+            },
+        }
+    }
+}
+
+/// What `pack` produced.
+#[derive(Debug, Clone)]
+pub struct PackSummary {
+    pub archive: PathBuf,
+    /// SHA-256 of the manifest, which names every entry's digest: the archive's identity.
+    pub manifest_sha256: String,
+    pub archive_bytes: u64,
+    pub content_bytes: u64,
+    pub entries: usize,
+    pub elapsed: Duration,
+}
+
+/// A file or directory found in the checkpoint directory.
+struct Planned {
+    name: String,
+    path: PathBuf,
+    is_dir: bool,
+    mode: u32,
+    mtime_nanos: i64,
+    size: u64,
+}
+
+enum Job {
+    Dir(usize),
+    Chunk {
+        entry: usize,
+        data: Vec<u8>,
+        last: bool,
+        sha256: Option<[u8; 32]>,
+    },
+}
+
+enum Packed {
+    Dir(usize),
+    Chunk {
+        entry: usize,
+        compressed: Vec<u8>,
+        crc32: u32,
+        len: u64,
+        last: bool,
+        sha256: Option<[u8; 32]>,
+    },
+}
+
+/// Removes a temporary archive unless it was committed, so that a failed or interrupted pack
+/// leaves nothing behind.
+struct TempArchive {
+    path: PathBuf,
+    committed: bool,
+}
+
+impl Drop for TempArchive {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Packs `dir` into the zip archive `archive`.
+///
+/// The archive is written under a temporary name beside its final one, fsynced, and renamed:
+/// the rename is the single commit point, so a reader on another node never sees a partial
+/// archive under the final name, however slow the share is.
+pub fn pack(
+    dir: &Path,
+    archive: &Path,
+    options: &PackOptions,
+) -> Result<PackSummary, ArchiveError> {
+    let started = Instant::now();
+    let compression = options.compression;
+    let level = options.level.unwrap_or(compression.default_level());
+    if !compression.level_range().contains(&level) {
+        return Err(ArchiveError::BadInput {
+            path: archive.to_path_buf(),
+            reason: format!(
+                "compression level {level} is out of range for {compression} ({:?})",
+                compression.level_range()
+            ),
+        });
+    }
+    let chunk_size = options.chunk_size as u64;
+    if !(manifest::MIN_CHUNK_SIZE..=manifest::MAX_CHUNK_SIZE).contains(&chunk_size) {
+        return Err(ArchiveError::BadInput {
+            path: archive.to_path_buf(),
+            reason: format!("chunk size {chunk_size} is out of range"),
+        });
+    }
+    let planned = plan(dir, archive)?;
+    let planned = planned.as_slice();
+    let temp_path = temp_name(archive)?;
+    let file = OpenOptions::new()
+        .write(true)
+        .read(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&temp_path)
+        .map_err(ArchiveError::io("creating", &temp_path))?;
+    let mut temp = TempArchive {
+        path: temp_path.clone(),
+        committed: false,
+    };
+
+    let mut manifest = ArchiveManifest {
+        format_version: FORMAT_VERSION,
+        created_at: now_rfc3339(),
+        compression: compression.to_proto() as i32,
+        compression_level: level,
+        chunk_size,
+        versions: Some(options.versions.clone()),
+        source: Some(options.source.clone()),
+        entries: Vec::with_capacity(planned.len()),
+    };
+    let mut writer = ZipStreamWriter::new(file);
+    let io_err = |op| ArchiveError::io(op, &temp_path);
+
+    // The entry being written, with its running CRC and chunk sizes.
+    let mut open: Option<(OpenEntry, crc32fast::Hasher, Entry)> = None;
+    let workers = worker_threads(options.threads);
+    pipeline::run(
+        workers,
+        2 * workers + 2,
+        |submit| produce(planned, options.chunk_size, submit),
+        || {
+            let mut compressor = ChunkCompressor::new(compression, level);
+            move |job: Job| -> Result<Packed, ArchiveError> {
+                match job {
+                    Job::Dir(i) => Ok(Packed::Dir(i)),
+                    Job::Chunk {
+                        entry,
+                        data,
+                        last,
+                        sha256,
+                    } => {
+                        let compressor = compressor.as_mut().map_err(|e| ArchiveError::Io {
+                            op: "starting the compressor for",
+                            path: planned[entry].path.clone(),
+                            source: io::Error::new(e.kind(), e.to_string()),
+                        })?;
+                        let compressed = compressor
+                            .compress(&data, last)
+                            .map_err(ArchiveError::io("compressing", &planned[entry].path))?;
+                        Ok(Packed::Chunk {
+                            entry,
+                            crc32: crc32fast::hash(&data),
+                            len: data.len() as u64,
+                            compressed,
+                            last,
+                            sha256,
+                        })
+                    }
+                }
+            }
+        },
+        |packed| match packed {
+            Packed::Dir(i) => {
+                let p = &planned[i];
+                let entry = writer
+                    .begin_entry(
+                        &p.name,
+                        true,
+                        compression,
+                        p.mode,
+                        p.mtime_nanos.div_euclid(1_000_000_000),
+                        0,
+                    )
+                    .map_err(io_err("writing"))?;
+                writer.end_entry(entry, 0, 0).map_err(io_err("writing"))?;
+                manifest.entries.push(Entry {
+                    name: p.name.clone(),
+                    kind: EntryKind::Directory as i32,
+                    mode: p.mode,
+                    mtime_unix_nanos: p.mtime_nanos,
+                    ..Entry::default()
+                });
+                Ok(())
+            }
+            Packed::Chunk {
+                entry: i,
+                compressed,
+                crc32,
+                len,
+                last,
+                sha256,
+            } => {
+                let (_, crc, record) = match &mut open {
+                    Some(current) => current,
+                    None => {
+                        let p = &planned[i];
+                        let zip_entry = writer
+                            .begin_entry(
+                                &p.name,
+                                false,
+                                compression,
+                                p.mode,
+                                p.mtime_nanos.div_euclid(1_000_000_000),
+                                p.size,
+                            )
+                            .map_err(io_err("writing"))?;
+                        let record = Entry {
+                            name: p.name.clone(),
+                            kind: EntryKind::File as i32,
+                            mode: p.mode,
+                            mtime_unix_nanos: p.mtime_nanos,
+                            ..Entry::default()
+                        };
+                        open.insert((zip_entry, crc32fast::Hasher::new(), record))
+                    }
+                };
+                writer.write_data(&compressed).map_err(io_err("writing"))?;
+                crc.combine(&crc32fast::Hasher::new_with_initial_len(crc32, len));
+                record.size += len;
+                record.compressed_size += compressed.len() as u64;
+                record.chunk_compressed_sizes.push(compressed.len() as u64);
+                if last {
+                    let (zip_entry, crc, mut record) = open.take().expect("entry is open");
+                    record.sha256 = sha256.expect("last chunk carries the digest").to_vec();
+                    writer
+                        .end_entry(zip_entry, crc.finalize(), record.size)
+                        .map_err(io_err("writing"))?;
+                    manifest.entries.push(record);
+                }
+                Ok(())
+            }
+        },
+    )?;
+
+    let manifest_bytes = manifest::encode(&manifest);
+    let manifest_sha256 = hex::encode(Sha256::digest(&manifest_bytes));
+    let entry = writer
+        .begin_entry(
+            MANIFEST_ENTRY,
+            false,
+            Compression::Stored,
+            0o600,
+            now_seconds(),
+            0,
+        )
+        .map_err(io_err("writing"))?;
+    writer
+        .write_data(&manifest_bytes)
+        .map_err(io_err("writing"))?;
+    writer
+        .end_entry(
+            entry,
+            crc32fast::hash(&manifest_bytes),
+            manifest_bytes.len() as u64,
+        )
+        .map_err(io_err("writing"))?;
+    let file = writer.finish(ARCHIVE_COMMENT).map_err(io_err("writing"))?;
+    file.sync_all().map_err(io_err("fsyncing"))?;
+    let archive_bytes = file
+        .metadata()
+        .map_err(io_err("reading metadata of"))?
+        .len();
+    drop(file);
+
+    fs::rename(&temp_path, archive).map_err(ArchiveError::io("committing (rename)", archive))?;
+    temp.committed = true;
+    sync_parent(archive)?;
+
+    let summary = PackSummary {
+        archive: archive.to_path_buf(),
+        manifest_sha256,
+        archive_bytes,
+        content_bytes: manifest.entries.iter().map(|e| e.size).sum(),
+        entries: manifest.entries.len(),
+        elapsed: started.elapsed(),
+    };
+    info!(
+        archive = %archive.display(),
+        entries = summary.entries,
+        content_bytes = summary.content_bytes,
+        archive_bytes = summary.archive_bytes,
+        elapsed_ms = summary.elapsed.as_millis() as u64,
+        %compression,
+        level,
+        "packed checkpoint"
+    );
+    Ok(summary)
+}
+
+/// Reads every file in order, chunk by chunk, hashing as it goes: the one sequential pass.
+fn produce(
+    planned: &[Planned],
+    chunk_size: usize,
+    submit: &mut dyn FnMut(Job) -> bool,
+) -> Result<(), ArchiveError> {
+    for (i, p) in planned.iter().enumerate() {
+        if p.is_dir {
+            if !submit(Job::Dir(i)) {
+                return Ok(());
+            }
+            continue;
+        }
+        let mut file = File::open(&p.path).map_err(ArchiveError::io("opening", &p.path))?;
+        let mut hasher = Sha256::new();
+        let mut current = read_chunk(&mut file, chunk_size, &p.path)?;
+        loop {
+            let next = if current.len() == chunk_size {
+                read_chunk(&mut file, chunk_size, &p.path)?
+            } else {
+                Vec::new()
+            };
+            let last = next.is_empty();
+            hasher.update(&current);
+            let sha256 = last.then(|| hasher.finalize_reset().into());
+            if !submit(Job::Chunk {
+                entry: i,
+                data: current,
+                last,
+                sha256,
+            }) {
+                return Ok(());
+            }
+            if last {
+                break;
+            }
+            current = next;
+        }
+    }
+    Ok(())
+}
+
+fn read_chunk(file: &mut File, chunk_size: usize, path: &Path) -> Result<Vec<u8>, ArchiveError> {
+    let mut buf = Vec::with_capacity(chunk_size);
+    file.take(chunk_size as u64)
+        .read_to_end(&mut buf)
+        .map_err(ArchiveError::io("reading", path))?;
+    Ok(buf)
+}
+
+/// Lists the checkpoint directory in a stable order, refusing anything but regular files and
+/// directories: a restore must never be handed a link or a device.
+fn plan(dir: &Path, archive: &Path) -> Result<Vec<Planned>, ArchiveError> {
+    let meta = fs::metadata(dir).map_err(ArchiveError::io("reading", dir))?;
+    if !meta.is_dir() {
+        return Err(ArchiveError::BadInput {
+            path: dir.to_path_buf(),
+            reason: "not a directory".to_string(),
+        });
+    }
+    // An archive written inside the directory it packs would read itself.
+    let dir_real = fs::canonicalize(dir).map_err(ArchiveError::io("resolving", dir))?;
+    let archive_parent = parent_dir(archive);
+    let parent_real = fs::canonicalize(&archive_parent)
+        .map_err(ArchiveError::io("resolving", &archive_parent))?;
+    if parent_real.starts_with(&dir_real) {
+        return Err(ArchiveError::BadInput {
+            path: archive.to_path_buf(),
+            reason: format!(
+                "the archive may not be written inside the directory it packs ({})",
+                dir.display()
+            ),
+        });
+    }
+
+    let mut planned = Vec::new();
+    for item in walkdir::WalkDir::new(dir)
+        .min_depth(1)
+        .follow_links(false)
+        .sort_by_file_name()
+    {
+        let item = item.map_err(|e| {
+            let path = e.path().unwrap_or(dir).to_path_buf();
+            ArchiveError::Io {
+                op: "listing",
+                path,
+                source: e
+                    .into_io_error()
+                    .unwrap_or_else(|| io::Error::other("filesystem loop")),
+            }
+        })?;
+        let rel = item
+            .path()
+            .strip_prefix(dir)
+            .expect("walkdir yields paths under its root");
+        let name = rel
+            .to_str()
+            .ok_or_else(|| ArchiveError::BadInput {
+                path: item.path().to_path_buf(),
+                reason: "file name is not UTF-8".to_string(),
+            })?
+            .to_string();
+        let file_type = item.file_type();
+        let kind = if file_type.is_dir() {
+            None
+        } else if file_type.is_file() {
+            None
+        } else if file_type.is_symlink() {
+            Some("symbolic link")
+        } else {
+            Some("special file (device, socket or fifo)")
+        };
+        if let Some(kind) = kind {
+            return Err(ArchiveError::UnsupportedFile {
+                dir: dir.to_path_buf(),
+                name,
+                kind,
+            });
+        }
+        if let Some(problem) = entry_name_problem(&name) {
+            return Err(ArchiveError::BadInput {
+                path: item.path().to_path_buf(),
+                reason: problem.to_string(),
+            });
+        }
+        let meta = item.metadata().map_err(|e| ArchiveError::Io {
+            op: "reading metadata of",
+            path: item.path().to_path_buf(),
+            source: e
+                .into_io_error()
+                .unwrap_or_else(|| io::Error::other("metadata")),
+        })?;
+        planned.push(Planned {
+            name,
+            path: item.path().to_path_buf(),
+            is_dir: file_type.is_dir(),
+            mode: meta.permissions().mode() & 0o777,
+            mtime_nanos: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+            size: if file_type.is_dir() { 0 } else { meta.len() },
+        });
+    }
+    debug!(dir = %dir.display(), entries = planned.len(), "planned archive");
+    Ok(planned)
+}
+
+fn parent_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// A hidden name beside the archive, unique to this process and moment.
+fn temp_name(archive: &Path) -> Result<PathBuf, ArchiveError> {
+    let file_name = archive
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| ArchiveError::BadInput {
+            path: archive.to_path_buf(),
+            reason: "archive path has no file name".to_string(),
+        })?;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_nanos();
+    Ok(parent_dir(archive).join(format!(
+        ".{file_name}.tmp-{}-{nanos:09}",
+        std::process::id()
+    )))
+}
+
+/// Makes the rename durable: on NFS and most local filesystems a directory fsync is what
+/// persists a new name.
+fn sync_parent(archive: &Path) -> Result<(), ArchiveError> {
+    let parent = parent_dir(archive);
+    match File::open(&parent).and_then(|d| d.sync_all()) {
+        Ok(()) => Ok(()),
+        // Some FUSE and SMB mounts refuse fsync on directories; the rename itself is atomic.
+        Err(e)
+            if e.raw_os_error() == Some(libc::EINVAL)
+                || e.raw_os_error() == Some(libc::ENOTSUP) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(ArchiveError::Io {
+            op: "fsyncing",
+            path: parent,
+            source: e,
+        }),
+    }
+}
+
+fn now_seconds() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("UTC time always formats")
+}

@@ -1,0 +1,59 @@
+//! Command-line interface.
+
+mod archive;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "podmigrate",
+    version,
+    about = "Move a running, stateful Kubernetes pod to another node with CRIU"
+)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "PODMIGRATE_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Pack a checkpoint directory into an archive, committed atomically.
+    Pack(archive::PackArgs),
+    /// Verify and extract an archive into a new or empty directory.
+    Unpack(archive::UnpackArgs),
+    /// Check every entry of an archive against its manifest, without extracting.
+    Verify(archive::VerifyArgs),
+    /// Show an archive's manifest and sizes, like `checkpointctl show`.
+    Inspect(archive::InspectArgs),
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Pack(args) => archive::pack(args),
+        Command::Unpack(args) => archive::unpack(args),
+        Command::Verify(args) => archive::verify(args),
+        Command::Inspect(args) => archive::inspect(args),
+    }
+}
+
+/// Logs go to stderr, quiet by default for interactive commands; `RUST_LOG` overrides.
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
