@@ -125,38 +125,57 @@ impl ChunkCompressor {
         })
     }
 
-    /// Compresses one chunk. `last` marks an entry's final chunk, which ends the deflate stream.
-    pub(crate) fn compress(&mut self, data: &[u8], last: bool) -> std::io::Result<Vec<u8>> {
+    /// Compresses one chunk into `out` (cleared first). `last` marks an entry's final chunk,
+    /// which ends the deflate stream.
+    pub(crate) fn compress_into(
+        &mut self,
+        data: &[u8],
+        last: bool,
+        out: &mut Vec<u8>,
+    ) -> std::io::Result<()> {
+        out.clear();
         match self {
             ChunkCompressor::Zstd(compressor) => {
-                let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(data.len()));
-                compressor.compress_to_buffer(data, &mut out)?;
-                Ok(out)
+                out.reserve(zstd::zstd_safe::compress_bound(data.len()));
+                compressor.compress_to_buffer(data, out)?;
             }
-            ChunkCompressor::Deflate(level) => deflate_chunk(data, *level, last),
-            ChunkCompressor::Stored => Ok(data.to_vec()),
+            ChunkCompressor::Deflate(level) => deflate_chunk(data, *level, last, out)?,
+            ChunkCompressor::Stored => out.extend_from_slice(data),
         }
+        Ok(())
+    }
+
+    #[cfg(test)]
+    pub(crate) fn compress(&mut self, data: &[u8], last: bool) -> std::io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        self.compress_into(data, last, &mut out)?;
+        Ok(out)
     }
 }
 
 /// Raw deflate of one chunk with a fresh window, so it decodes on its own. A non-final chunk ends
 /// with a sync flush (byte-aligned, no final-block bit) so that chunks concatenate into one
 /// valid deflate stream, as pigz does.
-fn deflate_chunk(data: &[u8], level: flate2::Compression, last: bool) -> std::io::Result<Vec<u8>> {
+fn deflate_chunk(
+    data: &[u8],
+    level: flate2::Compression,
+    last: bool,
+    out: &mut Vec<u8>,
+) -> std::io::Result<()> {
     let mut compress = Compress::new(level, false);
     let flush = if last {
         FlushCompress::Finish
     } else {
         FlushCompress::Sync
     };
-    let mut out = Vec::with_capacity(data.len() + data.len() / 1000 + 64);
+    out.reserve(data.len() + data.len() / 1000 + 64);
     loop {
         let consumed = compress.total_in() as usize;
         if out.len() == out.capacity() {
             out.reserve(64 * 1024);
         }
         let status = compress
-            .compress_vec(&data[consumed..], &mut out, flush)
+            .compress_vec(&data[consumed..], out, flush)
             .map_err(std::io::Error::other)?;
         let all_in = compress.total_in() as usize == data.len();
         let done = match status {
@@ -165,7 +184,7 @@ fn deflate_chunk(data: &[u8], level: flate2::Compression, last: bool) -> std::io
             Status::Ok | Status::BufError => !last && all_in && out.len() < out.capacity(),
         };
         if done {
-            return Ok(out);
+            return Ok(());
         }
     }
 }
@@ -177,36 +196,43 @@ pub(crate) fn decompress_chunk(
     data: &[u8],
     expected_len: usize,
     last: bool,
-) -> Result<Vec<u8>, String> {
-    let out = match compression {
+    out: &mut Vec<u8>,
+) -> Result<(), String> {
+    out.clear();
+    match compression {
         Compression::Zstd => {
-            let mut out = Vec::with_capacity(expected_len);
-            // One spare byte: filling it means the data is larger than declared.
-            out.reserve_exact(1);
+            // zstd writes no further than the buffer's capacity: at least one byte more than
+            // declared, so overflow shows, and at most a recycled chunk buffer's size, so a
+            // bomb cannot balloon memory.
+            out.reserve_exact(expected_len + 1);
             let mut decompressor =
                 zstd::bulk::Decompressor::new().map_err(|e| format!("zstd: {e}"))?;
             decompressor
-                .decompress_to_buffer(data, &mut out)
+                .decompress_to_buffer(data, out)
                 .map_err(|e| format!("zstd data is corrupt or larger than declared: {e}"))?;
-            out
         }
-        Compression::Deflate => inflate_chunk(data, expected_len, last)?,
-        Compression::Stored => data.to_vec(),
-    };
+        Compression::Deflate => inflate_chunk(data, expected_len, last, out)?,
+        Compression::Stored => out.extend_from_slice(data),
+    }
     if out.len() != expected_len {
         return Err(format!(
             "chunk decompresses to {} bytes, but its declared size is {expected_len}",
             out.len()
         ));
     }
-    Ok(out)
+    Ok(())
 }
 
-fn inflate_chunk(data: &[u8], expected_len: usize, last: bool) -> Result<Vec<u8>, String> {
+fn inflate_chunk(
+    data: &[u8],
+    expected_len: usize,
+    last: bool,
+    out: &mut Vec<u8>,
+) -> Result<(), String> {
     let mut decompress = Decompress::new(false);
-    let mut out = Vec::with_capacity(expected_len + 1);
+    out.reserve(expected_len + 1);
     let status = decompress
-        .decompress_vec(data, &mut out, FlushDecompress::Sync)
+        .decompress_vec(data, out, FlushDecompress::Sync)
         .map_err(|e| format!("deflate data is corrupt: {e}"))?;
     if out.len() > expected_len {
         return Err(format!(
@@ -224,12 +250,17 @@ fn inflate_chunk(data: &[u8], expected_len: usize, last: bool) -> Result<Vec<u8>
             "deflate stream ends before its last chunk".to_string()
         });
     }
-    Ok(out)
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn decompress(c: Compression, data: &[u8], len: usize, last: bool) -> Result<Vec<u8>, String> {
+        let mut out = Vec::new();
+        decompress_chunk(c, data, len, last, &mut out).map(|()| out)
+    }
 
     fn sample(len: usize) -> Vec<u8> {
         (0..len)
@@ -249,7 +280,7 @@ mod tests {
                     }
                     let data = sample(len);
                     let packed = compressor.compress(&data, last).unwrap();
-                    let unpacked = decompress_chunk(compression, &packed, len, last).unwrap();
+                    let unpacked = decompress(compression, &packed, len, last).unwrap();
                     assert_eq!(unpacked, data, "{compression} len {len} last {last}");
                 }
             }
@@ -261,8 +292,11 @@ mod tests {
         let a = sample(70_000);
         let b = sample(30_000);
         let level = flate2::Compression::new(1);
-        let mut stream = deflate_chunk(&a, level, false).unwrap();
-        stream.extend(deflate_chunk(&b, level, true).unwrap());
+        let mut stream = Vec::new();
+        deflate_chunk(&a, level, false, &mut stream).unwrap();
+        let mut tail = Vec::new();
+        deflate_chunk(&b, level, true, &mut tail).unwrap();
+        stream.extend(tail);
         let mut decoded = Vec::new();
         std::io::Read::read_to_end(
             &mut flate2::read::DeflateDecoder::new(&stream[..]),
@@ -277,7 +311,7 @@ mod tests {
         for compression in [Compression::Zstd, Compression::Deflate, Compression::Stored] {
             let mut compressor = ChunkCompressor::new(compression, 1).unwrap();
             let packed = compressor.compress(&vec![7u8; 10_000], true).unwrap();
-            let err = decompress_chunk(compression, &packed, 9_999, true).unwrap_err();
+            let err = decompress(compression, &packed, 9_999, true).unwrap_err();
             assert!(
                 err.contains("larger than") || err.contains("declared size"),
                 "{compression}: {err}"

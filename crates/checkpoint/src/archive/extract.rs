@@ -16,8 +16,9 @@ use tracing::info;
 
 use super::codec::decompress_chunk;
 use super::error::ArchiveError;
+use super::pipeline::{self, BufferPool};
 use super::read::{open, OpenArchive};
-use super::{pipeline, worker_threads};
+use super::worker_threads;
 
 #[derive(Debug, Clone, Default)]
 pub struct UnpackOptions {
@@ -202,15 +203,22 @@ fn stream(
         crcs
     };
 
+    let in_flight = 2 * workers + 2;
+    let compressed_buffers = &BufferPool::new(in_flight + 2);
+    let plain_buffers = BufferPool::new(in_flight + 2);
     // SHA-256 is sequential per entry; it runs on its own thread beside the writer.
-    let (hash_tx, hash_rx) = bounded::<HashJob>(2 * workers + 2);
+    let (hash_tx, hash_rx) = bounded::<HashJob>(in_flight);
     thread::scope(|scope| {
+        let plain_buffers = &plain_buffers;
         let hasher = scope.spawn(move || {
             let mut digests = Vec::new();
             let mut sha = Sha256::new();
             for job in hash_rx {
                 match job {
-                    HashJob::Data(data) => sha.update(&data[..]),
+                    HashJob::Data(data) => {
+                        sha.update(&data[..]);
+                        recycle(plain_buffers, data);
+                    }
                     HashJob::End(entry) => digests.push((entry, sha.finalize_reset())),
                 }
             }
@@ -220,7 +228,7 @@ fn stream(
         let mut current: Option<(usize, Option<File>, crc32fast::Hasher)> = None;
         let streamed = pipeline::run(
             workers,
-            2 * workers + 2,
+            in_flight,
             |submit| {
                 for location in &opened.data {
                     let entry = &manifest.entries[location.entry];
@@ -229,7 +237,8 @@ fn stream(
                     for (k, &compressed_len) in entry.chunk_compressed_sizes.iter().enumerate() {
                         let expected_len =
                             (entry.size - k as u64 * chunk_size).min(chunk_size) as usize;
-                        let mut data = vec![0u8; compressed_len as usize];
+                        let mut data = compressed_buffers.get(compressed_len as usize);
+                        data.resize(compressed_len as usize, 0);
                         opened.file.read_exact_at(&mut data, offset).map_err(|e| {
                             ArchiveError::bad_entry(
                                 path,
@@ -253,10 +262,18 @@ fn stream(
             },
             || {
                 |job: Compressed| {
-                    let data = decompress_chunk(compression, &job.data, job.expected_len, job.last)
-                        .map_err(|reason| {
-                            ArchiveError::bad_entry(path, &manifest.entries[job.entry].name, reason)
-                        })?;
+                    let mut data = plain_buffers.get(0);
+                    decompress_chunk(
+                        compression,
+                        &job.data,
+                        job.expected_len,
+                        job.last,
+                        &mut data,
+                    )
+                    .map_err(|reason| {
+                        ArchiveError::bad_entry(path, &manifest.entries[job.entry].name, reason)
+                    })?;
+                    compressed_buffers.put(job.data);
                     Ok(Decompressed {
                         entry: job.entry,
                         crc32: crc32fast::hash(&data),
@@ -284,6 +301,7 @@ fn stream(
                     file.write_all(&chunk.data)
                         .map_err(ArchiveError::io("writing", staging.join(&entry.name)))?;
                 }
+                recycle(plain_buffers, chunk.data);
                 if chunk.last {
                     let (index, file, crc) = current.take().expect("entry is open");
                     if Some(crc.finalize()) != expected_crc[index] {
@@ -318,6 +336,13 @@ fn stream(
         }
         Ok(())
     })
+}
+
+/// Returns a shared chunk buffer to the pool once its last user is done with it.
+fn recycle(pool: &BufferPool, data: Arc<Vec<u8>>) {
+    if let Ok(buf) = Arc::try_unwrap(data) {
+        pool.put(buf);
+    }
 }
 
 /// Creates a new file; never follows or replaces anything already there.

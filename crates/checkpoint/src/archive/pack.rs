@@ -13,8 +13,9 @@ use tracing::{debug, info};
 use super::codec::{ChunkCompressor, Compression};
 use super::error::ArchiveError;
 use super::manifest::{self, entry_name_problem};
+use super::pipeline::{self, BufferPool};
 use super::zipwriter::{OpenEntry, ZipStreamWriter};
-use super::{pipeline, worker_threads, ARCHIVE_COMMENT, DEFAULT_CHUNK_SIZE, FORMAT_VERSION};
+use super::{worker_threads, ARCHIVE_COMMENT, DEFAULT_CHUNK_SIZE, FORMAT_VERSION};
 use crate::layout::MANIFEST_ENTRY;
 
 #[derive(Debug, Clone)]
@@ -164,10 +165,13 @@ pub fn pack(
     // The entry being written, with its running CRC and chunk sizes.
     let mut open: Option<(OpenEntry, crc32fast::Hasher, Entry)> = None;
     let workers = worker_threads(options.threads);
+    let in_flight = 2 * workers + 2;
+    let raw_buffers = &BufferPool::new(in_flight + 2);
+    let packed_buffers = &BufferPool::new(in_flight + 2);
     pipeline::run(
         workers,
-        2 * workers + 2,
-        |submit| produce(planned, options.chunk_size, submit),
+        in_flight,
+        |submit| produce(planned, options.chunk_size, raw_buffers, submit),
         || {
             let mut compressor = ChunkCompressor::new(compression, level);
             move |job: Job| -> Result<Packed, ArchiveError> {
@@ -184,17 +188,20 @@ pub fn pack(
                             path: planned[entry].path.clone(),
                             source: io::Error::new(e.kind(), e.to_string()),
                         })?;
-                        let compressed = compressor
-                            .compress(&data, last)
+                        let mut compressed = packed_buffers.get(0);
+                        compressor
+                            .compress_into(&data, last, &mut compressed)
                             .map_err(ArchiveError::io("compressing", &planned[entry].path))?;
-                        Ok(Packed::Chunk {
+                        let packed = Packed::Chunk {
                             entry,
                             crc32: crc32fast::hash(&data),
                             len: data.len() as u64,
                             compressed,
                             last,
                             sha256,
-                        })
+                        };
+                        raw_buffers.put(data);
+                        Ok(packed)
                     }
                 }
             }
@@ -255,10 +262,12 @@ pub fn pack(
                     }
                 };
                 writer.write_data(&compressed).map_err(io_err("writing"))?;
+                let compressed_len = compressed.len() as u64;
+                packed_buffers.put(compressed);
                 crc.combine(&crc32fast::Hasher::new_with_initial_len(crc32, len));
                 record.size += len;
-                record.compressed_size += compressed.len() as u64;
-                record.chunk_compressed_sizes.push(compressed.len() as u64);
+                record.compressed_size += compressed_len;
+                record.chunk_compressed_sizes.push(compressed_len);
                 if last {
                     let (zip_entry, crc, mut record) = open.take().expect("entry is open");
                     record.sha256 = sha256.expect("last chunk carries the digest").to_vec();
@@ -331,6 +340,7 @@ pub fn pack(
 fn produce(
     planned: &[Planned],
     chunk_size: usize,
+    buffers: &BufferPool,
     submit: &mut dyn FnMut(Job) -> bool,
 ) -> Result<(), ArchiveError> {
     for (i, p) in planned.iter().enumerate() {
@@ -342,10 +352,10 @@ fn produce(
         }
         let mut file = File::open(&p.path).map_err(ArchiveError::io("opening", &p.path))?;
         let mut hasher = Sha256::new();
-        let mut current = read_chunk(&mut file, chunk_size, &p.path)?;
+        let mut current = read_chunk(&mut file, buffers.get(chunk_size), chunk_size, &p.path)?;
         loop {
             let next = if current.len() == chunk_size {
-                read_chunk(&mut file, chunk_size, &p.path)?
+                read_chunk(&mut file, buffers.get(chunk_size), chunk_size, &p.path)?
             } else {
                 Vec::new()
             };
@@ -369,8 +379,12 @@ fn produce(
     Ok(())
 }
 
-fn read_chunk(file: &mut File, chunk_size: usize, path: &Path) -> Result<Vec<u8>, ArchiveError> {
-    let mut buf = Vec::with_capacity(chunk_size);
+fn read_chunk(
+    file: &mut File,
+    mut buf: Vec<u8>,
+    chunk_size: usize,
+    path: &Path,
+) -> Result<Vec<u8>, ArchiveError> {
     file.take(chunk_size as u64)
         .read_to_end(&mut buf)
         .map_err(ArchiveError::io("reading", path))?;

@@ -76,6 +76,34 @@ where
     })
 }
 
+/// Recycles chunk buffers between stages. Fresh multi-megabyte allocations are returned to the
+/// kernel when freed and page-faulted in again when reused, which cost more system time than
+/// compressing; a small pool keeps a bounded set of warm buffers instead.
+pub(crate) struct BufferPool {
+    tx: Sender<Vec<u8>>,
+    rx: Receiver<Vec<u8>>,
+}
+
+impl BufferPool {
+    pub(crate) fn new(max_buffers: usize) -> Self {
+        let (tx, rx) = bounded(max_buffers.max(1));
+        BufferPool { tx, rx }
+    }
+
+    /// An empty buffer with at least `capacity` bytes reserved.
+    pub(crate) fn get(&self, capacity: usize) -> Vec<u8> {
+        let mut buf = self.rx.try_recv().unwrap_or_default();
+        buf.clear();
+        buf.reserve(capacity);
+        buf
+    }
+
+    /// Returns a buffer for reuse; dropped if the pool is full.
+    pub(crate) fn put(&self, buf: Vec<u8>) {
+        let _ = self.tx.try_send(buf);
+    }
+}
+
 fn consume_in_order<R, E>(
     results: &Receiver<(u64, Result<R, E>)>,
     tokens: &Receiver<()>,
