@@ -1,0 +1,166 @@
+//! The `containerd_shim::Shim` implementation: what `start` and `delete` do.
+
+use std::{os::unix::fs::FileTypeExt, path::Path, sync::Arc};
+
+use containerd_shim::{
+    publisher::RemotePublisher, util::write_address, Config, DeleteResponse, ExitSignal, Flags,
+    StartOpts,
+};
+use tracing::{debug, info, warn};
+
+use crate::{service::TaskService, Error, Result};
+
+/// OCI annotations that put several containers into one shim, in priority order. Same list as
+/// containerd's runc v2 shim: CRI sets the sandbox id on every container of a pod, so a pod
+/// gets one shim and hence one place that can checkpoint all of its containers together.
+pub const GROUP_ANNOTATIONS: [&str; 2] = [
+    "io.containerd.runc.v2.group",
+    "io.kubernetes.cri.sandbox-id",
+];
+
+/// Exit status containerd records for a task whose shim had to be cleaned up: SIGKILL, as the
+/// Go shims report.
+pub const KILLED_EXIT_STATUS: u32 = 128 + libc::SIGKILL as u32;
+
+/// State of one invocation of the binary.
+pub struct MigrateShim {
+    exit: Arc<ExitSignal>,
+    namespace: String,
+    id: String,
+    /// `-socket` of the serving process (`unix:///run/containerd/s/<hash>`); empty otherwise.
+    socket: String,
+}
+
+impl containerd_shim::Shim for MigrateShim {
+    type T = TaskService;
+
+    fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
+        Self {
+            exit: Arc::new(ExitSignal::default()),
+            namespace: args.namespace.clone(),
+            id: args.id.clone(),
+            socket: args.socket.clone(),
+        }
+    }
+
+    /// `start`: re-exec ourselves as the long-running ttrpc server and print its address.
+    ///
+    /// `containerd_shim::spawn` derives the socket (`/run/containerd/s/<sha256>`) from
+    /// containerd's address, namespace and grouping id, and returns once the child's server
+    /// is up. If a shim for the same group already serves that socket, the child notices,
+    /// records the address and exits, so the new container joins the existing shim.
+    fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
+        let grouping = grouping_id(Path::new(containerd_shim::util::CONFIG_FILE_NAME), &opts.id)?;
+        debug!(namespace = %opts.namespace, id = %opts.id, %grouping, "start");
+        let (pid, address) = containerd_shim::spawn(opts, &grouping, Vec::new())?;
+        // containerd-shim's `spawn` does not write this; its serving side reads it back on exit
+        // (the Go shims write it here too).
+        write_address(&address)?;
+        info!(pid, %address, %grouping, "shim started");
+        Ok(address)
+    }
+
+    /// `delete`: containerd's cleanup after a shim died or a launch failed. This shim never
+    /// creates a runc container or mounts a rootfs, so there is nothing to undo; report the
+    /// task as killed, as containerd expects from a cleaned-up shim.
+    fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
+        info!(namespace = %self.namespace, id = %self.id, "delete: nothing to clean up");
+        Ok(DeleteResponse {
+            pid: 0,
+            exit_status: KILLED_EXIT_STATUS,
+            exited_at: Some(containerd_shim::util::timestamp()?).into(),
+            ..Default::default()
+        })
+    }
+
+    /// Blocks until `Shutdown`, then removes our socket.
+    ///
+    /// containerd-shim would remove it after we return, but it finds the path by reading
+    /// `./address` in the bundle, which containerd may already have deleted by then (it cleans
+    /// up as soon as the connection drops), leaking a socket in /run/containerd/s. Unlinking a
+    /// listening socket's path is harmless: open connections keep working.
+    fn wait(&mut self) {
+        self.exit.wait();
+        info!(namespace = %self.namespace, id = %self.id, "shim exiting");
+        remove_socket(&self.socket);
+    }
+
+    fn create_task_service(&self, _publisher: RemotePublisher) -> Self::T {
+        // The publisher (events back to containerd) is unused until tasks exist.
+        TaskService::new(self.exit.clone())
+    }
+}
+
+/// Removes the unix socket named by a shim address, if it is one.
+fn remove_socket(address: &str) {
+    let Some(path) = address.strip_prefix("unix://") else {
+        return;
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if let Err(err) = std::fs::remove_file(path) {
+                warn!(path, %err, "removing shim socket");
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Picks the id that decides which shim serves a container: the first group annotation in the
+/// bundle's OCI spec, else the container id itself.
+pub fn grouping_id(spec_path: &Path, id: &str) -> Result<String> {
+    let raw = std::fs::read(spec_path).map_err(|source| Error::ReadSpec {
+        path: spec_path.to_owned(),
+        source,
+    })?;
+    let spec: serde_json::Value =
+        serde_json::from_slice(&raw).map_err(|source| Error::ParseSpec {
+            path: spec_path.to_owned(),
+            source,
+        })?;
+    let annotations = &spec["annotations"];
+    Ok(GROUP_ANNOTATIONS
+        .iter()
+        .find_map(|key| annotations[*key].as_str().filter(|v| !v.is_empty()))
+        .unwrap_or(id)
+        .to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec_with(annotations: serde_json::Value) -> tempfile::NamedTempFile {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let spec = serde_json::json!({ "ociVersion": "1.1.0", "annotations": annotations });
+        std::fs::write(file.path(), spec.to_string()).unwrap();
+        file
+    }
+
+    #[test]
+    fn grouping_defaults_to_container_id() {
+        let spec = spec_with(serde_json::json!({}));
+        assert_eq!(grouping_id(spec.path(), "c1").unwrap(), "c1");
+    }
+
+    #[test]
+    fn grouping_follows_pod_sandbox() {
+        let spec = spec_with(serde_json::json!({ "io.kubernetes.cri.sandbox-id": "pod1" }));
+        assert_eq!(grouping_id(spec.path(), "c1").unwrap(), "pod1");
+    }
+
+    #[test]
+    fn explicit_group_wins_over_sandbox() {
+        let spec = spec_with(serde_json::json!({
+            "io.kubernetes.cri.sandbox-id": "pod1",
+            "io.containerd.runc.v2.group": "g",
+        }));
+        assert_eq!(grouping_id(spec.path(), "c1").unwrap(), "g");
+    }
+
+    #[test]
+    fn missing_spec_is_a_typed_error() {
+        let err = grouping_id(Path::new("/nonexistent/config.json"), "c1").unwrap_err();
+        assert!(matches!(err, Error::ReadSpec { .. }), "{err:?}");
+    }
+}
