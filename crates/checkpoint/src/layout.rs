@@ -18,7 +18,7 @@ pub const SPEC_DUMP: &str = "spec.dump";
 pub const STATUS_DUMP: &str = "status.dump";
 /// Files the container added or changed in its rootfs, as a tar relative to the rootfs.
 pub const ROOTFS_DIFF_TAR: &str = "rootfs-diff.tar";
-/// Files the container deleted from its image, one path per line (JSON list in CRI-O's format).
+/// Files the container deleted from its image, as a JSON list of paths (CRI-O's format).
 pub const DELETED_FILES: &str = "deleted.files";
 /// The archive manifest, stored as the last zip entry; never part of the checkpoint directory.
 pub const MANIFEST_ENTRY: &str = "podmigrate.manifest.pb";

@@ -27,7 +27,7 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Pack a checkpoint directory into an archive, committed atomically.
-    Pack(archive::PackArgs),
+    Pack(Box<archive::PackArgs>),
     /// Verify and extract an archive into a new or empty directory.
     Unpack(archive::UnpackArgs),
     /// Check every entry of an archive against its manifest, without extracting.
@@ -38,7 +38,7 @@ pub enum Command {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Pack(args) => archive::pack(args),
+        Command::Pack(args) => archive::pack(*args),
         Command::Unpack(args) => archive::unpack(args),
         Command::Verify(args) => archive::verify(args),
         Command::Inspect(args) => archive::inspect(args),

@@ -444,9 +444,7 @@ fn plan(dir: &Path, archive: &Path) -> Result<Vec<Planned>, ArchiveError> {
             })?
             .to_string();
         let file_type = item.file_type();
-        let kind = if file_type.is_dir() {
-            None
-        } else if file_type.is_file() {
+        let kind = if file_type.is_dir() || file_type.is_file() {
             None
         } else if file_type.is_symlink() {
             Some("symbolic link")
