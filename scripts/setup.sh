@@ -100,14 +100,22 @@ if command -v systemctl >/dev/null && systemctl is-enabled containerd >/dev/null
 fi
 
 # --- CRIU 4.x ---------------------------------------------------------------------------------
+# Our fixes to CRIU (scripts/criu/*.patch), identified by their digest: a CRIU built without the
+# current set is rebuilt, because `criu check` passes even where a dump would fail.
+REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+CRIU_PATCHES=("$REPO_ROOT"/scripts/criu/*.patch)
+CRIU_STAMP=/usr/local/share/podmigrate/criu-build
+criu_build_id() { printf '%s %s\n' "$CRIU_VERSION" "$(cat "${CRIU_PATCHES[@]}" | sha256sum | cut -d' ' -f1)"; }
 criu_ok() {
   command -v criu >/dev/null && criu check >/dev/null 2>&1 || return 1
-  [[ $(criu --version) =~ Version:\ ([0-9]+)\. ]] && [ "${BASH_REMATCH[1]}" -ge 4 ]
+  [[ $(criu --version) =~ Version:\ ([0-9]+)\. ]] && [ "${BASH_REMATCH[1]}" -ge 4 ] || return 1
+  # A CRIU we built must carry today's patches; one from elsewhere is trusted as it is.
+  [ "$(command -v criu)" != /usr/local/sbin/criu ] || [ "$(cat "$CRIU_STAMP" 2>/dev/null)" = "$(criu_build_id)" ]
 }
 if ! criu_ok; then
-  log "no working CRIU 4.x; building CRIU ${CRIU_VERSION} from ${NEXT_SUITE}'s source tarball"
+  log "no working CRIU 4.x with podmigrate's fixes; building CRIU ${CRIU_VERSION} from ${NEXT_SUITE}'s source tarball"
   install_missing libprotobuf-c-dev protobuf-c-compiler libprotobuf-dev libnl-3-dev libnet1-dev \
-    libcap-dev libbsd-dev libgnutls28-dev libnftables-dev uuid-dev python3-protobuf dpkg-dev xz-utils
+    libcap-dev libbsd-dev libgnutls28-dev libnftables-dev uuid-dev python3-protobuf dpkg-dev xz-utils patch
   add_next_suite
   src_dir=${BUILD_ROOT}/criu
   mkdir -p "$src_dir"
@@ -119,10 +127,15 @@ if ! criu_ok; then
   fi
   rm -rf "${src_dir}/criu-${CRIU_VERSION}"
   tar -C "$src_dir" -xJf "$tarball"
+  for p in "${CRIU_PATCHES[@]}"; do
+    log "applying $(basename "$p")"
+    patch -d "${src_dir}/criu-${CRIU_VERSION}" -p1 --quiet <"$p" || die "applying $p to CRIU ${CRIU_VERSION} failed"
+  done
   log "make -j$(nproc) criu"
   (cd "${src_dir}/criu-${CRIU_VERSION}" && make -j"$(nproc)" criu >"${src_dir}/build.log" 2>&1) \
     || die "CRIU build failed; see ${src_dir}/build.log"
   install -m 0755 "${src_dir}/criu-${CRIU_VERSION}/criu/criu" /usr/local/sbin/criu
+  mkdir -p "$(dirname "$CRIU_STAMP")" && criu_build_id >"$CRIU_STAMP"
   hash -r
   criu_ok || die "CRIU ${CRIU_VERSION} built but 'criu check' fails: $(criu check 2>&1 | tail -n1)"
 fi
