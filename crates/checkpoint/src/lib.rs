@@ -4,4 +4,6 @@
 pub mod archive;
 pub mod criu;
 pub mod layout;
+pub mod rootfs;
 pub mod runc;
+pub mod share;
