@@ -44,6 +44,22 @@ pub enum Error {
     #[error("installing the tracing subscriber: {0}")]
     Logging(String),
 
+    /// The delegate runc shim failed one of the shim protocol's commands.
+    #[error("{binary} {action}: {reason}")]
+    Delegate {
+        binary: PathBuf,
+        action: &'static str,
+        reason: String,
+    },
+
+    /// The delegate's socket did not answer.
+    #[error("connecting to the runc shim at {address}: {reason}")]
+    DelegateConnect { address: String, reason: String },
+
+    /// Reading the runtime options containerd writes to `start`'s stdin.
+    #[error("reading runtime options from stdin: {0}")]
+    Stdin(#[source] std::io::Error),
+
     /// Failure inside containerd-shim (spawning the daemon, writing the address file, ...).
     #[error(transparent)]
     Shim(#[from] containerd_shim::Error),

@@ -13,8 +13,13 @@
 //! from the `containerd-shim` crate, pinned at 0.11 because 0.12 speaks task API v3, which
 //! containerd 1.6/1.7 reject.
 
+pub mod checkpoint;
+pub mod config;
+pub mod delegate;
 pub mod error;
+pub mod identity;
 pub mod logging;
+pub mod restore;
 pub mod service;
 pub mod shim;
 

@@ -1,98 +1,285 @@
-//! The ttrpc Task service (containerd task API v2) that containerd drives the shim through.
+//! The ttrpc Task service (containerd task API v2): a proxy in front of containerd's own runc
+//! shim, which owns only two things, Checkpoint and Create-from-checkpoint.
 //!
-//! Skeleton stage: only `Connect` and `Shutdown` are served, because containerd needs them to
-//! tear a shim down cleanly. Every other RPC answers ttrpc `UNIMPLEMENTED` with a message naming
-//! this shim, which containerd turns into `errdefs.ErrNotImplemented` ("... not implemented").
-//!
-//! We override every method on purpose: the generated trait defaults answer `NOT_FOUND` ("is
-//! not supported"), and containerd reads `NOT_FOUND` as "already gone", e.g. it treats a
-//! failed `Delete` as success. That would be the shim pretending.
+//! Every other RPC is forwarded unchanged, and the runc shim's answers (statuses included) come
+//! back unchanged, so a `migrate` pod behaves exactly like a `runc` pod: exec, logs, stats, OOM
+//! and exit events are all the runc shim's.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 use containerd_shim::{
     api::{self, Empty},
-    protos::ttrpc,
+    protos::ttrpc::{self, context::Context},
+    protos::types::mount::Mount,
+    protos::TaskClient,
     ExitSignal, Task, TtrpcContext, TtrpcResult,
 };
 use tracing::{info, warn};
 
-use crate::{BINARY_NAME, VERSION};
+use crate::checkpoint::Checkpointer;
+use crate::config::ShimConfig;
+use crate::delegate::Delegate;
+use crate::identity::ContainerIdentity;
+use crate::{restore, BINARY_NAME};
 
-/// Builds the status every not-yet-served RPC returns.
-pub fn unimplemented_status(rpc: &str) -> ttrpc::Error {
-    ttrpc::Error::RpcStatus(ttrpc::get_status(
-        ttrpc::Code::UNIMPLEMENTED,
-        format!("{BINARY_NAME}: {rpc} is not implemented yet"),
-    ))
+/// A ttrpc status naming this shim, so an operator knows which component said it.
+pub fn status(code: ttrpc::Code, message: impl std::fmt::Display) -> ttrpc::Error {
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, format!("{BINARY_NAME}: {message}")))
 }
 
-/// Task service of one shim process (one pod, or one container outside Kubernetes).
-#[derive(Clone)]
-pub struct TaskService {
-    /// Signalled by `Shutdown`; `MigrateShim::wait` blocks on it, then the process exits.
-    exit: Arc<ExitSignal>,
-}
-
-impl TaskService {
-    pub fn new(exit: Arc<ExitSignal>) -> Self {
-        Self { exit }
+/// The message inside a ttrpc error, without the transport's wrapping.
+pub fn describe_ttrpc_error(err: &ttrpc::Error) -> String {
+    match err {
+        ttrpc::Error::RpcStatus(s) => s.message.clone(),
+        other => other.to_string(),
     }
 }
 
-/// Expands to Task methods that log and answer `UNIMPLEMENTED`.
-macro_rules! not_yet {
-    ($($method:ident($request:ty) -> $response:ty = $rpc:literal;)*) => {
+/// What we remember of each container the runc shim created for us.
+struct Record {
+    identity: ContainerIdentity,
+    bundle: PathBuf,
+    rootfs: Vec<Mount>,
+    /// A restore's local copy, removed once the task has started.
+    restore_dir: Option<PathBuf>,
+}
+
+/// Task service of one shim process (one pod).
+#[derive(Clone)]
+pub struct TaskService {
+    exit: Arc<ExitSignal>,
+    delegate: Result<Delegate, String>,
+    config: Arc<ShimConfig>,
+    namespace: String,
+    containers: Arc<Mutex<HashMap<String, Record>>>,
+}
+
+fn forward_ctx(ctx: &TtrpcContext) -> Context {
+    Context {
+        metadata: ctx.metadata.clone(),
+        timeout_nano: ctx.timeout_nano,
+    }
+}
+
+impl TaskService {
+    pub fn new(
+        exit: Arc<ExitSignal>,
+        delegate: Result<Delegate, String>,
+        config: ShimConfig,
+        namespace: String,
+    ) -> Self {
+        Self {
+            exit,
+            delegate,
+            config: Arc::new(config),
+            namespace,
+            containers: Arc::default(),
+        }
+    }
+
+    fn delegate(&self) -> TtrpcResult<&Delegate> {
+        self.delegate
+            .as_ref()
+            .map_err(|e| status(ttrpc::Code::UNAVAILABLE, e))
+    }
+
+    /// Calls the runc shim, passing its status through untouched.
+    fn forward<T>(
+        &self,
+        ctx: &TtrpcContext,
+        call: impl FnOnce(&TaskClient, Context) -> ttrpc::Result<T>,
+    ) -> TtrpcResult<T> {
+        let delegate = self.delegate()?;
+        call(delegate.client(), forward_ctx(ctx)).map_err(|e| match e {
+            ttrpc::Error::RpcStatus(_) => e,
+            other => status(
+                ttrpc::Code::UNAVAILABLE,
+                format!("runc shim at {}: {other}", delegate.address()),
+            ),
+        })
+    }
+
+    fn containers(&self) -> std::sync::MutexGuard<'_, HashMap<String, Record>> {
+        self.containers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Expands to Task methods that forward to the runc shim.
+macro_rules! forward {
+    ($($method:ident($request:ty) -> $response:ty;)*) => {
         $(
-            fn $method(&self, _ctx: &TtrpcContext, req: $request) -> TtrpcResult<$response> {
-                warn!(rpc = $rpc, id = %req.id, "task RPC not implemented yet");
-                Err(unimplemented_status($rpc))
+            fn $method(&self, ctx: &TtrpcContext, req: $request) -> TtrpcResult<$response> {
+                self.forward(ctx, |client, c| client.$method(c, &req))
             }
         )*
     };
 }
 
 impl Task for TaskService {
-    not_yet! {
-        state(api::StateRequest) -> api::StateResponse = "State";
-        create(api::CreateTaskRequest) -> api::CreateTaskResponse = "Create";
-        start(api::StartRequest) -> api::StartResponse = "Start";
-        delete(api::DeleteRequest) -> api::DeleteResponse = "Delete";
-        pids(api::PidsRequest) -> api::PidsResponse = "Pids";
-        pause(api::PauseRequest) -> Empty = "Pause";
-        resume(api::ResumeRequest) -> Empty = "Resume";
-        checkpoint(api::CheckpointTaskRequest) -> Empty = "Checkpoint";
-        kill(api::KillRequest) -> Empty = "Kill";
-        exec(api::ExecProcessRequest) -> Empty = "Exec";
-        resize_pty(api::ResizePtyRequest) -> Empty = "ResizePty";
-        close_io(api::CloseIORequest) -> Empty = "CloseIO";
-        update(api::UpdateTaskRequest) -> Empty = "Update";
-        wait(api::WaitRequest) -> api::WaitResponse = "Wait";
-        stats(api::StatsRequest) -> api::StatsResponse = "Stats";
+    forward! {
+        state(api::StateRequest) -> api::StateResponse;
+        pids(api::PidsRequest) -> api::PidsResponse;
+        pause(api::PauseRequest) -> Empty;
+        resume(api::ResumeRequest) -> Empty;
+        kill(api::KillRequest) -> Empty;
+        exec(api::ExecProcessRequest) -> Empty;
+        resize_pty(api::ResizePtyRequest) -> Empty;
+        close_io(api::CloseIORequest) -> Empty;
+        update(api::UpdateTaskRequest) -> Empty;
+        wait(api::WaitRequest) -> api::WaitResponse;
+        stats(api::StatsRequest) -> api::StatsResponse;
+        connect(api::ConnectRequest) -> api::ConnectResponse;
     }
 
-    /// containerd asks for the shim's pid (and the task's, which we never have: 0, as the Go
-    /// runc shim answers for a container it does not know).
-    fn connect(
+    /// A clone pod's app container is created from its source's checkpoint; everything else,
+    /// sandboxes included, is created as usual.
+    fn create(
         &self,
-        _ctx: &TtrpcContext,
-        req: api::ConnectRequest,
-    ) -> TtrpcResult<api::ConnectResponse> {
-        info!(id = %req.id, "connect");
-        Ok(api::ConnectResponse {
-            shim_pid: std::process::id(),
-            task_pid: 0,
-            version: VERSION.to_string(),
-            ..Default::default()
+        ctx: &TtrpcContext,
+        mut req: api::CreateTaskRequest,
+    ) -> TtrpcResult<api::CreateTaskResponse> {
+        let identity =
+            ContainerIdentity::from_bundle(req.bundle.as_ref(), &req.id, &self.namespace)
+                .map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, crate::error::chain(&e)))?;
+        let mut restore_dir = None;
+        if let (false, true, Some(source)) = (
+            identity.is_sandbox,
+            req.checkpoint.is_empty(),
+            identity.clone_of.as_deref(),
+        ) {
+            match restore::prepare(&self.config, &identity, source, &req.rootfs) {
+                Ok(prepared) => {
+                    info!(container = %identity.describe(), archive = %prepared.archive.display(), "creating from checkpoint");
+                    req.checkpoint = prepared.images.display().to_string();
+                    restore_dir = Some(prepared.dir);
+                }
+                Err(err) if identity.fallback_fresh => {
+                    warn!(container = %identity.describe(), error = %err, "podmigrate.io/fallback=fresh: starting the container anew");
+                }
+                Err(err) => return Err(status(ttrpc::Code::FAILED_PRECONDITION, err)),
+            }
+        }
+        let created = self.forward(ctx, |client, c| client.create(c, &req));
+        match created {
+            Ok(response) => {
+                self.containers().insert(
+                    req.id.clone(),
+                    Record {
+                        identity,
+                        bundle: req.bundle.clone().into(),
+                        rootfs: req.rootfs.clone(),
+                        restore_dir,
+                    },
+                );
+                Ok(response)
+            }
+            Err(err) => {
+                if let Some(dir) = restore_dir {
+                    restore::discard(&dir);
+                }
+                Err(err)
+            }
+        }
+    }
+
+    /// A restored task's processes come back here (runc restore); its local copy of the
+    /// checkpoint is no longer needed after that, whatever the outcome.
+    fn start(&self, ctx: &TtrpcContext, req: api::StartRequest) -> TtrpcResult<api::StartResponse> {
+        let result = self.forward(ctx, |client, c| client.start(c, &req));
+        if req.exec_id.is_empty() {
+            if let Some(dir) = self
+                .containers()
+                .get_mut(&req.id)
+                .and_then(|r| r.restore_dir.take())
+            {
+                restore::discard(&dir);
+            }
+        }
+        result
+    }
+
+    fn delete(
+        &self,
+        ctx: &TtrpcContext,
+        req: api::DeleteRequest,
+    ) -> TtrpcResult<api::DeleteResponse> {
+        let response = self.forward(ctx, |client, c| client.delete(c, &req))?;
+        if req.exec_id.is_empty() {
+            if let Some(dir) = self
+                .containers()
+                .remove(&req.id)
+                .and_then(|r| r.restore_dir)
+            {
+                restore::discard(&dir);
+            }
+        }
+        Ok(response)
+    }
+
+    /// Dumps the container and commits its archive to the share; see [`Checkpointer`].
+    fn checkpoint(
+        &self,
+        ctx: &TtrpcContext,
+        req: api::CheckpointTaskRequest,
+    ) -> TtrpcResult<Empty> {
+        let delegate = self.delegate()?;
+        let (identity, bundle, rootfs) = {
+            let containers = self.containers();
+            let record = containers.get(&req.id).ok_or_else(|| {
+                status(
+                    ttrpc::Code::NOT_FOUND,
+                    format!("container {} is not managed by this shim", req.id),
+                )
+            })?;
+            (
+                record.identity.clone(),
+                record.bundle.clone(),
+                record.rootfs.clone(),
+            )
+        };
+        if identity.is_sandbox {
+            return Err(status(
+                ttrpc::Code::FAILED_PRECONDITION,
+                format!(
+                    "{} is a pod sandbox; only app containers are checkpointed",
+                    req.id
+                ),
+            ));
+        }
+        let forward_ctx = forward_ctx(ctx);
+        Checkpointer {
+            ctx: &forward_ctx,
+            delegate,
+            config: &self.config,
+            identity: &identity,
+            bundle: &bundle,
+            rootfs: &rootfs,
+        }
+        .run(&req)
+        .map(|_| Empty::default())
+        .map_err(|e| {
+            status(
+                ttrpc::Code::FAILED_PRECONDITION,
+                format!("checkpointing {}: {e}", identity.describe()),
+            )
         })
     }
 
-    /// containerd sends this when it no longer needs the shim (also after a failed `Create`).
-    /// A shim must exit only once it hosts no tasks; this one never hosts any, so it always
-    /// exits. Without this, every failed launch would leak a shim process.
-    fn shutdown(&self, _ctx: &TtrpcContext, req: api::ShutdownRequest) -> TtrpcResult<Empty> {
-        info!(id = %req.id, "shutdown: no tasks hosted, exiting");
-        self.exit.signal();
+    /// containerd sends this when it no longer needs the shim. The runc shim exits once it
+    /// hosts no tasks; so do we.
+    fn shutdown(&self, ctx: &TtrpcContext, req: api::ShutdownRequest) -> TtrpcResult<Empty> {
+        if let Ok(delegate) = self.delegate() {
+            if let Err(e) = delegate.client().shutdown(forward_ctx(ctx), &req) {
+                // Once it has exited the connection drops mid-call; that is its answer.
+                info!(error = %describe_ttrpc_error(&e), "runc shim shutdown");
+            }
+        }
+        if self.containers().is_empty() {
+            info!(id = %req.id, "shutdown: no tasks hosted, exiting");
+            self.exit.signal();
+        }
         Ok(Empty::default())
     }
 }

@@ -2,12 +2,15 @@
 
 use std::{os::unix::fs::FileTypeExt, path::Path, sync::Arc};
 
+use std::io::Read;
+
 use containerd_shim::{
-    publisher::RemotePublisher, util::write_address, Config, DeleteResponse, ExitSignal, Flags,
-    StartOpts,
+    publisher::RemotePublisher, Config, DeleteResponse, ExitSignal, Flags, StartOpts,
 };
 use tracing::{debug, info, warn};
 
+use crate::config::ShimConfig;
+use crate::delegate::{self, Delegate};
 use crate::{service::TaskService, Error, Result};
 
 /// OCI annotations that put several containers into one shim, in priority order. Same list as
@@ -25,10 +28,12 @@ pub const KILLED_EXIT_STATUS: u32 = 128 + libc::SIGKILL as u32;
 /// State of one invocation of the binary.
 pub struct MigrateShim {
     exit: Arc<ExitSignal>,
+    flags: delegate::ProtocolFlags,
     namespace: String,
     id: String,
     /// `-socket` of the serving process (`unix:///run/containerd/s/<hash>`); empty otherwise.
     socket: String,
+    config: ShimConfig,
 }
 
 impl containerd_shim::Shim for MigrateShim {
@@ -37,40 +42,57 @@ impl containerd_shim::Shim for MigrateShim {
     fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
         Self {
             exit: Arc::new(ExitSignal::default()),
+            flags: args.into(),
             namespace: args.namespace.clone(),
             id: args.id.clone(),
             socket: args.socket.clone(),
+            config: ShimConfig::from_env(),
         }
     }
 
-    /// `start`: re-exec ourselves as the long-running ttrpc server and print its address.
+    /// `start`: start the runc shim for this container's group, then re-exec ourselves as
+    /// the long-running ttrpc server in front of it, and print our address.
     ///
-    /// `containerd_shim::spawn` derives the socket (`/run/containerd/s/<sha256>`) from
-    /// containerd's address, namespace and grouping id, and returns once the child's server
-    /// is up. If a shim for the same group already serves that socket, the child notices,
-    /// records the address and exits, so the new container joins the existing shim.
+    /// Our socket is derived from the group id with a suffix, so it never collides with the
+    /// runc shim's, which containerd-shim derives the same way. If a shim for the same group
+    /// already serves our socket, the child notices and exits, and the new container joins the
+    /// existing pair.
     fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
         let grouping = grouping_id(Path::new(containerd_shim::util::CONFIG_FILE_NAME), &opts.id)?;
         debug!(namespace = %opts.namespace, id = %opts.id, %grouping, "start");
-        let (pid, address) = containerd_shim::spawn(opts, &grouping, Vec::new())?;
-        // containerd-shim's `spawn` does not write this; its serving side reads it back on exit
-        // (the Go shims write it here too).
-        write_address(&address)?;
-        info!(pid, %address, %grouping, "shim started");
+        let mut runtime_options = Vec::new();
+        std::io::stdin()
+            .read_to_end(&mut runtime_options)
+            .map_err(Error::Stdin)?;
+        let delegate_address =
+            delegate::start(&self.config.delegate, &self.flags, &runtime_options)?;
+        let (pid, address) = containerd_shim::spawn(
+            opts,
+            &format!("{grouping}/podmigrate"),
+            vec![(delegate::ENV_DELEGATE_ADDRESS, delegate_address.as_str())],
+        )?;
+        info!(pid, %address, %delegate_address, %grouping, "shim started");
         Ok(address)
     }
 
-    /// `delete`: containerd's cleanup after a shim died or a launch failed. This shim never
-    /// creates a runc container or mounts a rootfs, so there is nothing to undo; report the
-    /// task as killed, as containerd expects from a cleaned-up shim.
+    /// `delete`: containerd's cleanup after a shim died or a launch failed. The runc shim owns
+    /// the container, its mounts and its state, so its own `delete` does the work.
     fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
-        info!(namespace = %self.namespace, id = %self.id, "delete: nothing to clean up");
-        Ok(DeleteResponse {
-            pid: 0,
-            exit_status: KILLED_EXIT_STATUS,
-            exited_at: Some(containerd_shim::util::timestamp()?).into(),
-            ..Default::default()
-        })
+        match delegate::delete(&self.config.delegate, &self.flags) {
+            Ok(response) => {
+                info!(namespace = %self.namespace, id = %self.id, "delete: cleaned up by the runc shim");
+                Ok(response)
+            }
+            Err(err) => {
+                warn!(namespace = %self.namespace, id = %self.id, error = %err, "delete: the runc shim could not clean up");
+                Ok(DeleteResponse {
+                    pid: 0,
+                    exit_status: KILLED_EXIT_STATUS,
+                    exited_at: Some(containerd_shim::util::timestamp()?).into(),
+                    ..Default::default()
+                })
+            }
+        }
     }
 
     /// Blocks until `Shutdown`, then removes our socket.
@@ -86,8 +108,24 @@ impl containerd_shim::Shim for MigrateShim {
     }
 
     fn create_task_service(&self, _publisher: RemotePublisher) -> Self::T {
-        // The publisher (events back to containerd) is unused until tasks exist.
-        TaskService::new(self.exit.clone())
+        // The runc shim publishes the task events itself, straight to containerd.
+        let delegate = std::env::var(delegate::ENV_DELEGATE_ADDRESS)
+            .map_err(|_| {
+                format!(
+                    "{} is not set: the shim was not started by `start`",
+                    delegate::ENV_DELEGATE_ADDRESS
+                )
+            })
+            .and_then(|address| Delegate::connect(&address).map_err(|e| e.to_string()));
+        if let Err(err) = &delegate {
+            warn!(error = %err, "no runc shim to forward to");
+        }
+        TaskService::new(
+            self.exit.clone(),
+            delegate,
+            self.config.clone(),
+            self.namespace.clone(),
+        )
     }
 }
 

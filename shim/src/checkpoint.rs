@@ -1,0 +1,365 @@
+//! Checkpoint: dump a container with CRIU through the runc shim, add what CRIU does not save,
+//! and commit the archive to the share.
+//!
+//! The container is paused first and dumped with "leave running", so CRIU leaves it frozen.
+//! Only once the archive is committed does the container stop (if containerd asked for exit) or
+//! thaw; if anything fails it thaws, exactly as it was. A checkpoint never costs the source.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use containerd_shim::protos::api::{
+    CheckpointTaskRequest, KillRequest, PauseRequest, ResumeRequest, StateRequest,
+};
+use containerd_shim::protos::protobuf::well_known_types::any::Any;
+use containerd_shim::protos::protobuf::{Message, MessageField};
+use containerd_shim::protos::shim::oci::CheckpointOptions;
+use containerd_shim::protos::ttrpc::context::Context;
+use containerd_shim::protos::types::mount::Mount;
+use containerd_shim::protos::types::task::Status;
+use podmigrate_checkpoint::archive::{self, PackOptions, Source, Versions};
+use podmigrate_checkpoint::layout::{ContainerConfig, CHECKPOINT_DIR, SPEC_DUMP};
+use podmigrate_checkpoint::{criu, rootfs, runc, share};
+use tracing::{info, warn};
+
+use crate::config::ShimConfig;
+use crate::delegate::Delegate;
+use crate::identity::ContainerIdentity;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("{what}: {reason}")]
+    Step { what: String, reason: String },
+}
+
+fn step(what: impl Into<String>) -> impl FnOnce(String) -> CheckpointError {
+    let what = what.into();
+    move |reason| CheckpointError::Step { what, reason }
+}
+
+/// What a committed checkpoint produced.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    pub archive: PathBuf,
+    pub manifest_sha256: String,
+    pub archive_bytes: u64,
+    /// The local checkpoint directory, kept for an in-place restore should the clone fail.
+    pub local_dir: PathBuf,
+}
+
+/// The container's overlay upper directory, where all of its own writes are.
+pub fn upperdir(rootfs: &[Mount]) -> Option<PathBuf> {
+    rootfs
+        .iter()
+        .filter(|m| m.type_ == "overlay")
+        .find_map(|m| {
+            m.options
+                .iter()
+                .find_map(|o| o.strip_prefix("upperdir=").map(PathBuf::from))
+        })
+}
+
+fn unix_millis() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis()
+}
+
+/// CRIU and runc versions, asked once per shim: they are what made every checkpoint it takes.
+fn stack_versions() -> &'static Versions {
+    static VERSIONS: OnceLock<Versions> = OnceLock::new();
+    VERSIONS.get_or_init(|| Versions {
+        criu: criu::version(criu::DEFAULT_CRIU).unwrap_or_default(),
+        runc: runc::Runc::new("/run/containerd/runc")
+            .version()
+            .map(|v| v.version)
+            .unwrap_or_default(),
+        kernel: fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default(),
+        podmigrate: crate::VERSION.to_string(),
+    })
+}
+
+pub struct Checkpointer<'a> {
+    pub ctx: &'a Context,
+    pub delegate: &'a Delegate,
+    pub config: &'a ShimConfig,
+    pub identity: &'a ContainerIdentity,
+    pub bundle: &'a Path,
+    pub rootfs: &'a [Mount],
+}
+
+impl Checkpointer<'_> {
+    fn call<T>(
+        &self,
+        what: &str,
+        result: containerd_shim::protos::ttrpc::Result<T>,
+    ) -> Result<T, CheckpointError> {
+        result.map_err(|e| CheckpointError::Step {
+            what: what.to_string(),
+            reason: crate::service::describe_ttrpc_error(&e),
+        })
+    }
+
+    pub fn run(&self, req: &CheckpointTaskRequest) -> Result<Committed, CheckpointError> {
+        let started = Instant::now();
+        let id = self.identity.id.as_str();
+        let mut options = match req.options.as_ref() {
+            Some(any) if !any.value.is_empty() => {
+                CheckpointOptions::parse_from_bytes(&any.value)
+                    .map_err(|e| step("reading checkpoint options")(e.to_string()))?
+            }
+            _ => CheckpointOptions::new(),
+        };
+        let exit = options.exit;
+        let (local_dir, created_local) = self.local_dir(req)?;
+        let criu_work = self
+            .config
+            .work_dir
+            .join("criu")
+            .join(format!("{id}-{}", unix_millis()));
+
+        let state = self.call(
+            "reading the task state",
+            self.delegate.client().state(
+                self.ctx.clone(),
+                &StateRequest {
+                    id: id.into(),
+                    ..Default::default()
+                },
+            ),
+        )?;
+        let paused_by_us = match state.status.enum_value_or_default() {
+            Status::RUNNING => {
+                self.call(
+                    "pausing",
+                    self.delegate.client().pause(
+                        self.ctx.clone(),
+                        &PauseRequest {
+                            id: id.into(),
+                            ..Default::default()
+                        },
+                    ),
+                )?;
+                true
+            }
+            Status::PAUSED => false,
+            other => {
+                return Err(step("checking the task state")(format!(
+                    "the task is {other:?}; only a running or paused container can be checkpointed"
+                )))
+            }
+        };
+
+        let result = self.dump_and_commit(req, &mut options, &local_dir, &criu_work);
+        let _ = fs::remove_dir_all(&criu_work);
+        match result {
+            Ok(committed) => {
+                if exit {
+                    // Killed while frozen, the processes die as they thaw, without running.
+                    self.call(
+                        "stopping the checkpointed task",
+                        self.delegate.client().kill(
+                            self.ctx.clone(),
+                            &KillRequest {
+                                id: id.into(),
+                                signal: libc::SIGKILL as u32,
+                                all: true,
+                                ..Default::default()
+                            },
+                        ),
+                    )?;
+                    if paused_by_us {
+                        let _ = self.delegate.client().resume(
+                            self.ctx.clone(),
+                            &ResumeRequest {
+                                id: id.into(),
+                                ..Default::default()
+                            },
+                        );
+                    }
+                } else if paused_by_us {
+                    self.call(
+                        "resuming after the checkpoint",
+                        self.delegate.client().resume(
+                            self.ctx.clone(),
+                            &ResumeRequest {
+                                id: id.into(),
+                                ..Default::default()
+                            },
+                        ),
+                    )?;
+                }
+                info!(
+                    container = %self.identity.describe(),
+                    archive = %committed.archive.display(),
+                    bytes = committed.archive_bytes,
+                    exit,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "checkpoint committed"
+                );
+                Ok(committed)
+            }
+            Err(err) => {
+                if paused_by_us {
+                    if let Err(e) = self.delegate.client().resume(
+                        self.ctx.clone(),
+                        &ResumeRequest {
+                            id: id.into(),
+                            ..Default::default()
+                        },
+                    ) {
+                        warn!(container = %self.identity.describe(), error = %crate::service::describe_ttrpc_error(&e), "resuming after a failed checkpoint");
+                    }
+                }
+                if created_local {
+                    let _ = fs::remove_dir_all(&local_dir);
+                }
+                warn!(container = %self.identity.describe(), error = %err, "checkpoint failed; the container keeps running");
+                Err(err)
+            }
+        }
+    }
+
+    /// The caller's image path (which then holds the whole checkpoint directory, not just
+    /// CRIU's images), or a fresh directory in the work space.
+    fn local_dir(&self, req: &CheckpointTaskRequest) -> Result<(PathBuf, bool), CheckpointError> {
+        let dir = if req.path.is_empty() {
+            self.config
+                .work_dir
+                .join("checkpoints")
+                .join(&self.identity.namespace)
+                .join(&self.identity.pod)
+                .join(format!("{}-{}", self.identity.container, unix_millis()))
+        } else {
+            PathBuf::from(&req.path)
+        };
+        let existed = dir.exists();
+        if existed
+            && fs::read_dir(&dir)
+                .map(|mut d| d.next().is_some())
+                .unwrap_or(true)
+        {
+            return Err(step("preparing the checkpoint directory")(format!(
+                "{} exists and is not empty",
+                dir.display()
+            )));
+        }
+        fs::create_dir_all(&dir)
+            .map_err(|e| step(format!("creating {}", dir.display()))(e.to_string()))?;
+        Ok((dir, !existed))
+    }
+
+    fn dump_and_commit(
+        &self,
+        req: &CheckpointTaskRequest,
+        options: &mut CheckpointOptions,
+        local_dir: &Path,
+        criu_work: &Path,
+    ) -> Result<Committed, CheckpointError> {
+        let id = self.identity.id.as_str();
+        let images = local_dir.join(CHECKPOINT_DIR);
+        options.exit = false;
+        options.image_path = images.display().to_string();
+        options.work_path = criu_work.display().to_string();
+        let type_url = req
+            .options
+            .as_ref()
+            .map(|a| a.type_url.clone())
+            .filter(|u| !u.is_empty())
+            .unwrap_or_else(|| "containerd.runc.v1.CheckpointOptions".to_string());
+        let dump = CheckpointTaskRequest {
+            id: id.into(),
+            path: images.display().to_string(),
+            options: MessageField::some(Any {
+                type_url,
+                value: options
+                    .write_to_bytes()
+                    .map_err(|e| step("encoding checkpoint options")(e.to_string()))?,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let dump_started = Instant::now();
+        self.call(
+            "dumping with CRIU",
+            self.delegate.client().checkpoint(self.ctx.clone(), &dump),
+        )?;
+        let dumped_in = dump_started.elapsed();
+
+        let spec = self.bundle.join("config.json");
+        fs::copy(&spec, local_dir.join(SPEC_DUMP))
+            .map_err(|e| step(format!("copying {}", spec.display()))(e.to_string()))?;
+        let now = time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        ContainerConfig {
+            id: id.into(),
+            name: self.identity.container.clone(),
+            rootfs_image_name: self.identity.image.clone(),
+            oci_runtime: "runc".into(),
+            checkpointed_time: now,
+            ..ContainerConfig::default()
+        }
+        .write_to(local_dir)
+        .map_err(|e| step("writing config.dump")(e.to_string()))?;
+        match upperdir(self.rootfs) {
+            Some(upper) => {
+                let diff = rootfs::capture_diff(&upper, local_dir)
+                    .map_err(|e| step("capturing the rootfs changes")(e.to_string()))?;
+                if !diff.skipped.is_empty() {
+                    warn!(container = %self.identity.describe(), skipped = ?diff.skipped, "sockets and fifos are not carried in the rootfs diff");
+                }
+            }
+            None => {
+                warn!(container = %self.identity.describe(), "rootfs is not an overlay: its changes are not carried")
+            }
+        }
+
+        let archive_path = share::archive_path(
+            &self.config.share_root,
+            &self.identity.namespace,
+            &self.identity.pod,
+            &self.identity.container,
+        )
+        .map_err(|e| step("naming the archive")(e.to_string()))?;
+        let parent = archive_path.parent().expect("archive paths have a parent");
+        fs::create_dir_all(parent)
+            .map_err(|e| step(format!("creating {}", parent.display()))(e.to_string()))?;
+        let pack_started = Instant::now();
+        let summary = archive::pack(
+            local_dir,
+            &archive_path,
+            &PackOptions {
+                source: Source {
+                    node: self.config.node_name.clone(),
+                    namespace: self.identity.namespace.clone(),
+                    pod: self.identity.pod.clone(),
+                    pod_uid: self.identity.pod_uid.clone(),
+                    container: self.identity.container.clone(),
+                    image: self.identity.image.clone(),
+                    container_id: id.into(),
+                },
+                versions: stack_versions().clone(),
+                ..PackOptions::default()
+            },
+        )
+        .map_err(|e| step("packing onto the share")(e.to_string()))?;
+        info!(
+            container = %self.identity.describe(),
+            dump_ms = dumped_in.as_millis() as u64,
+            pack_ms = pack_started.elapsed().as_millis() as u64,
+            "dumped and packed"
+        );
+        Ok(Committed {
+            archive: summary.archive,
+            manifest_sha256: summary.manifest_sha256,
+            archive_bytes: summary.archive_bytes,
+            local_dir: local_dir.to_path_buf(),
+        })
+    }
+}

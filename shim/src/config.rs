@@ -1,0 +1,62 @@
+//! The shim's own settings.
+//!
+//! containerd hands a `runc`-typed runtime only runc's options, so podmigrate's settings come
+//! from the environment, which shims inherit from containerd (set them in containerd's systemd
+//! unit, see docs/containerd.md). Every setting has a default that works on a stock node.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use podmigrate_checkpoint::share::{DEFAULT_SHARE_ROOT, DEFAULT_WORK_DIR};
+
+/// Where the share is mounted.
+pub const ENV_SHARE_ROOT: &str = "PODMIGRATE_SHARE_ROOT";
+/// Node-local work space for CRIU images and unpacked archives.
+pub const ENV_WORK_DIR: &str = "PODMIGRATE_WORK_DIR";
+/// How long a clone's Create waits for the source's archive, in seconds.
+pub const ENV_ARCHIVE_WAIT: &str = "PODMIGRATE_ARCHIVE_WAIT_SECONDS";
+/// The shim that runs containers for us.
+pub const ENV_DELEGATE: &str = "PODMIGRATE_DELEGATE_SHIM";
+/// This node's name, recorded in archives (the agent's DaemonSet sets it from the downward API).
+pub const ENV_NODE_NAME: &str = "NODE_NAME";
+
+/// kubelet gives a StartContainer two minutes by default; waiting longer would only turn our
+/// clear error into its timeout.
+pub const DEFAULT_ARCHIVE_WAIT: Duration = Duration::from_secs(90);
+pub const DEFAULT_DELEGATE: &str = "containerd-shim-runc-v2";
+
+#[derive(Debug, Clone)]
+pub struct ShimConfig {
+    pub share_root: PathBuf,
+    pub work_dir: PathBuf,
+    pub archive_wait: Duration,
+    pub delegate: PathBuf,
+    pub node_name: String,
+}
+
+impl ShimConfig {
+    pub fn from_env() -> Self {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        ShimConfig {
+            share_root: var(ENV_SHARE_ROOT)
+                .unwrap_or_else(|| DEFAULT_SHARE_ROOT.into())
+                .into(),
+            work_dir: var(ENV_WORK_DIR)
+                .unwrap_or_else(|| DEFAULT_WORK_DIR.into())
+                .into(),
+            archive_wait: var(ENV_ARCHIVE_WAIT)
+                .and_then(|v| v.parse::<f64>().ok())
+                .filter(|s| s.is_finite() && *s >= 0.0)
+                .map(Duration::from_secs_f64)
+                .unwrap_or(DEFAULT_ARCHIVE_WAIT),
+            delegate: var(ENV_DELEGATE)
+                .unwrap_or_else(|| DEFAULT_DELEGATE.into())
+                .into(),
+            node_name: var(ENV_NODE_NAME).unwrap_or_else(|| {
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|h| h.trim().to_string())
+                    .unwrap_or_default()
+            }),
+        }
+    }
+}

@@ -1,0 +1,144 @@
+//! Restore on Create: a clone's container gets the source container's committed archive,
+//! verified and unpacked locally, its rootfs changes applied, and is created from the
+//! checkpoint so that Start resumes the process instead of starting a fresh one.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use containerd_shim::protos::types::mount::Mount;
+use podmigrate_checkpoint::archive::{self, UnpackOptions};
+use podmigrate_checkpoint::layout::CHECKPOINT_DIR;
+use podmigrate_checkpoint::{rootfs, share};
+use tracing::info;
+
+use crate::checkpoint::upperdir;
+use crate::config::ShimConfig;
+use crate::identity::ContainerIdentity;
+
+/// A restore that failed, with everything an operator needs to act on it: kubelet shows this
+/// message in the pod's events.
+#[derive(Debug, thiserror::Error)]
+#[error("restoring {container} of clone pod {namespace}/{pod} from {archive}: {reason}")]
+pub struct RestoreError {
+    pub namespace: String,
+    pub pod: String,
+    pub container: String,
+    pub archive: String,
+    pub reason: String,
+}
+
+/// An unpacked checkpoint, ready for the runc shim's Create.
+#[derive(Debug)]
+pub struct Prepared {
+    /// The local copy; removed once the task has started (or failed to).
+    pub dir: PathBuf,
+    /// CRIU's images, for the Create request's `checkpoint` field.
+    pub images: PathBuf,
+    pub archive: PathBuf,
+}
+
+pub fn local_dir(config: &ShimConfig, identity: &ContainerIdentity) -> PathBuf {
+    config
+        .work_dir
+        .join("restore")
+        .join(&identity.namespace)
+        .join(&identity.id)
+}
+
+/// Finds, waits for, verifies and unpacks the source's archive, and applies its rootfs changes
+/// to the new container's upper directory.
+pub fn prepare(
+    config: &ShimConfig,
+    identity: &ContainerIdentity,
+    source_pod: &str,
+    rootfs_mounts: &[Mount],
+) -> Result<Prepared, RestoreError> {
+    let started = Instant::now();
+    let mut archive_display = format!(
+        "{}/{}/{}/{}.zip",
+        config.share_root.display(),
+        identity.namespace,
+        source_pod,
+        identity.container
+    );
+    let fail = |archive: &str, reason: String| RestoreError {
+        namespace: identity.namespace.clone(),
+        pod: identity.pod.clone(),
+        container: identity.container.clone(),
+        archive: archive.to_string(),
+        reason,
+    };
+    let archive = share::archive_path(
+        &config.share_root,
+        &identity.namespace,
+        source_pod,
+        &identity.container,
+    )
+    .map_err(|e| fail(&archive_display, e.to_string()))?;
+    archive_display = archive.display().to_string();
+
+    info!(container = %identity.describe(), archive = %archive_display, timeout_s = config.archive_wait.as_secs_f64(), "waiting for the source's archive");
+    share::wait_for_archive(&archive, config.archive_wait, Duration::from_secs(5), |waited| {
+        info!(container = %identity.describe(), archive = %archive_display, waited_s = waited.as_secs(), "still waiting for the source's archive");
+        Ok(())
+    })
+    .map_err(|e| fail(&archive_display, e.to_string()))?;
+
+    let dir = local_dir(config, identity);
+    let result = (|| {
+        if dir.exists() {
+            fs::remove_dir_all(&dir).map_err(|e| format!("clearing {}: {e}", dir.display()))?;
+        }
+        if let Some(parent) = dir.parent() {
+            fs::create_dir_all(parent)
+                .map_err(|e| format!("creating {}: {e}", parent.display()))?;
+        }
+        let unpack_started = Instant::now();
+        let verified = archive::unpack(&archive, &dir, &UnpackOptions::default())
+            .map_err(|e| e.to_string())?;
+        let source = verified.manifest.source.unwrap_or_default();
+        if source.namespace != identity.namespace
+            || source.pod != source_pod
+            || source.container != identity.container
+        {
+            return Err(format!(
+                "the archive holds pod {}/{} container {}, not the clone's source {}/{} container {}",
+                source.namespace, source.pod, source.container, identity.namespace, source_pod, identity.container
+            ));
+        }
+        match upperdir(rootfs_mounts) {
+            Some(upper) => {
+                rootfs::apply_diff(&dir, &upper).map_err(|e| format!("applying the rootfs changes: {e}"))?;
+            }
+            None => {
+                return Err("the new container's rootfs is not an overlay mount, so the source's file changes cannot be applied".to_string())
+            }
+        }
+        info!(
+            container = %identity.describe(),
+            archive = %archive_display,
+            bytes = verified.archive_bytes,
+            unpack_ms = unpack_started.elapsed().as_millis() as u64,
+            total_ms = started.elapsed().as_millis() as u64,
+            "checkpoint unpacked for restore"
+        );
+        Ok(())
+    })();
+    match result {
+        Ok(()) => Ok(Prepared {
+            images: dir.join(CHECKPOINT_DIR),
+            dir,
+            archive,
+        }),
+        Err(reason) => {
+            let _ = fs::remove_dir_all(&dir);
+            Err(fail(&archive_display, reason))
+        }
+    }
+}
+
+/// Removes a restore's local copy.
+pub fn discard(dir: &Path) {
+    let _ = fs::remove_dir_all(dir);
+}
