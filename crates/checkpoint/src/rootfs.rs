@@ -297,7 +297,7 @@ mod tests {
             h.set_entry_type(kind);
             h
         };
-        type BuildTar = Box<dyn Fn(&mut tar::Builder<File>)>;
+        type BuildTar<'a> = Box<dyn Fn(&mut tar::Builder<File>) + 'a>;
         let cases: Vec<(&str, BuildTar)> = vec![
             (
                 "'..'",
