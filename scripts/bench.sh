@@ -159,9 +159,8 @@ PY
   t0=$(date +%s.%N)
   if ! runc_ checkpoint --image-path "$CK/checkpoint" --work-path "$W/ckwork" "$CT"; then
     if grep -q "Can't get 1:16 opt" "$W/ckwork/dump.log" 2>/dev/null; then
-      log "CRIU < 4.2 cannot dump TCP sockets on kernel >= 6.16 (SO_PASSCRED is refused there);" \
-        "it needs CRIU commit 4b7398595 ('criu/sockets: Restrict SO_PASSCRED and SO_PASSSEC to" \
-        "supported families'). Point CRIU=/path at a fixed criu."
+      log "this CRIU cannot dump TCP sockets on kernel >= 6.16 (SO_PASSCRED is refused there);" \
+        "scripts/setup.sh builds one with scripts/criu/sockets-passcred-eopnotsupp.patch."
     fi
     die "runc checkpoint failed: $(tail -n 5 "$W/ckwork/dump.log" 2>/dev/null)"
   fi
