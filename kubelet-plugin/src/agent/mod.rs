@@ -1,0 +1,4 @@
+//! The node agent (`podmigrate agent`, a DaemonSet): watches pods on its node and drives the
+//! checkpoint of any pod that another pod asks to be a clone of.
+
+pub mod vocabulary;

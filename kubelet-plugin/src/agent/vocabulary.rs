@@ -1,0 +1,128 @@
+//! The names podmigrate writes on Kubernetes objects: one place, so the agent, the CLI and the
+//! docs cannot drift apart.
+
+/// On a clone pod: the name of the pod (same namespace) it is a clone of.
+pub const CLONE_POD: &str = "podmigrate.io/clone-pod";
+/// On a clone pod: `migrate` (default: the source stops once the clone runs) or `clone`
+/// (the source keeps running).
+pub const MODE: &str = "podmigrate.io/mode";
+/// On a clone pod: where the migration stands (see [`Phase`]).
+pub const PHASE: &str = "podmigrate.io/phase";
+/// On a clone pod: why it failed or rolled back, one line.
+pub const REASON: &str = "podmigrate.io/reason";
+/// On a clone pod: the node the source ran on when it was checkpointed.
+pub const SOURCE_NODE: &str = "podmigrate.io/source-node";
+/// On a clone pod: SHA-256 of the archive manifest(s), comma-separated by container.
+pub const ARCHIVE_DIGEST: &str = "podmigrate.io/archive-digest";
+/// On a clone pod: total archive bytes moved across the share.
+pub const ARCHIVE_BYTES: &str = "podmigrate.io/archive-bytes";
+/// On a clone pod: JSON object of phase name to milliseconds spent in it.
+pub const PHASE_TIMINGS: &str = "podmigrate.io/phase-timings";
+/// On a clone pod: milliseconds the source was frozen (freeze to the clone running).
+pub const FROZEN_MS: &str = "podmigrate.io/frozen-ms";
+/// On a clone pod: `true` keeps the archives after a successful restore.
+pub const KEEP_ARCHIVE: &str = "podmigrate.io/keep-archive";
+/// On a clone pod: `fresh` starts its containers anew if the checkpoint cannot be restored.
+pub const FALLBACK: &str = "podmigrate.io/fallback";
+/// Label on a source pod or its namespace: `"true"` opts in to being cloned. Memory can hold
+/// secrets, so nobody may clone what its owner did not offer.
+pub const MIGRATABLE: &str = "podmigrate.io/migratable";
+/// The RuntimeClass whose handler is our shim.
+pub const RUNTIME_CLASS: &str = "migrate";
+/// The field the original proof of concept added to PodSpec; a stock API server drops it, so
+/// `podmigrate apply` moves it into [`CLONE_POD`].
+pub const SPEC_CLONE_POD_FIELD: &str = "clonePod";
+
+/// The phases of a migration, as written to [`PHASE`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Phase {
+    Pending,
+    Checkpointing,
+    Transferring,
+    Restoring,
+    Running,
+    Failed,
+    RolledBack,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 7] = [
+        Phase::Pending,
+        Phase::Checkpointing,
+        Phase::Transferring,
+        Phase::Restoring,
+        Phase::Running,
+        Phase::Failed,
+        Phase::RolledBack,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Pending => "Pending",
+            Phase::Checkpointing => "Checkpointing",
+            Phase::Transferring => "Transferring",
+            Phase::Restoring => "Restoring",
+            Phase::Running => "Running",
+            Phase::Failed => "Failed",
+            Phase::RolledBack => "RolledBack",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<Phase> {
+        Phase::ALL.into_iter().find(|p| p.as_str() == value)
+    }
+
+    /// No further work happens in these.
+    pub fn is_final(self) -> bool {
+        matches!(self, Phase::Running | Phase::Failed | Phase::RolledBack)
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How the source fares once its clone runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Frozen at checkpoint, deleted once the clone runs.
+    Migrate,
+    /// Keeps running; the two diverge from the checkpoint on.
+    Clone,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Migrate => "migrate",
+            Mode::Clone => "clone",
+        }
+    }
+
+    /// Absent means migrate; anything else unknown is refused by the caller.
+    pub fn parse(value: Option<&str>) -> Option<Mode> {
+        match value {
+            None | Some("") | Some("migrate") => Some(Mode::Migrate),
+            Some("clone") => Some(Mode::Clone),
+            Some(_) => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phases_and_modes_round_trip_their_names() {
+        for phase in Phase::ALL {
+            assert_eq!(Phase::parse(phase.as_str()), Some(phase));
+        }
+        assert_eq!(Phase::parse("Done"), None);
+        assert_eq!(Mode::parse(None), Some(Mode::Migrate));
+        assert_eq!(Mode::parse(Some("clone")), Some(Mode::Clone));
+        assert_eq!(Mode::parse(Some("teleport")), None);
+    }
+}
