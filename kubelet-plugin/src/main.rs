@@ -11,9 +11,7 @@ fn main() -> ExitCode {
     match cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            // One line, naming what failed and where: the whole context chain, flattened.
-            let message = format!("{err:#}").replace('\n', " ");
-            eprintln!("podmigrate: error: {message}");
+            eprintln!("podmigrate: error: {}", cli::one_line(&err));
             ExitCode::from(1)
         }
     }

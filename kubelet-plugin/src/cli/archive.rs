@@ -112,8 +112,7 @@ pub fn pack(args: PackArgs) -> anyhow::Result<()> {
             podmigrate: env!("CARGO_PKG_VERSION").to_string(),
         },
     };
-    let summary = archive::pack(&args.checkpoint_dir, &args.archive, &options)
-        .with_context(|| format!("pack {}", args.checkpoint_dir.display()))?;
+    let summary = archive::pack(&args.checkpoint_dir, &args.archive, &options).context("pack")?;
     println!(
         "packed {} -> {}: {} entries, {} -> {} ({}, {:.0}%) in {:.2}s, manifest sha256 {}",
         args.checkpoint_dir.display(),
@@ -133,8 +132,7 @@ pub fn unpack(args: UnpackArgs) -> anyhow::Result<()> {
     let options = UnpackOptions {
         threads: args.threads,
     };
-    let verified = archive::unpack(&args.archive, &args.dest_dir, &options)
-        .with_context(|| format!("unpack {}", args.archive.display()))?;
+    let verified = archive::unpack(&args.archive, &args.dest_dir, &options).context("unpack")?;
     println!(
         "unpacked {} -> {}: {} entries, {} verified in {:.2}s",
         args.archive.display(),
@@ -150,8 +148,7 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<()> {
     let options = UnpackOptions {
         threads: args.threads,
     };
-    let verified = archive::verify(&args.archive, &options)
-        .with_context(|| format!("verify {}", args.archive.display()))?;
+    let verified = archive::verify(&args.archive, &options).context("verify")?;
     println!(
         "ok {}: {} entries, {} verified in {:.2}s, manifest sha256 {}",
         args.archive.display(),

@@ -45,6 +45,23 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// An error and its causes on one line, `what: why: deeper cause`. Library errors already
+/// quote their cause in their own message; a cause is appended only if it is not there yet.
+pub fn one_line(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string().replace('\n', " ");
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
 /// Logs go to stderr, quiet by default for interactive commands; `RUST_LOG` overrides.
 pub fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -55,5 +72,21 @@ pub fn init_logging(format: LogFormat) {
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    #[test]
+    fn causes_already_quoted_are_not_repeated() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file");
+        let err = anyhow::Error::new(io)
+            .context("opening /x.zip: No such file")
+            .context("verify");
+        assert_eq!(one_line(&err), "verify: opening /x.zip: No such file");
+        let err = anyhow::anyhow!("disk full").context("pack");
+        assert_eq!(one_line(&err), "pack: disk full");
     }
 }
