@@ -2,7 +2,7 @@
 //! needs no system `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["podmigrate/v1/manifest.proto"];
+    let protos = ["podmigrate/v1/manifest.proto", "podmigrate/v1/runc.proto"];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }
