@@ -1,6 +1,8 @@
 //! The names podmigrate writes on Kubernetes objects: one place, so the agent, the CLI and the
 //! docs cannot drift apart.
 
+/// Every annotation and label podmigrate writes starts with this; a clone drops the source's.
+pub const PREFIX: &str = "podmigrate.io/";
 /// On a clone pod: the name of the pod (same namespace) it is a clone of.
 pub const CLONE_POD: &str = "podmigrate.io/clone-pod";
 /// On a clone pod: `migrate` (default: the source stops once the clone runs) or `clone`
@@ -114,6 +116,26 @@ impl Mode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_name_we_write_has_our_prefix() {
+        for name in [
+            CLONE_POD,
+            MODE,
+            PHASE,
+            REASON,
+            SOURCE_NODE,
+            ARCHIVE_DIGEST,
+            ARCHIVE_BYTES,
+            PHASE_TIMINGS,
+            FROZEN_MS,
+            KEEP_ARCHIVE,
+            FALLBACK,
+            MIGRATABLE,
+        ] {
+            assert!(name.starts_with(PREFIX), "{name}");
+        }
+    }
 
     #[test]
     fn phases_and_modes_round_trip_their_names() {

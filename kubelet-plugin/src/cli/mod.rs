@@ -1,6 +1,8 @@
 //! Command-line interface.
 
+pub mod apply;
 mod archive;
+pub mod clone_pod;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
