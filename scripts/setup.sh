@@ -78,7 +78,7 @@ add_next_suite() {
 
 # --- base packages ----------------------------------------------------------------------------
 install_missing runc iptables busybox-static protobuf-compiler zip unzip zstd ca-certificates \
-  iproute2 pkg-config gcc make python3
+  iproute2 pkg-config gcc libc6-dev make python3
 
 # --- containerd: 1.7 from the next release where it has it, otherwise the distro's ---------------
 containerd_version() { containerd --version 2>/dev/null | awk '{print $3}' | sed 's/^v//'; }

@@ -2,6 +2,12 @@
 //!
 //! * [`bundle`]: OCI runtime bundles with a busybox-static rootfs.
 //! * [`harness`]: skip checks, bounded waits, cleanup guards and locating workspace binaries.
+//! * [`oci`]: OCI image-layout tarballs built locally (pause, busybox, counter) for `ctr import`.
+//! * [`containerd`]: a private containerd with the CRI plugin, cleaned up on drop.
+//! * [`cri`]: a CRI client that plays kubelet.
 
 pub mod bundle;
+pub mod containerd;
+pub mod cri;
 pub mod harness;
+pub mod oci;

@@ -1,0 +1,787 @@
+//! A private containerd with the CRI plugin enabled, for suites that play kubelet.
+//!
+//! [`Containerd::start`] gives the daemon its own root, state, temp dir, sockets (gRPC and
+//! ttrpc), runc root, CNI dirs, pod log root and config, all under one temp dir, so several can
+//! run side by side (the two-node suite runs two). The CRI plugin is configured with our own
+//! pause image ([`crate::oci::PAUSE_IMAGE`], imported at start), the overlayfs snapshotter, and
+//! two runtime handlers: `runc` (stock `io.containerd.runc.v2`) and `migrate` (the same type with
+//! `runtime_path` = our shim and `pod_annotations = ["podmigrate.io/*"]`). CNI points at empty
+//! dirs: host-network pods need none.
+//!
+//! Dropping it (also while unwinding from a failed assertion) stops containerd (SIGTERM, then
+//! SIGKILL), force-deletes containers left in its runc root, kills shims that were started for
+//! it, removes their sockets from `/run/containerd/s`, unmounts everything under the temp dir
+//! and removes it (kept when panicking with `PODMIGRATE_E2E_KEEP` set).
+//!
+//! Shim sockets: containerd-shim puts them in `/run/containerd/s/<sha256(address, ns, id)>`
+//! whatever the state dir; the hash includes the containerd socket address, so instances do
+//! not collide.
+
+use std::ffi::CString;
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+
+use crate::cri::CriClient;
+use crate::harness::{workspace_bin, KEEP_ENV};
+use crate::oci::{self, Image, K8S_NAMESPACE, PAUSE_IMAGE};
+
+/// Our shim's binary name, as cargo builds it.
+pub const SHIM_BINARY: &str = "containerd-shim-migrate-v2";
+/// The CRI runtime handler served by our shim.
+pub const MIGRATE_HANDLER: &str = "migrate";
+/// The stock runc runtime handler.
+pub const RUNC_HANDLER: &str = "runc";
+/// Pod annotations the `migrate` handler copies into containers' OCI specs.
+pub const POD_ANNOTATIONS: &str = "podmigrate.io/*";
+/// Where containerd-shim puts shim sockets, whatever containerd's state dir.
+pub const SHIM_SOCKET_DIR: &str = "/run/containerd/s";
+
+/// How to start a [`Containerd`].
+#[derive(Debug, Clone)]
+pub struct ContainerdOptions {
+    /// Short label used in the temp dir name (`podmigrate-<name>-XXXXXX`), e.g. `node-a`.
+    pub name: String,
+    /// The binary behind the `migrate` handler (`runtime_path`). Defaults to
+    /// [`default_shim_path`], which need not exist unless the handler is used.
+    pub shim: PathBuf,
+    /// Extra `key = <raw TOML value>` lines for `[...runtimes.migrate.options]` (runc
+    /// options, e.g. `("CriuImagePath", "\"/share\"")`).
+    pub migrate_options: Vec<(String, String)>,
+    /// Extra `key = <raw TOML value>` lines for `[...runtimes.runc.options]`.
+    pub runc_options: Vec<(String, String)>,
+    /// Raw TOML appended to the config (new tables only: earlier tables cannot be reopened).
+    pub extra_config: String,
+    /// Extra environment for containerd, which shims inherit (our shim's own settings).
+    pub extra_env: Vec<(String, String)>,
+    /// containerd's `--log-level` (`debug` also makes it pass `-debug` to shims).
+    pub log_level: String,
+    /// Bound on the daemon coming up (socket, CRI `Version`) and the pause image import.
+    pub startup_timeout: Duration,
+    /// The runc binary for both handlers (`BinaryName`).
+    pub runc: PathBuf,
+}
+
+impl Default for ContainerdOptions {
+    fn default() -> Self {
+        ContainerdOptions {
+            name: "ctrd".into(),
+            shim: default_shim_path(),
+            migrate_options: Vec::new(),
+            runc_options: Vec::new(),
+            extra_config: String::new(),
+            extra_env: Vec::new(),
+            log_level: "debug".into(),
+            startup_timeout: Duration::from_secs(30),
+            runc: find_in_path("runc").unwrap_or_else(|| PathBuf::from("/usr/sbin/runc")),
+        }
+    }
+}
+
+impl ContainerdOptions {
+    pub fn named(name: &str) -> ContainerdOptions {
+        ContainerdOptions {
+            name: name.to_owned(),
+            ..ContainerdOptions::default()
+        }
+    }
+}
+
+/// `target/<profile>/containerd-shim-migrate-v2` for the profile of the running test, whether
+/// or not it has been built (see [`build_shim`]).
+pub fn default_shim_path() -> PathBuf {
+    workspace_bin(SHIM_BINARY).unwrap_or_else(|| {
+        std::env::current_exe()
+            .ok()
+            .and_then(|exe| Some(exe.parent()?.parent()?.join(SHIM_BINARY)))
+            .unwrap_or_else(|| PathBuf::from(SHIM_BINARY))
+    })
+}
+
+/// Builds our shim with `cargo build -p containerd-shim-migrate` in the running test's profile
+/// (`$CARGO`, else `cargo`) and returns its path. Use before starting pods with the `migrate`
+/// handler when the test binary alone was built (`cargo test -p podmigrate-e2e`). Runs cargo
+/// once per test process; later calls return the first result.
+pub fn build_shim() -> Result<PathBuf> {
+    static BUILT: std::sync::Mutex<Option<std::result::Result<PathBuf, String>>> =
+        std::sync::Mutex::new(None);
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    let result = built.get_or_insert_with(|| build_shim_now().map_err(|e| format!("{e:#}")));
+    result.clone().map_err(anyhow::Error::msg)
+}
+
+fn build_shim_now() -> Result<PathBuf> {
+    let path = default_shim_path();
+    let profile = path
+        .parent()
+        .and_then(Path::file_name)
+        .and_then(|p| p.to_str())
+        .unwrap_or("debug")
+        .to_owned();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(oci::workspace_root()).args([
+        "build",
+        "-q",
+        "-p",
+        "containerd-shim-migrate",
+        "--bin",
+        SHIM_BINARY,
+    ]);
+    match profile.as_str() {
+        "debug" => {}
+        "release" => {
+            cmd.arg("--release");
+        }
+        other => {
+            cmd.args(["--profile", other]);
+        }
+    }
+    let out = run_bounded(&mut cmd, Duration::from_secs(900))?;
+    ensure!(
+        out.status.success(),
+        "building {SHIM_BINARY} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    ensure!(
+        path.is_file(),
+        "{} missing after cargo build",
+        path.display()
+    );
+    Ok(path)
+}
+
+/// The first executable `name` on `PATH` (plus the sbin dirs root shells have).
+pub fn find_in_path(name: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/local/sbin", "/usr/sbin", "/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|p| fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
+}
+
+/// Why a CRI suite cannot run here (root, containerd, ctr, runc, gcc, busybox-static), if it
+/// cannot. Pass the result to [`crate::harness::skip`].
+pub fn cri_skip_reason() -> Option<String> {
+    if !crate::harness::is_root() {
+        return Some("not running as root (containerd and runc need it)".into());
+    }
+    for tool in ["containerd", "ctr", "runc", "gcc"] {
+        if find_in_path(tool).is_none() {
+            return Some(format!("`{tool}` not found (scripts/setup.sh installs it)"));
+        }
+    }
+    if !Path::new(crate::bundle::BUSYBOX).is_file() {
+        return Some(format!(
+            "{} missing (busybox-static)",
+            crate::bundle::BUSYBOX
+        ));
+    }
+    None
+}
+
+/// Runs `cmd` to completion with stdin closed, capturing stdout and stderr through anonymous
+/// temp files (a chatty child can never block on a pipe); kills it after `timeout`.
+pub fn run_bounded(cmd: &mut Command, timeout: Duration) -> Result<Output> {
+    let stdout = tempfile::tempfile()?;
+    let stderr = tempfile::tempfile()?;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(stdout.try_clone()?)
+        .stderr(stderr.try_clone()?)
+        .spawn()
+        .with_context(|| format!("spawning {cmd:?}"))?;
+    let Some(status) = wait_deadline(&mut child, timeout)? else {
+        bail!("{cmd:?} did not finish within {timeout:?}; killed");
+    };
+    let read = |mut f: fs::File| -> Result<Vec<u8>> {
+        use std::io::{Read, Seek};
+        let mut buf = Vec::new();
+        f.seek(std::io::SeekFrom::Start(0))?;
+        f.read_to_end(&mut buf)?;
+        Ok(buf)
+    };
+    Ok(Output {
+        status,
+        stdout: read(stdout)?,
+        stderr: read(stderr)?,
+    })
+}
+
+/// Waits for `child` up to `limit`; kills and reaps it and returns `None` on timeout.
+fn wait_deadline(child: &mut Child, limit: Duration) -> Result<Option<ExitStatus>> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Ok(None);
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn toml_str(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn toml_path(p: &Path) -> String {
+    toml_str(&p.to_string_lossy())
+}
+
+/// A private containerd with CRI; see the module docs.
+pub struct Containerd {
+    child: Option<Child>,
+    dir: Option<tempfile::TempDir>,
+    socket: PathBuf,
+    log: PathBuf,
+    shim: PathBuf,
+    /// `/run/containerd` and `/run/containerd/s` if we created them (removed when empty).
+    created_run_dirs: Vec<PathBuf>,
+    cleaned: bool,
+}
+
+const CRI: &str = r#"plugins."io.containerd.grpc.v1.cri""#;
+
+impl Containerd {
+    /// The config file text for a daemon rooted at `dir`.
+    pub fn config_toml(dir: &Path, opts: &ContainerdOptions) -> String {
+        let runc_options = |extra: &[(String, String)]| {
+            let mut lines = vec![
+                format!("BinaryName = {}", toml_path(&opts.runc)),
+                // runc's state (runc --root <Root>/<namespace>): ours, not /run/containerd/runc.
+                format!("Root = {}", toml_path(&dir.join("runc"))),
+                "SystemdCgroup = false".to_owned(),
+            ];
+            for (key, value) in extra {
+                lines.retain(|l| !l.starts_with(&format!("{key} =")));
+                lines.push(format!("{key} = {value}"));
+            }
+            lines
+                .iter()
+                .map(|l| format!("      {l}\n"))
+                .collect::<String>()
+        };
+        format!(
+            r#"version = 2
+root = {root}
+state = {state}
+temp = {temp}
+
+[grpc]
+  address = {socket}
+
+[ttrpc]
+  address = {ttrpc}
+
+[plugins]
+  # Defaults to /opt/containerd.
+  [plugins."io.containerd.internal.v1.opt"]
+    path = {opt}
+
+  [{CRI}]
+    sandbox_image = {pause}
+    stream_server_address = "127.0.0.1"
+    stream_server_port = "0"
+    # Host-dependent confinement would make runs differ between machines (and CRIU restores).
+    disable_apparmor = true
+    enable_selinux = false
+    # Network namespaces (not used by host-network pods) under our state dir, not /var/run/netns.
+    netns_mounts_under_state_dir = true
+    enable_cdi = false
+    # Never ask for an oom_score_adj below containerd's own: lowering it needs CAP_SYS_RESOURCE,
+    # which a containerised CI host may lack (runc then fails in nsexec, e.g. for the pause
+    # container's -998).
+    restrict_oom_score_adj = true
+
+    # Empty: host-network pods need no CNI; other pods would fail to get a network.
+    [{CRI}.cni]
+      bin_dir = {cni_bin}
+      conf_dir = {cni_conf}
+      max_conf_num = 1
+
+    [{CRI}.containerd]
+      snapshotter = "overlayfs"
+      default_runtime_name = "runc"
+      discard_unpacked_layers = false
+
+    [{CRI}.containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+    [{CRI}.containerd.runtimes.runc.options]
+{runc_opts}
+    [{CRI}.containerd.runtimes.migrate]
+      # runc v2 type so the typed runc options reach the shim (see docs/containerd.md).
+      runtime_type = "io.containerd.runc.v2"
+      runtime_path = {shim}
+      pod_annotations = [{pod_annotations}]
+    [{CRI}.containerd.runtimes.migrate.options]
+{migrate_opts}
+{extra}
+"#,
+            root = toml_path(&dir.join("root")),
+            state = toml_path(&dir.join("state")),
+            temp = toml_path(&dir.join("tmp")),
+            socket = toml_path(&dir.join("containerd.sock")),
+            ttrpc = toml_path(&dir.join("containerd.sock.ttrpc")),
+            opt = toml_path(&dir.join("opt")),
+            pause = toml_str(PAUSE_IMAGE),
+            cni_bin = toml_path(&dir.join("cni/bin")),
+            cni_conf = toml_path(&dir.join("cni/net.d")),
+            shim = toml_path(&opts.shim),
+            pod_annotations = toml_str(POD_ANNOTATIONS),
+            runc_opts = runc_options(&opts.runc_options),
+            migrate_opts = runc_options(&opts.migrate_options),
+            extra = opts.extra_config,
+        )
+    }
+
+    /// Starts containerd, waits (bounded) until the CRI `Version` call answers, and imports the
+    /// pause image.
+    pub async fn start(opts: ContainerdOptions) -> Result<Containerd> {
+        let created_run_dirs = ["/run/containerd", SHIM_SOCKET_DIR]
+            .iter()
+            .map(PathBuf::from)
+            .filter(|d| !d.exists())
+            .collect();
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("podmigrate-{}-", opts.name))
+            .tempdir()
+            .context("creating containerd's temp dir")?;
+        let root = dir.path().to_owned();
+        for sub in ["tmp", "cni/bin", "cni/net.d", "pod-logs", "images", "runc"] {
+            fs::create_dir_all(root.join(sub))?;
+        }
+        let config = root.join("config.toml");
+        fs::write(&config, Self::config_toml(&root, &opts))?;
+        let socket = root.join("containerd.sock");
+        let log = root.join("containerd.log");
+
+        // Shims look for runc and criu on PATH: make sure the sbin dirs are on it.
+        let mut path = std::env::var("PATH").unwrap_or_default();
+        for dir in [
+            "/usr/local/sbin",
+            "/usr/local/bin",
+            "/usr/sbin",
+            "/usr/bin",
+            "/sbin",
+            "/bin",
+        ] {
+            if !path.split(':').any(|p| p == dir) {
+                path.push(':');
+                path.push_str(dir);
+            }
+        }
+        let log_file = fs::File::create(&log)?;
+        let mut cmd = Command::new("containerd");
+        cmd.arg("--config")
+            .arg(&config)
+            .args(["--log-level", &opts.log_level])
+            .env("PATH", path)
+            .envs(opts.extra_env.iter().map(|(k, v)| (k, v)))
+            .current_dir(&root)
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file);
+        let child = cmd.spawn().context("spawning containerd")?;
+
+        let mut daemon = Containerd {
+            child: Some(child),
+            dir: Some(dir),
+            socket,
+            log,
+            shim: opts.shim.clone(),
+            created_run_dirs,
+            cleaned: false,
+        };
+        daemon
+            .wait_ready(opts.startup_timeout)
+            .await
+            .with_context(|| format!("containerd log:\n{}", daemon.log_tail(60)))?;
+        daemon
+            .import(&oci::pause_image()?, opts.startup_timeout)
+            .context("importing the pause image")?;
+        Ok(daemon)
+    }
+
+    async fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        let mut last_error = String::from("socket not created");
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!("containerd exited early ({status})");
+            }
+            if self.socket.exists() {
+                match self.try_version().await {
+                    Ok(()) => return Ok(()),
+                    Err(e) => last_error = format!("{e:#}"),
+                }
+            }
+            if start.elapsed() >= timeout {
+                bail!("containerd's CRI did not answer Version within {timeout:?}: {last_error}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn try_version(&self) -> Result<()> {
+        let mut cri = self.cri().await?;
+        cri.rpc_timeout = Duration::from_secs(2);
+        let v = cri.version().await?;
+        ensure!(
+            v.runtime_name == "containerd",
+            "unexpected runtime {:?}",
+            v.runtime_name
+        );
+        Ok(())
+    }
+
+    /// A new CRI client on this daemon's socket, with pod logs under [`Containerd::log_root`].
+    pub async fn cri(&self) -> Result<CriClient> {
+        CriClient::connect(&self.socket, &self.log_root()).await
+    }
+
+    /// The temp dir everything lives in.
+    pub fn dir(&self) -> &Path {
+        self.dir.as_ref().expect("present until drop").path()
+    }
+
+    /// containerd's gRPC socket (CRI and containerd API).
+    pub fn address(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Root of pod log directories (`<ns>_<name>_<uid>/<container>/0.log`).
+    pub fn log_root(&self) -> PathBuf {
+        self.dir().join("pod-logs")
+    }
+
+    /// runc's root for both handlers; runc state is in `<runc_root>/k8s.io/<container id>`.
+    pub fn runc_root(&self) -> PathBuf {
+        self.dir().join("runc")
+    }
+
+    /// containerd's state dir (bundles: `state/io.containerd.runtime.v2.task/k8s.io/<id>`).
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir().join("state")
+    }
+
+    /// containerd's root dir (content, snapshots, metadata).
+    pub fn root_dir(&self) -> PathBuf {
+        self.dir().join("root")
+    }
+
+    /// The binary behind the `migrate` handler.
+    pub fn shim(&self) -> &Path {
+        &self.shim
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    pub fn log_text(&self) -> String {
+        String::from_utf8_lossy(&fs::read(&self.log).unwrap_or_default()).into_owned()
+    }
+
+    /// The last `n` lines of containerd's log.
+    pub fn log_tail(&self, n: usize) -> String {
+        let text = self.log_text();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// Runs `ctr --address <socket> --namespace k8s.io <args>`, bounded.
+    pub fn ctr(&self, args: &[&str]) -> Result<Output> {
+        run_bounded(
+            Command::new("ctr")
+                .arg("--address")
+                .arg(&self.socket)
+                .args(["--namespace", K8S_NAMESPACE])
+                .args(args),
+            Duration::from_secs(60),
+        )
+    }
+
+    /// Packs `image` into `<dir>/images/` and imports it into the `k8s.io` namespace.
+    pub fn import(&self, image: &Image, timeout: Duration) -> Result<()> {
+        let file = image
+            .name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect::<String>();
+        let archive = self.dir().join("images").join(format!("{file}.tar"));
+        image.write_archive(&archive)?;
+        oci::import(&self.socket, &archive, &image.name, timeout)
+            .with_context(|| format!("importing {}", image.name))?;
+        let _ = fs::remove_file(&archive);
+        Ok(())
+    }
+
+    /// Pids of shims started for this daemon (their command line names our socket).
+    pub fn shim_pids(&self) -> Vec<i32> {
+        self.shim_processes()
+            .into_iter()
+            .map(|(pid, _)| pid)
+            .collect()
+    }
+
+    /// Shims started for this daemon, with their binary (`argv[0]`): containerd-shim-runc-v2
+    /// for the `runc` handler, ours for `migrate`.
+    pub fn shim_processes(&self) -> Vec<(i32, PathBuf)> {
+        let needle = self.socket.as_os_str().as_bytes().to_vec();
+        let Ok(entries) = fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        let own = self.child.as_ref().map(|c| c.id() as i32);
+        entries
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|pid| Some(*pid) != own)
+            .filter_map(|pid| {
+                let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+                let mut args = cmdline.split(|b| *b == 0);
+                let argv0 = args.next()?;
+                let is_shim = argv0.windows(15).any(|w| w == b"containerd-shim");
+                let ours = cmdline
+                    .split(|b| *b == 0)
+                    .any(|arg| arg == needle.as_slice());
+                (is_shim && ours).then(|| (pid, PathBuf::from(std::ffi::OsStr::from_bytes(argv0))))
+            })
+            .collect()
+    }
+
+    /// Shim socket paths recorded in bundles (`address` files), i.e. in `/run/containerd/s`.
+    fn shim_sockets(&self) -> Vec<PathBuf> {
+        let tasks = self.state_dir().join("io.containerd.runtime.v2.task");
+        let mut out = Vec::new();
+        for ns in fs::read_dir(&tasks).into_iter().flatten().flatten() {
+            for bundle in fs::read_dir(ns.path()).into_iter().flatten().flatten() {
+                if let Ok(address) = fs::read_to_string(bundle.path().join("address")) {
+                    let path = address.trim().trim_start_matches("unix://");
+                    if path.starts_with(SHIM_SOCKET_DIR) {
+                        out.push(PathBuf::from(path));
+                    }
+                }
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// Mount points under our temp dir, deepest first.
+    pub fn mounts(&self) -> Vec<PathBuf> {
+        let prefix = self.dir().as_os_str().as_bytes().to_vec();
+        let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mut mounts: Vec<PathBuf> = info
+            .lines()
+            .filter_map(|line| line.split(' ').nth(4))
+            .filter(|mp| mp.as_bytes().starts_with(&prefix))
+            .map(PathBuf::from)
+            .collect();
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.as_os_str().len()));
+        mounts.dedup();
+        mounts
+    }
+
+    /// Stops containerd and removes everything it left (see the module docs). Idempotent; Drop
+    /// calls it. Returns what could not be cleaned.
+    pub fn shutdown(&mut self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.cleaned {
+            return problems;
+        }
+        self.cleaned = true;
+        let sockets = self.shim_sockets();
+
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) on the pid of the child we spawned and have not reaped.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            match wait_deadline(&mut child, Duration::from_secs(10)) {
+                Ok(Some(_)) => {}
+                _ => problems.push("containerd ignored SIGTERM; killed".into()),
+            }
+        }
+
+        // Containers left running: our runc root holds only ours.
+        let runc_ns = self.runc_root().join(K8S_NAMESPACE);
+        let leftover: Vec<String> = fs::read_dir(&runc_ns)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+            .collect();
+        for id in leftover {
+            let out = run_bounded(
+                Command::new("runc")
+                    .arg("--root")
+                    .arg(&runc_ns)
+                    .args(["delete", "--force", &id]),
+                Duration::from_secs(20),
+            );
+            match out {
+                Ok(o) if o.status.success() => {}
+                Ok(o) => problems.push(format!(
+                    "runc delete --force {id}: {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                )),
+                Err(e) => problems.push(format!("runc delete --force {id}: {e:#}")),
+            }
+        }
+
+        let shims = self.shim_pids();
+        for &pid in &shims {
+            // SAFETY: kill(2) on a shim started for our containerd (matched by socket path).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.shim_pids().is_empty() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
+        if !shims.is_empty() {
+            problems.push(format!("killed leftover shims {shims:?}"));
+        }
+        for socket in sockets {
+            let _ = fs::remove_file(socket);
+        }
+
+        for _ in 0..3 {
+            let mounts = self.mounts();
+            if mounts.is_empty() {
+                break;
+            }
+            for mount in mounts {
+                let Ok(c) = CString::new(mount.as_os_str().as_bytes()) else {
+                    continue;
+                };
+                // SAFETY: a valid NUL-terminated path; lazy unmount of a mount under our dir.
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
+        }
+        let left = self.mounts();
+        if !left.is_empty() {
+            problems.push(format!("could not unmount {left:?}"));
+        }
+        for dir in self.created_run_dirs.iter().rev() {
+            let _ = fs::remove_dir(dir); // only when empty: never touch others' sockets
+        }
+
+        if let Some(dir) = self.dir.take() {
+            if thread::panicking() && std::env::var_os(KEEP_ENV).is_some() {
+                eprintln!("kept containerd dir {}", dir.keep().display());
+            } else {
+                let path = dir.path().to_owned();
+                if let Err(e) = dir.close() {
+                    problems.push(format!("removing {}: {e}", path.display()));
+                }
+            }
+        }
+        problems
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        if self.cleaned {
+            return;
+        }
+        if thread::panicking() {
+            eprintln!(
+                "---- containerd log (last 150 lines) ----\n{}\n----------------------------",
+                self.log_tail(150)
+            );
+        }
+        for problem in self.shutdown() {
+            eprintln!("containerd cleanup: {problem}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_strings_are_escaped() {
+        assert_eq!(toml_str(r#"a"b\c"#), r#""a\"b\\c""#);
+    }
+
+    #[test]
+    fn config_is_rooted_in_the_temp_dir() {
+        let opts = ContainerdOptions {
+            shim: PathBuf::from("/x/shim"),
+            migrate_options: vec![("CriuImagePath".into(), "\"/share\"".into())],
+            ..ContainerdOptions::default()
+        };
+        let text = Containerd::config_toml(Path::new("/tmp/d"), &opts);
+        assert!(text.contains(r#"root = "/tmp/d/root""#), "{text}");
+        assert!(text.contains(r#"address = "/tmp/d/containerd.sock""#));
+        assert!(text.contains(r#"runtime_path = "/x/shim""#));
+        assert!(text.contains(r#"CriuImagePath = "/share""#));
+        assert!(text.contains(r#"sandbox_image = "localhost/podmigrate/pause:1""#));
+        assert!(!text.contains("/run/containerd"), "{text}");
+        assert!(!text.contains("/var/lib"), "{text}");
+    }
+
+    /// `containerd config dump` must read back our keys where the CRI plugin looks for them.
+    #[test]
+    fn containerd_understands_the_config() {
+        if find_in_path("containerd").is_none() {
+            eprintln!("skipped: containerd not installed");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let opts = ContainerdOptions {
+            shim: PathBuf::from("/x/shim"),
+            ..ContainerdOptions::default()
+        };
+        let config = dir.path().join("config.toml");
+        fs::write(&config, Containerd::config_toml(dir.path(), &opts)).unwrap();
+        let out = run_bounded(
+            Command::new("containerd")
+                .arg("--config")
+                .arg(&config)
+                .args(["config", "dump"]),
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        let dump = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for expected in [
+            r#"sandbox_image = "localhost/podmigrate/pause:1""#.to_owned(),
+            r#"runtime_path = "/x/shim""#.to_owned(),
+            r#"pod_annotations = ["podmigrate.io/*"]"#.to_owned(),
+            format!("bin_dir = \"{}/cni/bin\"", dir.path().display()),
+            format!("Root = \"{}/runc\"", dir.path().display()),
+        ] {
+            assert!(dump.contains(&expected), "{expected} missing from:\n{dump}");
+        }
+    }
+}
