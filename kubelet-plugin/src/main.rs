@@ -6,7 +6,7 @@ use clap::Parser;
 use podmigrate_kubelet_plugin::cli::{self, Cli};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(cli::arguments(std::env::args_os()));
     cli::init_logging(cli.log_format);
     match cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,

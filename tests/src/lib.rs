@@ -1,11 +1,13 @@
 //! Shared helpers for the end-to-end suites.
 //!
+//! * [`apiserver`]: an in-process kube-apiserver stand-in (real JSON and watch protocol on loopback).
 //! * [`bundle`]: OCI runtime bundles with a busybox-static rootfs.
 //! * [`harness`]: skip checks, bounded waits, cleanup guards and locating workspace binaries.
 //! * [`oci`]: OCI image-layout tarballs built locally (pause, busybox, counter) for `ctr import`.
 //! * [`containerd`]: a private containerd with the CRI plugin, cleaned up on drop.
 //! * [`cri`]: a CRI client that plays kubelet.
 
+pub mod apiserver;
 pub mod bundle;
 pub mod containerd;
 pub mod cri;

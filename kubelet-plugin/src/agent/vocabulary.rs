@@ -22,6 +22,12 @@ pub const ARCHIVE_BYTES: &str = "podmigrate.io/archive-bytes";
 pub const PHASE_TIMINGS: &str = "podmigrate.io/phase-timings";
 /// On a clone pod: milliseconds the source was frozen (freeze to the clone running).
 pub const FROZEN_MS: &str = "podmigrate.io/frozen-ms";
+/// Label on a clone pod naming its source. Annotations cannot be selected by the API server,
+/// so this is how the source's agent finds clones pinned to other nodes; the clone's own agent
+/// adds it to a clone made by hand with the annotation only.
+pub const CLONE_OF_LABEL: &str = "podmigrate.io/clone-of";
+/// On a clone pod: when the source was frozen, in Unix milliseconds (survives an agent restart).
+pub const FROZEN_AT: &str = "podmigrate.io/frozen-at";
 /// On a clone pod: `true` keeps the archives after a successful restore.
 pub const KEEP_ARCHIVE: &str = "podmigrate.io/keep-archive";
 /// On a clone pod: `fresh` starts its containers anew if the checkpoint cannot be restored.

@@ -9,7 +9,9 @@
 use serde_json::{Map, Value};
 
 use crate::agent::reference::{clone_reference_raw, raw_pod_name, ModeError, ReferenceError};
-use crate::agent::vocabulary::{Mode, CLONE_POD, MODE, RUNTIME_CLASS, SPEC_CLONE_POD_FIELD};
+use crate::agent::vocabulary::{
+    Mode, CLONE_OF_LABEL, CLONE_POD, MODE, RUNTIME_CLASS, SPEC_CLONE_POD_FIELD,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -97,23 +99,29 @@ fn translate_pod(mut doc: Value) -> Result<(Value, bool), ApplyError> {
     let Some(spec) = doc.get_mut("spec").and_then(Value::as_object_mut) else {
         return Ok((doc, false));
     };
-    if spec.remove(SPEC_CLONE_POD_FIELD).is_none() {
-        return Ok((doc, false));
-    }
+    let translated = spec.remove(SPEC_CLONE_POD_FIELD).is_some();
     let Some(reference) = reference else {
-        // An empty or null field: nothing to carry over.
-        return Ok((doc, true));
+        // No reference, or an empty or null field: nothing to carry over.
+        return Ok((doc, translated));
     };
-    if !spec.contains_key("runtimeClassName") {
+    if translated && !spec.contains_key("runtimeClassName") {
         spec.insert("runtimeClassName".into(), RUNTIME_CLASS.into());
     }
     let metadata = object_entry(&mut doc, "metadata", &pod, "metadata")?;
-    let annotations = object_entry(metadata, "annotations", &pod, "metadata.annotations")?;
-    annotations
+    if translated {
+        let annotations = object_entry(metadata, "annotations", &pod, "metadata.annotations")?;
+        annotations
+            .as_object_mut()
+            .expect("checked above")
+            .insert(CLONE_POD.into(), reference.source.clone().into());
+    }
+    // How the source's agent finds the clone: annotations cannot be selected.
+    let labels = object_entry(metadata, "labels", &pod, "metadata.labels")?;
+    labels
         .as_object_mut()
         .expect("checked above")
-        .insert(CLONE_POD.into(), reference.source.into());
-    Ok((doc, true))
+        .insert(CLONE_OF_LABEL.into(), reference.source.into());
+    Ok((doc, translated))
 }
 
 /// A typo in the mode is caught before anything is created.
@@ -167,6 +175,78 @@ fn object_entry<'a>(
     }
 }
 
+/// `podmigrate apply -f pod.yaml`: like `kubectl create -f`, for Pods, with `spec.clonePod`
+/// moved into the annotation first (a stock API server would drop the field).
+#[derive(Debug, clap::Args)]
+pub struct ApplyArgs {
+    /// The manifest (YAML or JSON, one or more documents); `-` reads standard input.
+    #[arg(short = 'f', long = "filename")]
+    pub file: std::path::PathBuf,
+    /// Namespace for documents that name none.
+    #[arg(short, long, default_value = "default", env = "POD_NAMESPACE")]
+    pub namespace: String,
+    /// Print the translated manifests instead of creating them.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+pub fn run(args: ApplyArgs) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let text = if args.file.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin()).context("reading standard input")?
+    } else {
+        std::fs::read_to_string(&args.file)
+            .with_context(|| format!("reading {}", args.file.display()))?
+    };
+    let docs = translate_manifests(&text).with_context(|| format!("{}", args.file.display()))?;
+    if args.dry_run {
+        let values: Vec<Value> = docs.into_iter().map(|(doc, _)| doc).collect();
+        print!("{}", to_yaml(&values)?);
+        return Ok(());
+    }
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(async move {
+            let kube = kube::Client::try_default()
+                .await
+                .context("connecting to the Kubernetes API (KUBECONFIG or in-cluster config)")?;
+            for (doc, translated) in docs {
+                if doc.get("kind").and_then(Value::as_str) != Some("Pod") {
+                    anyhow::bail!(
+                        "{}: only Pods can be applied here, not {}",
+                        args.file.display(),
+                        doc.get("kind")
+                            .and_then(Value::as_str)
+                            .unwrap_or("a document without kind")
+                    );
+                }
+                let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(doc)
+                    .with_context(|| format!("{}: not a valid Pod", args.file.display()))?;
+                let namespace = pod
+                    .metadata
+                    .namespace
+                    .clone()
+                    .unwrap_or_else(|| args.namespace.clone());
+                let name = pod.metadata.name.clone().unwrap_or_default();
+                kube::Api::<k8s_openapi::api::core::v1::Pod>::namespaced(kube.clone(), &namespace)
+                    .create(&kube::api::PostParams::default(), &pod)
+                    .await
+                    .with_context(|| format!("creating pod {namespace}/{name}"))?;
+                println!(
+                    "pod/{name} created{}",
+                    if translated {
+                        " (spec.clonePod moved to the podmigrate.io/clone-pod annotation)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            Ok(())
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -204,7 +284,7 @@ spec:
                 "metadata": {
                     "name": "web-clone",
                     "namespace": "shop",
-                    "labels": {"app": "web"},
+                    "labels": {"app": "web", CLONE_OF_LABEL: "web-0"},
                     "annotations": {CLONE_POD: "web-0"}
                 },
                 "spec": {

@@ -7,7 +7,7 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::agent::vocabulary::{
-    Mode, Phase, CLONE_POD, KEEP_ARCHIVE, MODE, PHASE, PREFIX, RUNTIME_CLASS,
+    Mode, Phase, CLONE_OF_LABEL, CLONE_POD, KEEP_ARCHIVE, MODE, PHASE, PREFIX, RUNTIME_CLASS,
 };
 
 /// Labels a controller uses to count or adopt its pods. Kept, they would make the source's
@@ -61,7 +61,7 @@ pub fn build_clone_pod(
     mode: Mode,
     keep_archive: bool,
 ) -> Pod {
-    let labels: BTreeMap<String, String> = source
+    let mut labels: BTreeMap<String, String> = source
         .metadata
         .labels
         .iter()
@@ -78,6 +78,8 @@ pub fn build_clone_pod(
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     let source_name = source.metadata.name.clone().unwrap_or_default();
+    // How the source's agent finds the clone (annotations cannot be selected).
+    labels.insert(CLONE_OF_LABEL.into(), source_name.clone());
     annotations.insert(CLONE_POD.into(), source_name);
     annotations.insert(MODE.into(), mode.as_str().into());
     annotations.insert(PHASE.into(), Phase::Pending.as_str().into());
@@ -225,6 +227,7 @@ mod tests {
             labels.into_iter().collect::<Vec<_>>(),
             vec![
                 ("app".to_string(), "web".to_string()),
+                (CLONE_OF_LABEL.to_string(), "web-7d4b9c-x2x7q".to_string()),
                 (MIGRATABLE.to_string(), "true".to_string()),
             ]
         );
@@ -262,7 +265,10 @@ mod tests {
         // What the workload is stays as it was.
         let source_spec = source().spec.unwrap();
         assert_eq!(spec.containers, source_spec.containers);
-        assert_eq!(spec.init_containers, None, "init containers ran on the source");
+        assert_eq!(
+            spec.init_containers, None,
+            "init containers ran on the source"
+        );
         assert_eq!(spec.node_selector, source_spec.node_selector);
         assert_eq!(spec.priority_class_name.as_deref(), Some("high"));
         assert_eq!(spec.service_account_name.as_deref(), Some("web"));

@@ -1,8 +1,11 @@
 //! Command-line interface.
 
+mod agent;
 pub mod apply;
 mod archive;
 pub mod clone_pod;
+mod migrate;
+mod status;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -36,6 +39,14 @@ pub enum Command {
     Verify(archive::VerifyArgs),
     /// Show an archive's manifest and sizes, like `checkpointctl show`.
     Inspect(archive::InspectArgs),
+    /// Move a running pod to another node (`kubectl migrate` runs this).
+    Migrate(migrate::MigrateArgs),
+    /// Create Pods from a manifest, moving `spec.clonePod` into the clone annotation.
+    Apply(apply::ApplyArgs),
+    /// List migrations in flight and recent results.
+    Status(status::StatusArgs),
+    /// Run the node agent (as the DaemonSet does).
+    Agent(Box<agent::AgentArgs>),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -44,7 +55,25 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Unpack(args) => archive::unpack(args),
         Command::Verify(args) => archive::verify(args),
         Command::Inspect(args) => archive::inspect(args),
+        Command::Migrate(args) => migrate::run(args),
+        Command::Apply(args) => apply::run(args),
+        Command::Status(args) => status::run(args),
+        Command::Agent(args) => agent::run(*args),
     }
+}
+
+/// The command line, with `migrate` put first when we run as `kubectl-migrate`: kubectl runs a
+/// plugin by that name for `kubectl migrate ...`, passing only what follows the word.
+pub fn arguments(args: impl IntoIterator<Item = std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let mut args: Vec<_> = args.into_iter().collect();
+    let invoked_as = args
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .map(|n| n.to_string_lossy().into_owned());
+    if invoked_as.as_deref() == Some("kubectl-migrate") {
+        args.insert(1, "migrate".into());
+    }
+    args
 }
 
 /// An error and its causes on one line, `what: why: deeper cause`. Library errors already
@@ -80,6 +109,30 @@ pub fn init_logging(format: LogFormat) {
 #[cfg(test)]
 mod tests {
     use super::one_line;
+
+    #[test]
+    fn kubectl_plugin_name_means_migrate() {
+        let args = |v: &[&str]| v.iter().map(std::ffi::OsString::from).collect::<Vec<_>>();
+        assert_eq!(
+            super::arguments(args(&[
+                "/usr/local/bin/kubectl-migrate",
+                "counter",
+                "--to",
+                "b"
+            ])),
+            args(&[
+                "/usr/local/bin/kubectl-migrate",
+                "migrate",
+                "counter",
+                "--to",
+                "b"
+            ])
+        );
+        assert_eq!(
+            super::arguments(args(&["podmigrate", "status"])),
+            args(&["podmigrate", "status"])
+        );
+    }
 
     #[test]
     fn causes_already_quoted_are_not_repeated() {

@@ -1,0 +1,121 @@
+//! `podmigrate agent`: the node agent, as the DaemonSet runs it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use kube::runtime::events::{Recorder, Reporter};
+use podmigrate_checkpoint::share::{DEFAULT_SHARE_ROOT, DEFAULT_WORK_DIR};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::agent::containerd::Containerd;
+use crate::agent::metrics::{self, Metrics};
+use crate::agent::migration::{Agent, AgentConfig};
+use crate::agent::watch;
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// This node's name (the DaemonSet sets it from the downward API).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+    #[arg(long, env = "PODMIGRATE_SHARE_ROOT", default_value = DEFAULT_SHARE_ROOT)]
+    pub share_root: PathBuf,
+    #[arg(long, env = "PODMIGRATE_WORK_DIR", default_value = DEFAULT_WORK_DIR)]
+    pub work_dir: PathBuf,
+    #[arg(
+        long,
+        env = "CONTAINERD_ADDRESS",
+        default_value = "/run/containerd/containerd.sock"
+    )]
+    pub containerd_socket: PathBuf,
+    /// Outbound migrations at once on this node.
+    #[arg(long, default_value_t = 2)]
+    pub max_outbound: usize,
+    /// Where /metrics and /healthz are served.
+    #[arg(long, env = "PODMIGRATE_METRICS_ADDR", default_value = "0.0.0.0:9477")]
+    pub metrics_addr: SocketAddr,
+    /// How long one container's checkpoint may take.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub checkpoint_timeout: Duration,
+    /// How long a clone may take to run once the archives are committed.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub clone_timeout: Duration,
+}
+
+pub fn run(args: AgentArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(serve(args))
+}
+
+async fn serve(args: AgentArgs) -> anyhow::Result<()> {
+    let kube = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+    let containerd = Containerd::connect(&args.containerd_socket).await?;
+    let metrics = Arc::new(Metrics::default());
+    let reporter = Reporter {
+        controller: "podmigrate-agent".into(),
+        instance: Some(args.node_name.clone()),
+    };
+    let recorder = Recorder::new(kube.clone(), reporter);
+    let config = AgentConfig {
+        node_name: args.node_name,
+        share_root: args.share_root,
+        work_dir: args.work_dir,
+        containerd_socket: args.containerd_socket,
+        max_outbound: args.max_outbound,
+        checkpoint_timeout: args.checkpoint_timeout,
+        clone_timeout: args.clone_timeout,
+        poll_interval: Duration::from_millis(250),
+    };
+    info!(node = %config.node_name, share = %config.share_root.display(), max_outbound = config.max_outbound, "agent starting");
+    let agent = Arc::new(Agent::new(
+        kube,
+        containerd,
+        config,
+        Arc::clone(&metrics),
+        recorder,
+    ));
+
+    let shutdown = CancellationToken::new();
+    let on_signal = {
+        let shutdown = shutdown.clone();
+        async move {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("installing a SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+                _ = shutdown.cancelled() => {}
+            }
+            info!("stopping");
+            shutdown.cancel();
+        }
+    };
+    // Whichever part ends first stops the others.
+    let served = {
+        let shutdown = shutdown.clone();
+        async move {
+            let served = metrics::serve(metrics, args.metrics_addr, shutdown.clone()).await;
+            shutdown.cancel();
+            served
+        }
+    };
+    let watched = {
+        let shutdown = shutdown.clone();
+        async move {
+            watch::run(agent, shutdown.clone()).await;
+            shutdown.cancel();
+        }
+    };
+    let (served, (), ()) = tokio::join!(served, watched, on_signal);
+    served.with_context(|| format!("serving metrics on {}", args.metrics_addr))
+}
