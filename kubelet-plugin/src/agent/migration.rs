@@ -206,6 +206,17 @@ impl Agent {
         );
         match decision {
             Decision::NotMine { .. } => Ok(None),
+            // A clone restoring from this node's checkpoint: a restarted agent must follow it
+            // again, or the frozen source would wait forever. (The first agent is still inside
+            // this clone's reconciliation, which kube's controller never runs twice at once.)
+            Decision::Wait {
+                reason: policy::WaitReason::Restoring { .. },
+            } if annotation(clone, SOURCE_NODE) == Some(self.config.node_name.as_str()) => {
+                let _permit = Arc::clone(&self.slots).acquire_owned().await;
+                self.recover(clone, source.as_ref(), Phase::Restoring)
+                    .await?;
+                Ok(None)
+            }
             Decision::Wait { reason } => {
                 tracing::debug!(clone = %pod_name(clone), %reason, "waiting");
                 Ok(match reason {
