@@ -24,7 +24,7 @@ use tracing::{info, warn};
 use super::containerd::{AppContainer, Containerd, TaskState};
 use super::metrics::{Metrics, Outcome};
 use super::policy::{self, Decision};
-use super::reference::{clone_reference, pod_name};
+use super::reference::{annotation, clone_reference, pod_name};
 use super::vocabulary::{
     Mode, Phase, ARCHIVE_BYTES, ARCHIVE_DIGEST, CLONE_OF_LABEL, FROZEN_AT, FROZEN_MS, KEEP_ARCHIVE,
     PHASE, PHASE_TIMINGS, REASON, SOURCE_NODE,
@@ -77,14 +77,6 @@ fn unix_millis() -> u64 {
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_millis() as u64
-}
-
-fn annotation<'a>(pod: &'a Pod, key: &str) -> Option<&'a str> {
-    pod.metadata
-        .annotations
-        .as_ref()?
-        .get(key)
-        .map(String::as_str)
 }
 
 /// What a restored clone's container says when it failed to come up.
@@ -507,9 +499,8 @@ impl Agent {
                     bytes += opened.archive_bytes;
                 }
                 Err(e) => {
-                    if mode == Mode::Migrate {
-                        self.thaw(targets).await;
-                    }
+                    // Both modes froze the source; clone mode thaws it only further on.
+                    self.thaw(targets).await;
                     let reason = format!("the committed archive of {} is unreadable: {e}", c.name);
                     return self
                         .finish(

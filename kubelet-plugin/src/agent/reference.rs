@@ -140,7 +140,7 @@ pub fn pod_name(pod: &Pod) -> String {
 }
 
 /// An annotation's value; an empty value counts as absent (as for the shim).
-pub(crate) fn annotation<'a>(pod: &'a Pod, key: &str) -> Option<&'a str> {
+pub fn annotation<'a>(pod: &'a Pod, key: &str) -> Option<&'a str> {
     pod.metadata
         .annotations
         .as_ref()

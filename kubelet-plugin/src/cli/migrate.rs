@@ -11,6 +11,7 @@ use kube::api::{Api, PostParams};
 use super::archive::human_bytes;
 use super::clone_pod::{build_clone_pod, default_clone_name};
 use crate::agent::migration::phase_timings;
+use crate::agent::reference::annotation;
 use crate::agent::vocabulary::{Mode, Phase, ARCHIVE_BYTES, FROZEN_MS, PHASE, REASON};
 
 #[derive(Debug, Args)]
@@ -42,14 +43,6 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?
         .block_on(migrate(args))
-}
-
-fn annotation<'a>(pod: &'a Pod, key: &str) -> Option<&'a str> {
-    pod.metadata
-        .annotations
-        .as_ref()?
-        .get(key)
-        .map(String::as_str)
 }
 
 async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {

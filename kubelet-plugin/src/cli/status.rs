@@ -8,6 +8,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
 
 use super::archive::human_bytes;
+use crate::agent::reference::annotation;
 use crate::agent::vocabulary::{
     ARCHIVE_BYTES, CLONE_OF_LABEL, CLONE_POD, FROZEN_MS, MODE, PHASE, REASON, SOURCE_NODE,
 };
@@ -45,14 +46,7 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
         .await
         .context("listing clone pods")?
         .items;
-    let get = |pod: &Pod, key: &str| {
-        pod.metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(key))
-            .cloned()
-            .unwrap_or_default()
-    };
+    let get = |pod: &Pod, key: &str| annotation(pod, key).unwrap_or_default().to_string();
     if let Some(name) = &args.pod {
         clones.retain(|c| c.metadata.name.as_ref() == Some(name) || &get(c, CLONE_POD) == name);
     }
