@@ -43,6 +43,105 @@ fn annotation<'a>(pod: Option<&'a Value>, key: &str) -> Option<&'a str> {
     pod?.pointer("/metadata/annotations")?.get(key)?.as_str()
 }
 
+/// Runs the agent for `node-a` in this process, against the stand-in and a real containerd.
+async fn start_agent(
+    api: &ApiServer,
+    ctrd: &Containerd,
+    work: &std::path::Path,
+) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    let client = api.client();
+    let agent = Arc::new(Agent::new(
+        client.clone(),
+        AgentContainerd::connect(ctrd.address()).await.unwrap(),
+        AgentConfig {
+            node_name: "node-a".into(),
+            share_root: work.join("share"),
+            work_dir: work.join("work"),
+            containerd_socket: PathBuf::from(ctrd.address()),
+            max_outbound: 2,
+            checkpoint_timeout: Duration::from_secs(30),
+            clone_timeout: Duration::from_secs(30),
+            poll_interval: Duration::from_millis(100),
+        },
+        Arc::new(Metrics::default()),
+        Recorder::new(
+            client,
+            Reporter {
+                controller: "podmigrate-agent".into(),
+                instance: Some("node-a".into()),
+            },
+        ),
+    ));
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(watch::run(agent, shutdown.clone()));
+    (shutdown, running)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_clone_named_only_in_spec_clone_pod_is_refused_with_the_way_out() {
+    if let Some(reason) = cri_skip_reason() {
+        skip(&reason);
+        return;
+    }
+    // As a patched API server would: spec.clonePod is kept.
+    let api = ApiServer::builder().keep_unknown_fields(true).start().await;
+    api.add_node("node-a").unwrap();
+    let ctrd = Containerd::start(ContainerdOptions::named("agent-field"))
+        .await
+        .expect("starting containerd");
+    let work = tempfile::tempdir().unwrap();
+    let (shutdown, running) = start_agent(&api, &ctrd, work.path()).await;
+
+    api.create_pod(
+        "default",
+        running_pod(
+            "counter",
+            "node-a",
+            json!({"podmigrate.io/migratable": "true"}),
+        ),
+    )
+    .unwrap();
+    api.create_pod(
+        "default",
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "poc-clone", "namespace": "default"},
+            "spec": {"nodeName": "node-a", "clonePod": "counter", "runtimeClassName": "migrate",
+                     "containers": [{"name": "counter", "image": "localhost/podmigrate/counter:1"}]}
+        }),
+    )
+    .unwrap();
+    let refused = api
+        .wait_for_pod("default", "poc-clone", WAIT, |p| {
+            annotation(p, PHASE) == Some("Failed")
+        })
+        .await
+        .expect("the field-only clone is refused");
+    let reason = annotation(refused.as_ref(), REASON)
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        reason.contains("spec.clonePod") && reason.contains("podmigrate apply"),
+        "{reason}"
+    );
+    api.wait_until(WAIT, |srv| {
+        srv.events().iter().any(|e| {
+            e.pointer("/regarding/name").and_then(Value::as_str) == Some("poc-clone")
+                && e.get("reason").and_then(Value::as_str) == Some("CloneFieldOnly")
+        })
+    })
+    .await
+    .expect("a CloneFieldOnly Event on the clone");
+    // Nothing happened to the source.
+    assert!(annotation(api.get_pod("default", "counter").as_ref(), PHASE).is_none());
+
+    shutdown.cancel();
+    tokio::time::timeout(WAIT, running)
+        .await
+        .expect("the agent stops")
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn refused_clones_are_marked_and_reported_and_hand_made_clones_labelled() {
     if let Some(reason) = cri_skip_reason() {
@@ -58,30 +157,7 @@ async fn refused_clones_are_marked_and_reported_and_hand_made_clones_labelled() 
     let work = tempfile::tempdir().unwrap();
 
     let client = api.client();
-    let agent = Arc::new(Agent::new(
-        client.clone(),
-        AgentContainerd::connect(ctrd.address()).await.unwrap(),
-        AgentConfig {
-            node_name: "node-a".into(),
-            share_root: work.path().join("share"),
-            work_dir: work.path().join("work"),
-            containerd_socket: PathBuf::from(ctrd.address()),
-            max_outbound: 2,
-            checkpoint_timeout: Duration::from_secs(30),
-            clone_timeout: Duration::from_secs(30),
-            poll_interval: Duration::from_millis(100),
-        },
-        Arc::new(Metrics::default()),
-        Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: "podmigrate-agent".into(),
-                instance: Some("node-a".into()),
-            },
-        ),
-    ));
-    let shutdown = CancellationToken::new();
-    let running = tokio::spawn(watch::run(Arc::clone(&agent), shutdown.clone()));
+    let (shutdown, running) = start_agent(&api, &ctrd, work.path()).await;
 
     // A source that did not opt in, and a clone of it as `kubectl migrate` builds one.
     api.create_pod(

@@ -299,7 +299,7 @@ impl Agent {
     }
 
     /// Publishes an Event; a failure to record one is logged, never fatal.
-    async fn event(&self, pod: &Pod, kind: EventType, reason: &str, action: &str, note: &str) {
+    pub async fn event(&self, pod: &Pod, kind: EventType, reason: &str, action: &str, note: &str) {
         let event = Event {
             type_: kind,
             reason: reason.to_string(),

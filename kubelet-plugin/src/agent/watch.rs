@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::{watcher, WatchStreamExt};
 use serde_json::json;
@@ -18,8 +18,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::migration::{Agent, AgentError};
-use super::reference::{clone_reference, pod_name};
-use super::vocabulary::CLONE_OF_LABEL;
+use super::reference::{annotation, clone_reference_raw, pod_name};
+use super::vocabulary::{Phase, CLONE_OF_LABEL, PHASE, REASON};
 
 async fn reconcile(clone: Arc<Pod>, agent: Arc<Agent>) -> Result<Action, AgentError> {
     Ok(match agent.reconcile(&clone).await? {
@@ -52,9 +52,18 @@ pub async fn run(agent: Arc<Agent>, shutdown: CancellationToken) {
     info!("agent stopped");
 }
 
-/// Labels clones on this node that carry the annotation but not the label.
+/// Labels clones on this node that carry the annotation but not the label, and answers clones
+/// that name their source only in `spec.clonePod`.
+///
+/// Pods are read raw here (a typed `Pod` drops fields it does not know), so the field of the
+/// original proof of concept is seen where a patched API server keeps it. Such a clone cannot
+/// be restored: the runtime reads the clone reference from the pod's annotations when the pod
+/// starts, which is before any agent could add one, and a clone that silently started fresh
+/// would, in migrate mode, cost the source its state. So it is refused, with the way out
+/// (`podmigrate apply` moves the field into the annotation before the pod exists).
 async fn label_hand_made_clones(agent: Arc<Agent>, shutdown: CancellationToken) {
-    let pods: Api<Pod> = Api::all(agent.kube.clone());
+    let resource = ApiResource::erase::<Pod>(&());
+    let pods: Api<DynamicObject> = Api::all_with(agent.kube.clone(), &resource);
     let config =
         watcher::Config::default().fields(&format!("spec.nodeName={}", agent.config.node_name));
     let mut stream = watcher(pods, config)
@@ -66,30 +75,52 @@ async fn label_hand_made_clones(agent: Arc<Agent>, shutdown: CancellationToken) 
             _ = shutdown.cancelled() => return,
             next = stream.try_next() => next,
         };
-        let pod = match next {
-            Ok(Some(pod)) => pod,
+        let object = match next {
+            Ok(Some(object)) => object,
             Ok(None) => return,
             Err(e) => {
                 warn!(error = %e, "watching this node's pods");
                 continue;
             }
         };
+        let Ok(raw) = serde_json::to_value(&object) else {
+            continue;
+        };
+        let Ok(Some(reference)) = clone_reference_raw(&raw) else {
+            continue;
+        };
+        let Ok(pod) = serde_json::from_value::<Pod>(raw) else {
+            continue;
+        };
         let labelled = pod
             .metadata
             .labels
             .as_ref()
             .is_some_and(|l| l.contains_key(CLONE_OF_LABEL));
-        let Ok(Some(reference)) = clone_reference(&pod) else {
+        let phase = annotation(&pod, PHASE);
+        if (labelled && !reference.from_field) || phase.is_some_and(|p| p != "Pending") {
             continue;
-        };
-        if labelled || !super::reference::is_valid_pod_name(&reference.source) {
+        }
+        if !super::reference::is_valid_pod_name(&reference.source) {
             continue;
+        }
+        let mut patch = json!({ "metadata": { "labels": { CLONE_OF_LABEL: reference.source } } });
+        let refusal = reference.from_field.then(|| {
+            format!(
+                "pod {} names its source only in spec.clonePod; the runtime reads the clone reference \
+                 from the podmigrate.io/clone-pod annotation when the pod starts, so create it with \
+                 `podmigrate apply -f` (which moves the field into the annotation)",
+                pod_name(&pod)
+            )
+        });
+        if let Some(reason) = &refusal {
+            patch["metadata"]["annotations"] =
+                json!({ PHASE: Phase::Failed.as_str(), REASON: reason });
         }
         let api: Api<Pod> = Api::namespaced(
             agent.kube.clone(),
             pod.metadata.namespace.as_deref().unwrap_or_default(),
         );
-        let patch = json!({ "metadata": { "labels": { CLONE_OF_LABEL: reference.source } } });
         match api
             .patch(
                 pod.metadata.name.as_deref().unwrap_or_default(),
@@ -98,6 +129,18 @@ async fn label_hand_made_clones(agent: Arc<Agent>, shutdown: CancellationToken) 
             )
             .await
         {
+            Ok(_) if refusal.is_some() => {
+                warn!(clone = %pod_name(&pod), "refused a clone named only in spec.clonePod");
+                agent
+                    .event(
+                        &pod,
+                        kube::runtime::events::EventType::Warning,
+                        "CloneFieldOnly",
+                        "Refuse",
+                        refusal.as_deref().unwrap_or_default(),
+                    )
+                    .await;
+            }
             Ok(_) => info!(clone = %pod_name(&pod), "labelled a clone made by hand"),
             Err(e) => warn!(clone = %pod_name(&pod), error = %e, "labelling a clone"),
         }
