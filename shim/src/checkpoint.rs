@@ -284,6 +284,9 @@ impl Checkpointer<'_> {
             }),
             ..Default::default()
         };
+        // runc creates CRIU's work directory with a plain mkdir, so its parent must exist.
+        fs::create_dir_all(criu_work)
+            .map_err(|e| step(format!("creating {}", criu_work.display()))(e.to_string()))?;
         let dump_started = Instant::now();
         self.call(
             "dumping with CRIU",

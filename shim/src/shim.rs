@@ -71,6 +71,7 @@ impl containerd_shim::Shim for MigrateShim {
             &format!("{grouping}/podmigrate"),
             vec![(delegate::ENV_DELEGATE_ADDRESS, delegate_address.as_str())],
         )?;
+        block_child_signals();
         info!(pid, %address, %delegate_address, %grouping, "shim started");
         Ok(address)
     }
@@ -126,6 +127,33 @@ impl containerd_shim::Shim for MigrateShim {
             self.config.clone(),
             self.namespace.clone(),
         )
+    }
+}
+
+/// Blocks SIGCHLD and SIGPIPE for the rest of this `start` invocation.
+///
+/// containerd-shim's `bootstrap` registers signal-hook handlers for SIGCHLD and SIGPIPE in
+/// every invocation, `start` included, and unregisters them as `start` returns. For a pod's
+/// second container the server we just spawned exits at once (the pair already serves the
+/// socket), and its SIGCHLD can arrive while that registration is being torn down: the handler
+/// then writes to signal-hook's already-closed wake-up socket, which raises SIGPIPE, whose
+/// handler does the same, forever. `start` spins at 100% CPU until containerd kills it
+/// ("failed to start shim: start failed: : signal: killed") and the container fails to start.
+/// Nothing after the spawn needs either signal (a write to a closed stdout then fails with
+/// EPIPE instead), a pending SIGCHLD dies with this process, and children are unaffected (std
+/// resets the signal mask of every child it spawns, and the spawning is done by now). `start`
+/// runs no other threads, so masking this one suffices.
+fn block_child_signals() {
+    // SAFETY: sigemptyset/sigaddset initialise a local sigset_t; pthread_sigmask only changes
+    // this thread's signal mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGCHLD);
+        libc::sigaddset(&mut set, libc::SIGPIPE);
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            warn!("could not block SIGCHLD and SIGPIPE; `start` may hang on exit");
+        }
     }
 }
 

@@ -6,10 +6,12 @@
 //! * [`oci`]: OCI image-layout tarballs built locally (pause, busybox, counter) for `ctr import`.
 //! * [`containerd`]: a private containerd with the CRI plugin, cleaned up on drop.
 //! * [`cri`]: a CRI client that plays kubelet.
+//! * [`migrate`]: containerd's Tasks API (checkpoint), the counter's HTTP side and the `podmigrate` CLI.
 
 pub mod apiserver;
 pub mod bundle;
 pub mod containerd;
 pub mod cri;
 pub mod harness;
+pub mod migrate;
 pub mod oci;

@@ -1,0 +1,746 @@
+//! The shim's checkpoint and restore for real: a private containerd with the CRI plugin runs the
+//! counter app under the `migrate` handler (our shim in front of containerd's runc shim), the
+//! source is checkpointed through containerd's own Tasks API (as the podmigrate agent does), and
+//! a clone pod carrying `podmigrate.io/clone-pod` is restored from the archive on the share.
+//!
+//! * checkpoint through containerd's API: the archive is committed on the share, the CLI
+//!   verifies and inspects it, the image path holds the checkpoint layout, the source carries on;
+//! * a clone restores the process: its count and its files continue the source's;
+//! * restore failures (missing archive, corrupt archive) fail StartContainer with a message
+//!   naming pod, container, archive and reason, and leave nothing behind; `fallback: fresh`
+//!   starts the container anew instead;
+//! * a failed checkpoint leaves the source running, thawed, untouched.
+//!
+//! Each test runs its own containerd (host-network pods: every counter gets its own port).
+//! Needs root, containerd, ctr, runc, CRIU, gcc and busybox-static; skips otherwise, unless
+//! `PODMIGRATE_E2E_REQUIRE` is set, in which case it fails.
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Result};
+use podmigrate_checkpoint::archive;
+use podmigrate_checkpoint::layout::{
+    CHECKPOINT_DIR, CONFIG_DUMP, DELETED_FILES, ROOTFS_DIFF_TAR, SPEC_DUMP,
+};
+use podmigrate_e2e::containerd::{
+    build_shim, cri_skip_reason, find_in_path, Containerd, ContainerdOptions, MIGRATE_HANDLER,
+};
+use podmigrate_e2e::cri::{ContainerSpec, ContainerState, CriClient, Pod};
+use podmigrate_e2e::harness::{skip, unique_id, wait_for, Scratch};
+use podmigrate_e2e::migrate::{
+    build_cli, checkpoint_options, counter_hit, free_port, grpc_message, list_tree, podmigrate,
+    wait_http_ready, TasksApi,
+};
+use podmigrate_e2e::oci::{self, COUNTER_IMAGE};
+
+/// Bound on every wait.
+const WAIT: Duration = Duration::from_secs(20);
+const IMPORT_TIMEOUT: Duration = Duration::from_secs(60);
+/// The shim's settings (shim/src/config.rs) and the annotations it reads
+/// (shim/src/identity.rs).
+const ENV_SHARE_ROOT: &str = "PODMIGRATE_SHARE_ROOT";
+const ENV_WORK_DIR: &str = "PODMIGRATE_WORK_DIR";
+const ENV_ARCHIVE_WAIT: &str = "PODMIGRATE_ARCHIVE_WAIT_SECONDS";
+const CLONE_POD: &str = "podmigrate.io/clone-pod";
+const FALLBACK: &str = "podmigrate.io/fallback";
+const NODE_NAME: &str = "node-a";
+const NAMESPACE: &str = "default";
+const CONTAINER: &str = "counter";
+/// The counter's count file inside the container (the image has none: only the rootfs diff
+/// can bring it to a clone).
+const COUNT_FILE: &str = "/tmp/count";
+
+/// One node: a containerd whose shims see `share` and `work`, with the counter image imported.
+/// Fields drop in order: clients, then containerd (which kills what runs), then the scratch dir.
+struct Node {
+    tasks: TasksApi,
+    cri: CriClient,
+    ctrd: Containerd,
+    share: PathBuf,
+    work: PathBuf,
+    scratch: Scratch,
+}
+
+/// How the node's share looks.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Share {
+    /// A directory, as on a real node.
+    Dir,
+    /// A regular file where the share root should be: no pod directory can be made under it
+    /// (root ignores permission bits, not file types).
+    RegularFile,
+}
+
+fn step(t0: Instant, what: &str) {
+    eprintln!("[{:>7.2?}] {what}", t0.elapsed());
+}
+
+/// Whether the suite can run here; reports the skip (or fails, see `skip`) when not.
+fn can_run() -> bool {
+    let reason = cri_skip_reason().or_else(|| {
+        find_in_path("criu")
+            .is_none()
+            .then(|| "`criu` not found (scripts/setup.sh installs it)".to_owned())
+    });
+    match reason {
+        Some(reason) => {
+            skip(&reason);
+            false
+        }
+        None => true,
+    }
+}
+
+async fn start_node(label: &str, archive_wait_seconds: u32, share_kind: Share) -> Node {
+    let scratch = Scratch::new(&format!("podmigrate-e2e-{label}-")).expect("scratch directory");
+    let share = scratch.path().join("share");
+    let work = scratch.path().join("work");
+    match share_kind {
+        Share::Dir => fs::create_dir(&share).unwrap(),
+        Share::RegularFile => fs::write(&share, "not a directory\n").unwrap(),
+    }
+    fs::create_dir(&work).unwrap();
+    // Built (or found) before containerd starts: the first build may take a while.
+    let image = oci::counter_image().expect("building the counter image");
+    let mut opts = ContainerdOptions::named(label);
+    opts.shim = build_shim().expect("building the shim for the migrate handler");
+    // runc (run by the runc shim) finds CRIU on PATH: the patched one is in /usr/local/sbin.
+    let path = format!(
+        "/usr/local/sbin:/usr/local/bin:{}",
+        std::env::var("PATH").unwrap_or_default()
+    );
+    opts.extra_env = vec![
+        ("PATH".into(), path),
+        (ENV_SHARE_ROOT.into(), share.display().to_string()),
+        (ENV_WORK_DIR.into(), work.display().to_string()),
+        (ENV_ARCHIVE_WAIT.into(), archive_wait_seconds.to_string()),
+        ("NODE_NAME".into(), NODE_NAME.into()),
+    ];
+    let ctrd = Containerd::start(opts).await.expect("starting containerd");
+    ctrd.import(&image, IMPORT_TIMEOUT)
+        .expect("importing the counter image");
+    let cri = ctrd.cri().await.expect("CRI client");
+    let tasks = TasksApi::connect(ctrd.address())
+        .await
+        .expect("containerd Tasks API client");
+    Node {
+        tasks,
+        cri,
+        ctrd,
+        share,
+        work,
+        scratch,
+    }
+}
+
+fn counter_spec(port: u16) -> ContainerSpec {
+    let port = port.to_string();
+    ContainerSpec::new(CONTAINER, COUNTER_IMAGE).args(&["-p", &port, "-f", COUNT_FILE])
+}
+
+impl Node {
+    /// `<share>/<ns>/<pod>/<container>.zip`.
+    fn archive(&self, pod: &str) -> PathBuf {
+        self.share
+            .join(NAMESPACE)
+            .join(pod)
+            .join(format!("{CONTAINER}.zip"))
+    }
+
+    fn scratch(&self, name: &str) -> PathBuf {
+        self.scratch.path().join(name)
+    }
+
+    /// A `migrate` pod sandbox named `name` in `default`, with pod `annotations`.
+    async fn pod(&self, name: &str, annotations: &[(&str, &str)]) -> Pod {
+        self.cri
+            .run_pod_sandbox(
+                name,
+                NAMESPACE,
+                &unique_id("uid"),
+                annotations,
+                MIGRATE_HANDLER,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("RunPodSandbox {name}: {e:?}"))
+    }
+
+    /// Runs the counter in a new pod `name` on `port`, waits until it answers; returns the pod
+    /// and the container id.
+    async fn run_counter(&self, name: &str, port: u16) -> (Pod, String) {
+        let pod = self.pod(name, &[]).await;
+        let id = self
+            .cri
+            .run_container(&pod, &counter_spec(port))
+            .await
+            .unwrap_or_else(|e| panic!("running the counter in pod {name}: {e:?}"));
+        self.cri
+            .wait_container_state(&id, ContainerState::ContainerRunning, WAIT)
+            .await
+            .unwrap();
+        wait_http_ready(port, WAIT).await.unwrap();
+        (pod, id)
+    }
+
+    /// CreateContainer of the counter in `pod` (the shim's Create runs later, on StartContainer,
+    /// when CRI creates the task).
+    async fn create_counter(&self, pod: &Pod, port: u16) -> String {
+        self.cri
+            .create_container(pod, &counter_spec(port))
+            .await
+            .unwrap_or_else(|e| panic!("CreateContainer in pod {}: {e:?}", pod.name()))
+    }
+
+    async fn exec_cat(&self, id: &str, path: &str) -> Result<String> {
+        let out = self.cri.exec_sync(id, &["cat", path], WAIT).await?;
+        ensure!(
+            out.exit_code == 0,
+            "cat {path} in {id}: exit {} ({})",
+            out.exit_code,
+            out.stderr_str().trim()
+        );
+        Ok(out.stdout_str().trim().to_owned())
+    }
+
+    /// Nothing is left of any restore's local copy: no files under `<work>/restore`, no
+    /// directory for `container_id`.
+    fn assert_no_restore_residue(&self, container_id: &str) {
+        let restore = self.work.join("restore");
+        let files: Vec<_> = list_tree(&restore)
+            .into_iter()
+            .filter(|p| !restore.join(p).is_dir())
+            .collect();
+        assert!(
+            files.is_empty(),
+            "files left under {}: {files:?}",
+            restore.display()
+        );
+        let own = restore.join(NAMESPACE).join(container_id);
+        assert!(!own.exists(), "restore copy {} left behind", own.display());
+    }
+
+    /// Tears every pod down as kubelet would, and waits for their shims (ours and the runc
+    /// shims behind them) to exit, which removes their sockets: the harness, killing the shims
+    /// of pods left running, would leave the runc shims' sockets in /run/containerd/s.
+    async fn teardown(&self) {
+        let pods = self.cri.list_pod_sandboxes(&[]).await.unwrap();
+        for pod in &pods {
+            self.cri
+                .teardown_pod(&pod.id, Duration::from_secs(10))
+                .await
+                .unwrap_or_else(|e| panic!("tearing down pod {}: {e:?}", pod.id));
+        }
+        let exited = wait_for(
+            "the pods' shims to exit",
+            WAIT,
+            Duration::from_millis(50),
+            || self.ctrd.shim_pids().is_empty().then_some(()),
+        );
+        assert!(
+            exited.is_ok(),
+            "shims left after every pod was removed: {:?}",
+            self.ctrd.shim_processes()
+        );
+    }
+
+    /// No CRIU work directory of a checkpoint is left.
+    fn assert_no_criu_residue(&self) {
+        let criu = self.work.join("criu");
+        let left = list_tree(&criu);
+        assert!(
+            left.is_empty(),
+            "CRIU work files left under {}: {left:?}",
+            criu.display()
+        );
+    }
+}
+
+/// The entries of a tar file, by path, with their contents.
+fn tar_entries(path: &Path) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut archive = tar::Archive::new(fs::File::open(path)?);
+    let mut out = Vec::new();
+    for entry in archive.entries()? {
+        let mut entry = entry?;
+        let name = entry.path()?.to_string_lossy().into_owned();
+        let mut data = Vec::new();
+        entry.read_to_end(&mut data)?;
+        out.push((name, data));
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Checkpoint through containerd's API
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoint_through_containerds_tasks_api_commits_an_archive_and_keeps_the_source() {
+    if !can_run() {
+        return;
+    }
+    let t0 = Instant::now();
+    let cli = build_cli().expect("building the podmigrate CLI");
+    let node = start_node("ckpt-api", 30, Share::Dir).await;
+    let port = free_port();
+    let (_pod, id) = node.run_counter("counter", port).await;
+    for expected in 1..=3 {
+        assert_eq!(
+            counter_hit(port).unwrap(),
+            expected,
+            "GET / before checkpoint"
+        );
+    }
+    step(t0, "source counting, 3");
+
+    let image_path = node.scratch("ck-1");
+    node.tasks
+        .checkpoint(&id, &checkpoint_options(&image_path, false))
+        .await
+        .unwrap_or_else(|e| panic!("Tasks.Checkpoint (exit=false) failed: {e:?}"));
+    step(t0, "checkpointed");
+
+    // The archive is committed under its final name, and only that.
+    let archive_path = node.archive("counter");
+    assert!(
+        archive_path.is_file(),
+        "no archive committed at {}; share holds {:?}",
+        archive_path.display(),
+        list_tree(&node.share)
+    );
+    let pod_dir = archive_path.parent().unwrap();
+    let names: Vec<String> = fs::read_dir(pod_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        names,
+        ["counter.zip"],
+        "{} should hold only the committed archive (no .counter.zip.tmp-*)",
+        pod_dir.display()
+    );
+
+    // The CLI accepts it and reads its source back.
+    let archive_arg = archive_path.to_str().unwrap();
+    let verify = podmigrate(&cli, &["verify", archive_arg]).unwrap();
+    assert!(
+        verify.status.success() && String::from_utf8_lossy(&verify.stdout).starts_with("ok "),
+        "podmigrate verify {archive_arg}: {} stdout {:?} stderr {:?}",
+        verify.status,
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    let inspect = podmigrate(&cli, &["inspect", "--json", archive_arg]).unwrap();
+    assert!(
+        inspect.status.success(),
+        "podmigrate inspect --json: {} {}",
+        inspect.status,
+        String::from_utf8_lossy(&inspect.stderr)
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&inspect.stdout).expect("inspect --json prints JSON");
+    let source = &manifest["source"];
+    for (field, expected) in [
+        ("pod", "counter"),
+        ("namespace", NAMESPACE),
+        ("container", CONTAINER),
+        ("node", NODE_NAME),
+        ("containerId", id.as_str()),
+    ] {
+        assert_eq!(
+            source[field], expected,
+            "manifest source.{field}; source is {source}"
+        );
+    }
+    step(t0, "archive verified and inspected");
+
+    // The image path holds the whole checkpoint directory, not just CRIU's images.
+    let images = image_path.join(CHECKPOINT_DIR);
+    assert!(
+        images.join("inventory.img").is_file(),
+        "{} holds no CRIU images: {:?}",
+        images.display(),
+        list_tree(&image_path)
+    );
+    for file in [SPEC_DUMP, CONFIG_DUMP, ROOTFS_DIFF_TAR, DELETED_FILES] {
+        assert!(
+            image_path.join(file).is_file(),
+            "{file} missing from {}: {:?}",
+            image_path.display(),
+            list_tree(&image_path)
+        );
+    }
+    let spec: serde_json::Value =
+        serde_json::from_slice(&fs::read(image_path.join(SPEC_DUMP)).unwrap()).unwrap();
+    assert_eq!(
+        spec["annotations"]["io.kubernetes.cri.container-name"], CONTAINER,
+        "spec.dump is not the container's OCI spec"
+    );
+    // The rootfs diff carries the count file as it was when frozen.
+    let diff = tar_entries(&image_path.join(ROOTFS_DIFF_TAR)).unwrap();
+    let count = diff
+        .iter()
+        .find(|(name, _)| name.trim_start_matches('/') == COUNT_FILE.trim_start_matches('/'))
+        .unwrap_or_else(|| {
+            panic!(
+                "{COUNT_FILE} missing from {ROOTFS_DIFF_TAR}: {:?}",
+                diff.iter().map(|(n, _)| n).collect::<Vec<_>>()
+            )
+        });
+    assert_eq!(String::from_utf8_lossy(&count.1).trim(), "3");
+    node.assert_no_criu_residue();
+
+    // exit=false: the source runs on, thawed, and counts on from where it was.
+    let state = node.cri.container_state(&id).await.unwrap();
+    assert_eq!(
+        state,
+        ContainerState::ContainerRunning,
+        "source after checkpoint"
+    );
+    let task = node.tasks.status(&id).await.unwrap();
+    assert_eq!(
+        task,
+        containerd_client::types::v1::Status::Running,
+        "source task after an exit=false checkpoint"
+    );
+    assert_eq!(
+        counter_hit(port).unwrap(),
+        4,
+        "the source should continue its count after the checkpoint"
+    );
+    assert_eq!(node.exec_cat(&id, COUNT_FILE).await.unwrap(), "4");
+    step(t0, "source carries on: 4");
+    node.teardown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. A clone restores the process
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clone_pod_restores_the_process_and_its_files() {
+    if !can_run() {
+        return;
+    }
+    let t0 = Instant::now();
+    let node = start_node("clone", 30, Share::Dir).await;
+    let port = free_port();
+    let (_source_pod, source_id) = node.run_counter("counter", port).await;
+    for expected in 1..=5 {
+        assert_eq!(counter_hit(port).unwrap(), expected, "GET / on the source");
+    }
+    assert_eq!(node.exec_cat(&source_id, COUNT_FILE).await.unwrap(), "5");
+    step(t0, "source counting, 5");
+
+    node.tasks
+        .checkpoint(&source_id, &checkpoint_options(&node.scratch("ck-2"), true))
+        .await
+        .unwrap_or_else(|e| panic!("Tasks.Checkpoint (exit=true) failed: {e:?}"));
+    node.cri
+        .wait_container_state(&source_id, ContainerState::ContainerExited, WAIT)
+        .await
+        .expect("the source stops after an exit=true checkpoint");
+    assert!(
+        counter_hit(port).is_err(),
+        "the stopped source still answers on port {port}"
+    );
+    assert!(node.archive("counter").is_file(), "no archive committed");
+    step(t0, "checkpointed with exit; source exited");
+
+    let clone_pod = node.pod("counter-clone", &[(CLONE_POD, "counter")]).await;
+    let clone_id = node.create_counter(&clone_pod, port).await;
+    node.cri
+        .start_container(&clone_id)
+        .await
+        .unwrap_or_else(|e| panic!("StartContainer of the clone: {e:?}"));
+    node.cri
+        .wait_container_state(&clone_id, ContainerState::ContainerRunning, WAIT)
+        .await
+        .unwrap();
+    step(t0, "clone started");
+
+    // The count file came with the rootfs diff (the image has none), before any request.
+    assert_eq!(
+        node.exec_cat(&clone_id, COUNT_FILE).await.unwrap(),
+        "5",
+        "the clone's {COUNT_FILE} should be the source's"
+    );
+    // The restored process continues the count (a fresh one would answer 1).
+    assert_eq!(
+        counter_hit(port).unwrap(),
+        6,
+        "the clone should continue the source's count"
+    );
+    assert_eq!(node.exec_cat(&clone_id, COUNT_FILE).await.unwrap(), "6");
+    // The local copy of the checkpoint is gone once the task started.
+    node.assert_no_restore_residue(&clone_id);
+    step(t0, "clone continues: 6");
+
+    // The restored container stops like any other (the counter exits 0 on SIGTERM), its pods
+    // go, and so does the pod's shim pair.
+    node.cri
+        .stop_container(&clone_id, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let stopped = node.cri.container_status(&clone_id).await.unwrap();
+    assert_eq!(
+        (stopped.state, stopped.exit_code),
+        (ContainerState::ContainerExited as i32, 0),
+        "the restored clone should exit 0 on SIGTERM: {stopped:?}"
+    );
+    node.teardown().await;
+    node.assert_no_restore_residue(&clone_id);
+    step(t0, "clone stopped, pods removed, shims gone");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Restore failures
+
+/// CreateContainer of the counter in `pod` succeeds, StartContainer (where CRI creates the task,
+/// and so where the shim's Create runs) must fail; returns the container id and the message.
+async fn expect_start_failure(node: &Node, pod: &Pod, port: u16) -> (String, String) {
+    let id = node.create_counter(pod, port).await;
+    let started = Instant::now();
+    let err = node
+        .cri
+        .start_container(&id)
+        .await
+        .expect_err("StartContainer of a clone whose archive cannot be restored");
+    let message = grpc_message(&err);
+    eprintln!(
+        "StartContainer of {} failed after {:?}: {message}",
+        pod.name(),
+        started.elapsed()
+    );
+    let state = node.cri.container_state(&id).await.unwrap();
+    assert_ne!(
+        state,
+        ContainerState::ContainerRunning,
+        "a clone whose restore failed runs anyway"
+    );
+    (id, message)
+}
+
+/// Where in `bytes` (an archive) each file entry's data lies: `(name, start, end)`, found by
+/// walking the local headers and sizing each entry's data from the manifest.
+fn entry_data_ranges(
+    bytes: &[u8],
+    manifest: &archive::ArchiveManifest,
+) -> Vec<(String, usize, usize)> {
+    let sizes: std::collections::HashMap<&str, u64> = manifest
+        .entries
+        .iter()
+        .map(|e| (e.name.as_str(), e.compressed_size))
+        .collect();
+    let mut ranges = Vec::new();
+    let mut at = 0;
+    while at + 30 <= bytes.len() {
+        if &bytes[at..at + 4] != b"PK\x03\x04" {
+            at += 1;
+            continue;
+        }
+        let u16_at = |o: usize| u16::from_le_bytes([bytes[o], bytes[o + 1]]) as usize;
+        let (name_len, extra_len) = (u16_at(at + 26), u16_at(at + 28));
+        let name_end = at + 30 + name_len;
+        let name = bytes
+            .get(at + 30..name_end)
+            .and_then(|n| std::str::from_utf8(n).ok());
+        match name.and_then(|n| sizes.get(n).map(|s| (n, *s))) {
+            Some((name, size)) if size > 0 => {
+                let start = name_end + extra_len;
+                let end = (start + size as usize).min(bytes.len());
+                ranges.push((name.to_owned(), start, end));
+                at = end;
+            }
+            _ => at += 1,
+        }
+    }
+    ranges
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_failures_are_clear_and_leave_no_residue() {
+    if !can_run() {
+        return;
+    }
+    let t0 = Instant::now();
+    let node = start_node("restore-fail", 2, Share::Dir).await;
+
+    // (a) No archive: the wait times out and says so.
+    let missing_archive = node.archive("nosuchpod");
+    let lost = node.pod("lost-clone", &[(CLONE_POD, "nosuchpod")]).await;
+    let (lost_id, message) = expect_start_failure(&node, &lost, free_port()).await;
+    for part in [
+        "lost-clone",
+        &format!("restoring {CONTAINER} of clone pod"),
+        missing_archive.to_str().unwrap(),
+        "timed out",
+    ] {
+        assert!(
+            message.contains(part),
+            "missing-archive error should mention {part:?}: {message}"
+        );
+    }
+    node.assert_no_restore_residue(&lost_id);
+    step(t0, "(a) missing archive: clear error");
+
+    // (c) The same, with `fallback: fresh`: the container starts anew.
+    let port = free_port();
+    let fresh = node
+        .pod(
+            "fresh-clone",
+            &[(CLONE_POD, "nosuchpod"), (FALLBACK, "fresh")],
+        )
+        .await;
+    let fresh_id = node.create_counter(&fresh, port).await;
+    node.cri
+        .start_container(&fresh_id)
+        .await
+        .unwrap_or_else(|e| panic!("StartContainer with fallback fresh: {e:?}"));
+    wait_http_ready(port, WAIT).await.unwrap();
+    assert_eq!(
+        counter_hit(port).unwrap(),
+        1,
+        "fallback fresh: the container starts anew"
+    );
+    node.assert_no_restore_residue(&fresh_id);
+    step(t0, "(c) fallback fresh: counts from 1");
+
+    // (b) A corrupt archive: one byte flipped inside an entry's data.
+    let port = free_port();
+    let (_source, source_id) = node.run_counter("counter", port).await;
+    assert_eq!(counter_hit(port).unwrap(), 1);
+    node.tasks
+        .checkpoint(&source_id, &checkpoint_options(&node.scratch("ck-3"), true))
+        .await
+        .unwrap_or_else(|e| panic!("Tasks.Checkpoint (exit=true) failed: {e:?}"));
+    node.cri
+        .wait_container_state(&source_id, ContainerState::ContainerExited, WAIT)
+        .await
+        .unwrap();
+    let archive_path = node.archive("counter");
+    let manifest = archive::open(&archive_path)
+        .expect("the committed archive opens")
+        .manifest;
+    let mut bytes = fs::read(&archive_path).unwrap();
+    let ranges = entry_data_ranges(&bytes, &manifest);
+    let middle = bytes.len() / 2;
+    // The middle of the file, or the middle of the largest entry should it fall in a header.
+    let (entry, flip) = ranges
+        .iter()
+        .find(|(_, start, end)| (*start..*end).contains(&middle))
+        .map(|(name, _, _)| (name.clone(), middle))
+        .or_else(|| {
+            ranges
+                .iter()
+                .max_by_key(|(_, start, end)| end - start)
+                .map(|(name, start, end)| (name.clone(), start + (end - start) / 2))
+        })
+        .expect("the archive has file entries with data");
+    bytes[flip] ^= 0xff;
+    fs::write(&archive_path, &bytes).unwrap();
+    eprintln!(
+        "flipped byte {flip} of {} ({} bytes), in entry {entry:?}",
+        archive_path.display(),
+        bytes.len()
+    );
+
+    let corrupt = node.pod("corrupt-clone", &[(CLONE_POD, "counter")]).await;
+    let (corrupt_id, message) = expect_start_failure(&node, &corrupt, port).await;
+    for part in [
+        "corrupt-clone",
+        &format!("restoring {CONTAINER} of clone pod"),
+        archive_path.to_str().unwrap(),
+        &format!("entry {entry:?}"),
+    ] {
+        assert!(
+            message.contains(part),
+            "corrupt-archive error should mention {part:?}: {message}"
+        );
+    }
+    node.assert_no_restore_residue(&corrupt_id);
+    assert!(
+        counter_hit(port).is_err(),
+        "nothing should serve port {port} after a failed restore"
+    );
+    step(t0, "(b) corrupt archive: clear error");
+    node.teardown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. A failed checkpoint
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_checkpoint_leaves_the_source_running_untouched() {
+    if !can_run() {
+        return;
+    }
+    let t0 = Instant::now();
+    let node = start_node("ckpt-fail", 30, Share::RegularFile).await;
+    let port = free_port();
+    let (_pod, id) = node.run_counter("counter", port).await;
+    for expected in 1..=2 {
+        assert_eq!(counter_hit(port).unwrap(), expected);
+    }
+
+    let image_path = node.scratch("ck-4");
+    let err = node
+        .tasks
+        .checkpoint(&id, &checkpoint_options(&image_path, true))
+        .await
+        .expect_err("a checkpoint whose archive cannot be written must fail");
+    let message = grpc_message(&err);
+    eprintln!("Tasks.Checkpoint failed as expected: {message}");
+    let pod_dir = node.share.join(NAMESPACE).join("counter");
+    for part in [
+        "checkpointing pod default/counter container counter",
+        pod_dir.to_str().unwrap(),
+        "Not a directory",
+    ] {
+        assert!(
+            message.contains(part),
+            "failed-checkpoint error should mention {part:?}: {message}"
+        );
+    }
+    step(t0, "checkpoint failed");
+
+    // The source runs on, thawed, and counts on; exit=true was not acted upon.
+    let state = node.cri.container_state(&id).await.unwrap();
+    assert_eq!(
+        state,
+        ContainerState::ContainerRunning,
+        "source after a failed checkpoint"
+    );
+    let task = node.tasks.status(&id).await.unwrap();
+    assert_eq!(
+        task,
+        containerd_client::types::v1::Status::Running,
+        "the source task must be thawed after a failed checkpoint"
+    );
+    assert_eq!(
+        counter_hit(port).unwrap(),
+        3,
+        "the source should continue its count after a failed checkpoint"
+    );
+    // Nothing was committed, and the checkpoint's local files are gone.
+    assert!(
+        node.share.is_file() && fs::read_to_string(&node.share).unwrap() == "not a directory\n",
+        "the share root was touched"
+    );
+    assert!(
+        !image_path.exists(),
+        "the failed checkpoint's image path {} was left behind: {:?}",
+        image_path.display(),
+        list_tree(&image_path)
+    );
+    node.assert_no_criu_residue();
+    step(t0, "source untouched: 3");
+    // Still a clean stop afterwards.
+    node.cri
+        .stop_container(&id, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let stopped = node.cri.container_status(&id).await.unwrap();
+    assert_eq!(stopped.exit_code, 0, "{stopped:?}");
+    node.teardown().await;
+}
