@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use containerd_shim::protos::types::mount::Mount;
 use podmigrate_checkpoint::archive::{self, UnpackOptions};
 use podmigrate_checkpoint::layout::CHECKPOINT_DIR;
-use podmigrate_checkpoint::{rootfs, share};
+use podmigrate_checkpoint::{criu, rootfs, share};
 use tracing::info;
 
 use crate::checkpoint::upperdir;
@@ -44,6 +44,12 @@ pub fn local_dir(config: &ShimConfig, identity: &ContainerIdentity) -> PathBuf {
         .join("restore")
         .join(&identity.namespace)
         .join(&identity.id)
+}
+
+/// This node's CRIU version, asked once per shim ("" if unknown).
+fn local_criu_version() -> &'static str {
+    static VERSION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    VERSION.get_or_init(|| criu::version(criu::DEFAULT_CRIU).unwrap_or_default())
 }
 
 /// Finds, waits for, verifies and unpacks the source's archive, and applies its rootfs changes
@@ -97,6 +103,10 @@ pub fn prepare(
         let unpack_started = Instant::now();
         let verified = archive::unpack(&archive, &dir, &UnpackOptions::default())
             .map_err(|e| e.to_string())?;
+        let made_by = verified.manifest.versions.clone().unwrap_or_default().criu;
+        if let Some(refusal) = criu::restore_refusal(&made_by, local_criu_version()) {
+            return Err(refusal);
+        }
         let source = verified.manifest.source.unwrap_or_default();
         if source.namespace != identity.namespace
             || source.pod != source_pod

@@ -101,6 +101,17 @@ pub fn version_triple(version: &str) -> Option<(u32, u32, u32)> {
     Some((major, minor, sublevel))
 }
 
+/// Why images made by CRIU `made_by` cannot be restored by CRIU `local`, if they cannot.
+///
+/// CRIU reads images from its own and older versions; a newer CRIU may write what an older one
+/// misreads. An unknown version on either side is not held against the archive.
+pub fn restore_refusal(made_by: &str, local: &str) -> Option<String> {
+    let (theirs, ours) = (version_triple(made_by)?, version_triple(local)?);
+    (theirs > ours).then(|| {
+        format!("the checkpoint was made by CRIU {made_by}, newer than this node's CRIU {local}")
+    })
+}
+
 fn run(criu: &Path, args: &[&str], command: &str) -> Result<String, CriuError> {
     let output = Command::new(criu)
         .args(args)
@@ -132,6 +143,14 @@ fn failed(command: String, output: &std::process::Output) -> CriuError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn images_from_a_newer_criu_are_refused() {
+        assert!(restore_refusal("4.2", "4.1.1").unwrap().contains("newer"));
+        assert_eq!(restore_refusal("4.1.1", "4.1.1"), None);
+        assert_eq!(restore_refusal("3.17", "4.1.1"), None);
+        assert_eq!(restore_refusal("", "4.1.1"), None);
+    }
 
     #[test]
     fn parses_release_version() {
