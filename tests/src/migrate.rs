@@ -202,12 +202,12 @@ fn build_cli_now() -> Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(workspace_root()).args([
+        // The whole workspace, as scripts/test.sh builds it: a single package would resolve
+        // other features and rebuild shared dependencies, which costs CI minutes.
         "build",
         "-q",
-        "-p",
-        "podmigrate-kubelet-plugin",
-        "--bin",
-        CLI_BINARY,
+        "--workspace",
+        "--bins",
     ]);
     match profile.as_str() {
         "debug" => {}
