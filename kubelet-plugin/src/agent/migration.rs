@@ -168,6 +168,18 @@ impl Agent {
     pub async fn reconcile(self: &Arc<Self>, clone: &Pod) -> Result<Option<Duration>, AgentError> {
         let namespace = clone.metadata.namespace.clone().unwrap_or_default();
         let pods: Api<Pod> = Api::namespaced(self.kube.clone(), &namespace);
+        // The controller hands over its cache's copy, which can trail our own last patch: a
+        // change queued while the previous reconciliation ran is reconciled with the copy from
+        // before that reconciliation's final patch, and a stale Checkpointing, Transferring or
+        // Restoring would pass for an agent restart and undo a finished migration. Decide on
+        // the API server's current object.
+        let Some(current) = pods
+            .get_opt(clone.metadata.name.as_deref().unwrap_or_default())
+            .await?
+        else {
+            return Ok(None);
+        };
+        let clone = &current;
         let reference = clone_reference(clone);
         let source_name = match &reference {
             Ok(Some(r)) => Some(r.source.clone()),
