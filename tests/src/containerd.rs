@@ -65,6 +65,11 @@ pub struct ContainerdOptions {
     pub startup_timeout: Duration,
     /// The runc binary for both handlers (`BinaryName`).
     pub runc: PathBuf,
+    /// A network namespace made by `ip netns add` (a name under `/run/netns`) to start
+    /// containerd in, with `setns(2)` between fork and exec: its shims, and so its host-network
+    /// pods, live there too. Only the network changes (not mounts or cgroups, which
+    /// `ip netns exec` would remount). `None`: the caller's own.
+    pub netns: Option<String>,
 }
 
 impl Default for ContainerdOptions {
@@ -79,6 +84,7 @@ impl Default for ContainerdOptions {
             log_level: "debug".into(),
             startup_timeout: Duration::from_secs(30),
             runc: find_in_path("runc").unwrap_or_else(|| PathBuf::from("/usr/sbin/runc")),
+            netns: None,
         }
     }
 }
@@ -402,7 +408,28 @@ temp = {temp}
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file);
+        // Kept open until the spawn: the child enters it before exec.
+        let netns = match &opts.netns {
+            Some(name) => {
+                let path = Path::new("/run/netns").join(name);
+                let file = fs::File::open(&path)
+                    .with_context(|| format!("opening network namespace {}", path.display()))?;
+                let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+                // SAFETY: setns(2) is async-signal-safe and fd stays open until spawn returns.
+                unsafe {
+                    std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                        if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
+                }
+                Some(file)
+            }
+            None => None,
+        };
         let child = cmd.spawn().context("spawning containerd")?;
+        drop(netns);
 
         let mut daemon = Containerd {
             child: Some(child),

@@ -6,6 +6,8 @@
 //! * [`oci`]: OCI image-layout tarballs built locally (pause, busybox, counter) for `ctr import`.
 //! * [`containerd`]: a private containerd with the CRI plugin, cleaned up on drop.
 //! * [`cri`]: a CRI client that plays kubelet.
+//! * [`kubelet`]: a test kubelet: watches the API server for a node's pods and runs them via CRI.
+//! * [`nodes`]: two nodes on one machine (network namespaces, containerd, agent, kubelet).
 //! * [`migrate`]: containerd's Tasks API (checkpoint), the counter's HTTP side and the `podmigrate` CLI.
 
 pub mod apiserver;
@@ -13,5 +15,7 @@ pub mod bundle;
 pub mod containerd;
 pub mod cri;
 pub mod harness;
+pub mod kubelet;
 pub mod migrate;
+pub mod nodes;
 pub mod oci;
