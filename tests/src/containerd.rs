@@ -121,25 +121,15 @@ pub fn build_shim() -> Result<PathBuf> {
     result.clone().map_err(anyhow::Error::msg)
 }
 
-fn build_shim_now() -> Result<PathBuf> {
-    let path = default_shim_path();
-    let profile = path
-        .parent()
-        .and_then(Path::file_name)
-        .and_then(|p| p.to_str())
-        .unwrap_or("debug")
-        .to_owned();
+/// Builds every binary of the workspace in cargo profile `profile`, as scripts/test.sh does
+/// (a single package would resolve other features and rebuild shared dependencies, which
+/// costs CI minutes). `what` names the binary the caller wants, for the error message.
+pub fn build_workspace_bins(profile: &str, what: &str) -> Result<()> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.current_dir(oci::workspace_root()).args([
-        // The whole workspace, as scripts/test.sh builds it: a single package would resolve
-        // other features and rebuild shared dependencies, which costs CI minutes.
-        "build",
-        "-q",
-        "--workspace",
-        "--bins",
-    ]);
-    match profile.as_str() {
+    cmd.current_dir(oci::workspace_root())
+        .args(["build", "-q", "--workspace", "--bins"]);
+    match profile {
         "debug" => {}
         "release" => {
             cmd.arg("--release");
@@ -151,10 +141,22 @@ fn build_shim_now() -> Result<PathBuf> {
     let out = run_bounded(&mut cmd, Duration::from_secs(900))?;
     ensure!(
         out.status.success(),
-        "building {SHIM_BINARY} failed ({}): {}",
+        "building {what} failed ({}): {}",
         out.status,
         String::from_utf8_lossy(&out.stderr).trim()
     );
+    Ok(())
+}
+
+fn build_shim_now() -> Result<PathBuf> {
+    let path = default_shim_path();
+    let profile = path
+        .parent()
+        .and_then(Path::file_name)
+        .and_then(|p| p.to_str())
+        .unwrap_or("debug")
+        .to_owned();
+    build_workspace_bins(&profile, SHIM_BINARY)?;
     ensure!(
         path.is_file(),
         "{} missing after cargo build",

@@ -22,9 +22,10 @@ use containerd_client::with_namespace;
 use podmigrate_proto::v1::{RuncCheckpointOptions, RUNC_CHECKPOINT_OPTIONS_TYPE_URL};
 use prost::Message;
 
+use crate::containerd::build_workspace_bins;
 use crate::containerd::run_bounded;
 use crate::harness::workspace_bin;
-use crate::oci::{workspace_root, K8S_NAMESPACE};
+use crate::oci::K8S_NAMESPACE;
 
 /// The CLI's binary name, as cargo builds it.
 pub const CLI_BINARY: &str = "podmigrate";
@@ -199,32 +200,7 @@ fn build_cli_now() -> Result<PathBuf> {
         .and_then(|p| p.to_str())
         .unwrap_or("debug")
         .to_owned();
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.current_dir(workspace_root()).args([
-        // The whole workspace, as scripts/test.sh builds it: a single package would resolve
-        // other features and rebuild shared dependencies, which costs CI minutes.
-        "build",
-        "-q",
-        "--workspace",
-        "--bins",
-    ]);
-    match profile.as_str() {
-        "debug" => {}
-        "release" => {
-            cmd.arg("--release");
-        }
-        other => {
-            cmd.args(["--profile", other]);
-        }
-    }
-    let out = run_bounded(&mut cmd, Duration::from_secs(900))?;
-    ensure!(
-        out.status.success(),
-        "building {CLI_BINARY} failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
+    build_workspace_bins(&profile, CLI_BINARY)?;
     workspace_bin(CLI_BINARY).with_context(|| {
         format!(
             "{} missing after cargo build",
