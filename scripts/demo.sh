@@ -9,7 +9,7 @@
 #      one share; counter to 5 on node-a, `kubectl migrate counter --to node-b`, 6 on node-b.
 #
 # The demo tears everything down itself, also on failure, Ctrl-C or SIGTERM; this script's trap
-# then deletes any network namespace named podmigrate-* still left (e.g. after a kill -9).
+# then deletes any of its own network namespaces still left (e.g. after a kill -9).
 # The last two lines on success: the CLI's summary line, then `counter 5 -> 6`.
 set -euo pipefail
 
@@ -19,9 +19,13 @@ cd "$repo_root"
 section() { printf '\n==== %s ====\n' "$*"; }
 die() { printf 'demo.sh: error: %s\n' "$*" >&2; exit 1; }
 
+# The demo's namespaces are podmigrate-<tag>-<node>; naming the tag lets the trap delete this
+# run's namespaces only, never those of a test run beside it.
+export PODMIGRATE_NETNS_TAG="d$(printf '%04x' $(( $$ & 0xffff )))"
+
 leftover_netns() {
   command -v ip >/dev/null 2>&1 || return 0
-  ip netns list 2>/dev/null | awk '{print $1}' | grep '^podmigrate-' || true
+  ip netns list 2>/dev/null | awk '{print $1}' | grep "^podmigrate-${PODMIGRATE_NETNS_TAG}-" || true
 }
 
 cleanup() {
@@ -44,19 +48,9 @@ section "setup (scripts/setup.sh)"
 bash scripts/setup.sh
 
 section "toolchain"
-if ! command -v cargo >/dev/null 2>&1; then
-  if [ -f "${CARGO_HOME:-$HOME/.cargo}/env" ]; then
-    # shellcheck disable=SC1091
-    . "${CARGO_HOME:-$HOME/.cargo}/env"
-  fi
-fi
-command -v cargo >/dev/null 2>&1 || die "cargo not found (install rustup, or put cargo on PATH)"
+# shellcheck source=scripts/toolchain.sh
+. scripts/toolchain.sh
 command -v ip >/dev/null 2>&1 || die "ip (iproute2) not found"
-# The patched CRIU lives in /usr/local/sbin: runc (which execs `criu`) must find it first.
-case ":$PATH:" in *:/usr/local/sbin:*) ;; *) export PATH="/usr/local/sbin:$PATH" ;; esac
-cargo --version
-printf 'runc: %s\ncriu: %s\ncontainerd: %s\n' "$(runc --version | head -n1)" \
-  "$(criu --version | head -n1)" "$(containerd --version)"
 
 section "cargo build --release --workspace"
 cargo build --release --workspace

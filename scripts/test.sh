@@ -18,19 +18,8 @@ section "setup (scripts/setup.sh)"
 bash scripts/setup.sh
 
 section "toolchain"
-if ! command -v cargo >/dev/null 2>&1; then
-  # rustup installs put cargo here without touching PATH for non-login shells.
-  if [ -f "${CARGO_HOME:-$HOME/.cargo}/env" ]; then
-    # shellcheck disable=SC1091
-    . "${CARGO_HOME:-$HOME/.cargo}/env"
-  fi
-fi
-command -v cargo >/dev/null 2>&1 || die "cargo not found (install rustup, or put cargo on PATH)"
-cargo --version
-rustc --version
-# CRIU lives in /usr/local/sbin; make sure runc (which execs `criu`) and the tests find it.
-case ":$PATH:" in *:/usr/local/sbin:*) ;; *) export PATH="/usr/local/sbin:$PATH" ;; esac
-printf 'runc: %s\ncriu: %s\n' "$(runc --version | head -n1)" "$(criu --version | head -n1)"
+# shellcheck source=scripts/toolchain.sh
+. scripts/toolchain.sh
 
 section "cargo build --release --workspace"
 cargo build --release --workspace

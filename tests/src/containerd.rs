@@ -621,6 +621,30 @@ temp = {temp}
         out
     }
 
+    /// The sockets of the runc shims our shims delegate to. Their `address` files name only our
+    /// shim's socket, and a killed runc shim leaves its own behind in `/run/containerd/s`.
+    fn delegate_sockets(&self) -> Vec<PathBuf> {
+        let key = format!(
+            "{}=",
+            containerd_shim_migrate::delegate::ENV_DELEGATE_ADDRESS
+        );
+        self.shim_pids()
+            .into_iter()
+            .filter_map(|pid| fs::read(format!("/proc/{pid}/environ")).ok())
+            .filter_map(|environ| {
+                environ
+                    .split(|b| *b == 0)
+                    .find_map(|var| var.strip_prefix(key.as_bytes()).map(<[u8]>::to_vec))
+            })
+            .filter_map(|address| {
+                let address = String::from_utf8(address).ok()?;
+                let path = address.trim_start_matches("unix://").to_owned();
+                path.starts_with(SHIM_SOCKET_DIR)
+                    .then(|| PathBuf::from(path))
+            })
+            .collect()
+    }
+
     /// Mount points under our temp dir, deepest first.
     pub fn mounts(&self) -> Vec<PathBuf> {
         let prefix = self.dir().as_os_str().as_bytes().to_vec();
@@ -644,7 +668,8 @@ temp = {temp}
             return problems;
         }
         self.cleaned = true;
-        let sockets = self.shim_sockets();
+        let mut sockets = self.shim_sockets();
+        sockets.extend(self.delegate_sockets());
 
         if let Some(mut child) = self.child.take() {
             // SAFETY: kill(2) on the pid of the child we spawned and have not reaped.

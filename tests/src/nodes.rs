@@ -4,7 +4,8 @@
 //! ([`crate::kubelet`]), all sharing one API server (the in-process stand-in) and one share
 //! directory.
 //!
-//! * **Network.** Each node gets a namespace `podmigrate-<tag>-<node>` (`ip netns add`) and a
+//! * **Network.** Each node gets a namespace `podmigrate-<tag>-<node>` (`ip netns add`; the tag
+//!   is random, or [`NETNS_TAG_ENV`]) and a
 //!   veth pair: `10.213.X.1/30` on the host side, `10.213.X.2/30` (the node's IP) as `eth0`
 //!   inside, plus `lo`. Nothing else is routed: traffic only flows between the test (host side)
 //!   and its own namespaces. containerd is started inside the namespace
@@ -168,9 +169,24 @@ fn allocate_subnet() -> Result<u8> {
     Ok(x)
 }
 
-/// A short tag unique on this machine for this process's namespaces and links.
+/// Lets a caller that must clean up after a `kill -9` (scripts/demo.sh) name the tag, so that
+/// it deletes its own namespaces only; up to five ASCII letters or digits.
+pub const NETNS_TAG_ENV: &str = "PODMIGRATE_NETNS_TAG";
+
+/// A short tag unique on this machine for this process's namespaces and links:
+/// [`NETNS_TAG_ENV`] for the first cluster of the process if set, random otherwise.
 fn unique_tag() -> String {
     static COUNTER: AtomicU32 = AtomicU32::new(0);
+    if let Ok(tag) = std::env::var(NETNS_TAG_ENV) {
+        let valid = (1..=5).contains(&tag.len()) && tag.bytes().all(|b| b.is_ascii_alphanumeric());
+        assert!(
+            valid,
+            "{NETNS_TAG_ENV}={tag:?} is not 1 to 5 ASCII letters or digits"
+        );
+        if COUNTER.fetch_add(1, Ordering::Relaxed) == 0 {
+            return tag;
+        }
+    }
     loop {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let nanos = std::time::SystemTime::now()
