@@ -167,3 +167,6 @@ pub fn lowerdirs(rootfs: &[Mount]) -> Vec<PathBuf> {
 pub fn discard(dir: &Path) {
     let _ = fs::remove_dir_all(dir);
 }
+
+#[cfg(test)]
+mod tests;
