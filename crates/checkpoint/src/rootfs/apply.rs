@@ -225,6 +225,7 @@ fn read_deleted_list(path: &Path) -> Result<Vec<(String, PathBuf)>, RootfsError>
         .map(|p| {
             // Paths are the container's, absolute; below the root only plain names.
             let rel = safe_relative(Path::new(p.trim_start_matches('/')))
+                .filter(|_| !p.chars().any(char::is_control))
                 .ok_or_else(|| bad(format!("{p:?} is not a path inside the container")))?;
             Ok((p, rel))
         })
@@ -471,7 +472,7 @@ fn write_tar(tar_path: &Path, root: BorrowedFd<'_>, upperdir: &Path) -> Result<(
         let mut entry = entry.map_err(io_err("reading", tar_path))?;
         let bad = bad_entry(tar_path, &entry.path_bytes());
         let h = read_header(&mut entry, &bad)?;
-        let at = |what: &str| format!("{}: {what}", upperdir.join(&h.rel).display());
+        let at = |what: &str| format!("{:?}: {what}", upperdir.join(&h.rel));
         let walk_err = |e: WalkError| bad(&format!("cannot be written: {}", e.describe()));
         let (parent_rel, name) = split(&h.rel);
         let parent = open_dir(root, parent_rel, true)
@@ -596,13 +597,13 @@ fn make_whiteout(root: BorrowedFd<'_>, upperdir: &Path, rel: &Path) -> Result<()
         Err(Errno::EXIST) => match lstat_at(parent.as_fd(), name) {
             Ok(Some(st)) if is_whiteout(&st) => Ok(()),
             _ => Err(format!(
-                "{} is also in rootfs-diff.tar",
-                upperdir.join(rel).display()
+                "{:?} is also in rootfs-diff.tar",
+                upperdir.join(rel)
             )),
         },
         Err(e) => Err(format!(
-            "creating a whiteout at {}: {e}",
-            upperdir.join(rel).display()
+            "creating a whiteout at {:?}: {e}",
+            upperdir.join(rel)
         )),
     }
 }

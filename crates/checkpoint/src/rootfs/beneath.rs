@@ -37,12 +37,12 @@ pub(crate) enum WalkError {
 impl WalkError {
     pub(crate) fn describe(&self) -> String {
         match self {
-            WalkError::Symlink(at) => format!(
-                "{} is a symbolic link; nothing is ever written through one",
-                at.display()
-            ),
-            WalkError::NotADirectory(at) => format!("{} is not a directory", at.display()),
-            WalkError::Io(at, e) => format!("{}: {e}", at.display()),
+            // Debug quoting: a name from the archive may hold a newline.
+            WalkError::Symlink(at) => {
+                format!("{at:?} is a symbolic link; nothing is ever written through one")
+            }
+            WalkError::NotADirectory(at) => format!("{at:?} is not a directory"),
+            WalkError::Io(at, e) => format!("{at:?}: {e}"),
         }
     }
 }

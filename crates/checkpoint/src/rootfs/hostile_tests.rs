@@ -389,7 +389,7 @@ fn links_already_in_the_upper_directory_are_never_followed() {
     sb.diff(&[file("tmp/planted", b"pwned")]);
     let before = sb.outside();
     let err = sb.apply().unwrap_err().to_string();
-    assert!(err.contains("tmp is a symbolic link"), "{err}");
+    assert!(err.contains("\"tmp\" is a symbolic link"), "{err}");
     assert_eq!(sb.outside(), before);
     assert!(!sb.p("host/planted").exists());
 
@@ -537,7 +537,7 @@ fn deleted_files_never_leave_the_rootfs() {
     let host = sb.host();
     sb.diff(&[link("d", tar::EntryType::Symlink, &host)])
         .deleted(&["/d/newdir/gone"]);
-    let err = refused(&sb, "d is a symbolic link");
+    let err = refused(&sb, "\"d\" is a symbolic link");
     assert!(err.contains("/d/newdir/gone"), "{err}");
     assert!(!sb.p("host/newdir").exists());
 
