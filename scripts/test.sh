@@ -28,6 +28,9 @@ section "cargo test --release --workspace"
 export RUST_BACKTRACE=${RUST_BACKTRACE:-1}
 # Root with runc and CRIU installed: the end-to-end suites must run, not skip.
 export PODMIGRATE_E2E_REQUIRE=${PODMIGRATE_E2E_REQUIRE:-1}
+# Cases per property in crates/checkpoint/tests/hostile_properties.rs: short in CI, raise it
+# for a longer hunt (docs/security.md).
+export PODMIGRATE_PROPTEST_CASES=${PODMIGRATE_PROPTEST_CASES:-48}
 cargo test --release --workspace "$@"
 
 section "all tests passed"

@@ -119,7 +119,8 @@ pub fn prepare(
         }
         match upperdir(rootfs_mounts) {
             Some(upper) => {
-                rootfs::apply_diff(&dir, &upper).map_err(|e| format!("applying the rootfs changes: {e}"))?;
+                rootfs::apply_diff(&dir, &upper, &lowerdirs(rootfs_mounts))
+                    .map_err(|e| format!("applying the rootfs changes: {e}"))?;
             }
             None => {
                 return Err("the new container's rootfs is not an overlay mount, so the source's file changes cannot be applied".to_string())
@@ -148,7 +149,24 @@ pub fn prepare(
     }
 }
 
+/// The image's layers under the new container's overlay, topmost first: a diff may carry
+/// set-id bits and xattrs only where these already have them.
+pub fn lowerdirs(rootfs: &[Mount]) -> Vec<PathBuf> {
+    rootfs
+        .iter()
+        .filter(|m| m.type_ == "overlay")
+        .flat_map(|m| m.options.iter())
+        .filter_map(|o| o.strip_prefix("lowerdir="))
+        .flat_map(|dirs| dirs.split(':'))
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .collect()
+}
+
 /// Removes a restore's local copy.
 pub fn discard(dir: &Path) {
     let _ = fs::remove_dir_all(dir);
 }
+
+#[cfg(test)]
+mod tests;

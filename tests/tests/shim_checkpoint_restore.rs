@@ -744,3 +744,136 @@ async fn failed_checkpoint_leaves_the_source_running_untouched() {
     assert_eq!(stopped.exit_code, 0, "{stopped:?}");
     node.teardown().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// 5. A tampered spec in the archive
+
+/// Rewrites `spec.dump` and `config.dump` of a committed archive as an attacker with write
+/// access to the share would: a host bind mount, every capability, a device and a smuggled
+/// annotation. The manifest's source and versions are kept, so only the spec files differ.
+fn tamper_spec(archive_path: &Path, scratch: &Path) {
+    let dir = scratch.join("tampered");
+    let verified = archive::unpack(archive_path, &dir, &Default::default()).unwrap();
+    let all_caps = serde_json::json!([
+        "CAP_SYS_ADMIN", "CAP_SYS_MODULE", "CAP_SYS_PTRACE", "CAP_SYS_RAWIO", "CAP_NET_ADMIN",
+        "CAP_DAC_READ_SEARCH", "CAP_MKNOD", "CAP_CHOWN", "CAP_KILL", "CAP_SETUID", "CAP_SETGID"
+    ]);
+    let mut spec: serde_json::Value =
+        serde_json::from_slice(&fs::read(dir.join(SPEC_DUMP)).unwrap()).unwrap();
+    spec["mounts"].as_array_mut().unwrap().push(serde_json::json!({
+        "destination": "/host-etc", "type": "bind", "source": "/etc", "options": ["rbind", "rw"]
+    }));
+    for set in ["bounding", "effective", "permitted"] {
+        spec["process"]["capabilities"][set] = all_caps.clone();
+    }
+    spec["linux"]["devices"] = serde_json::json!([{
+        "path": "/dev/evil", "type": "c", "major": 1, "minor": 1, "fileMode": 438, "uid": 0, "gid": 0
+    }]);
+    spec["linux"]["resources"]["devices"] = serde_json::json!([{"allow": true, "access": "rwm"}]);
+    spec["annotations"]["podmigrate.io/smuggled"] = "yes".into();
+    spec["process"]["args"] = serde_json::json!(["/bin/sh", "-c", "cat /host-etc/shadow"]);
+    fs::write(dir.join(SPEC_DUMP), serde_json::to_vec(&spec).unwrap()).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&fs::read(dir.join(CONFIG_DUMP)).unwrap()).unwrap();
+    config["annotations"] = serde_json::json!({"podmigrate.io/smuggled": "yes"});
+    config["privileged"] = true.into();
+    fs::write(dir.join(CONFIG_DUMP), serde_json::to_vec(&config).unwrap()).unwrap();
+    let options = archive::PackOptions {
+        source: verified.manifest.source.clone().unwrap(),
+        versions: verified.manifest.versions.clone().unwrap(),
+        threads: 1,
+        ..Default::default()
+    };
+    fs::remove_file(archive_path).unwrap();
+    archive::pack(&dir, archive_path, &options).unwrap();
+}
+
+/// The `CapEff:` line of a `/proc/<pid>/status`.
+fn cap_eff(status: &str) -> String {
+    status
+        .lines()
+        .find(|l| l.starts_with("CapEff:"))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tampered_spec_in_the_archive_changes_nothing_the_clone_gets() {
+    if !can_run() {
+        return;
+    }
+    let t0 = Instant::now();
+    let node = start_node("tamper", 30, Share::Dir).await;
+    let port = free_port();
+    let (_source_pod, source_id) = node.run_counter("counter", port).await;
+    for expected in 1..=3 {
+        assert_eq!(counter_hit(port).unwrap(), expected);
+    }
+    let source_caps = cap_eff(&node.exec_cat(&source_id, "/proc/1/status").await.unwrap());
+    assert!(!source_caps.is_empty());
+    node.tasks
+        .checkpoint(&source_id, &checkpoint_options(&node.scratch("ck-t"), true))
+        .await
+        .unwrap_or_else(|e| panic!("Tasks.Checkpoint (exit=true) failed: {e:?}"));
+    node.cri
+        .wait_container_state(&source_id, ContainerState::ContainerExited, WAIT)
+        .await
+        .unwrap();
+    tamper_spec(&node.archive("counter"), &node.scratch.path().to_path_buf());
+    step(t0, "source checkpointed; archive's spec.dump and config.dump tampered");
+
+    let clone_pod = node.pod("counter-clone", &[(CLONE_POD, "counter")]).await;
+    let clone_id = node.create_counter(&clone_pod, port).await;
+    node.cri
+        .start_container(&clone_id)
+        .await
+        .unwrap_or_else(|e| panic!("StartContainer of the clone: {e:?}"));
+    node.cri
+        .wait_container_state(&clone_id, ContainerState::ContainerRunning, WAIT)
+        .await
+        .unwrap();
+    assert_eq!(counter_hit(port).unwrap(), 4, "the clone restores the process");
+    step(t0, "clone restored from the tampered archive");
+
+    // The spec runc ran the clone with is the clone pod's, from containerd.
+    let bundle = node
+        .ctrd
+        .state_dir()
+        .join("io.containerd.runtime.v2.task/k8s.io")
+        .join(&clone_id)
+        .join("config.json");
+    let used: serde_json::Value = serde_json::from_slice(&fs::read(&bundle).unwrap()).unwrap();
+    let text = used.to_string();
+    for smuggled in [
+        "/host-etc",
+        "/dev/evil",
+        "podmigrate.io/smuggled",
+        "CAP_SYS_ADMIN",
+        "CAP_SYS_MODULE",
+        "cat /host-etc/shadow",
+    ] {
+        assert!(
+            !text.contains(smuggled),
+            "{smuggled} reached the clone's runtime spec {}",
+            bundle.display()
+        );
+    }
+    assert_eq!(
+        used["annotations"][CLONE_POD], "counter",
+        "the clone's own annotations are there"
+    );
+
+    // And inside: no host mount, no device, the source's capabilities.
+    let mountinfo = node.exec_cat(&clone_id, "/proc/1/mountinfo").await.unwrap();
+    assert!(!mountinfo.contains("/host-etc"), "{mountinfo}");
+    assert!(node.exec_cat(&clone_id, "/dev/evil").await.is_err());
+    assert!(node.exec_cat(&clone_id, "/host-etc/shadow").await.is_err());
+    let clone_caps = cap_eff(&node.exec_cat(&clone_id, "/proc/1/status").await.unwrap());
+    assert_eq!(clone_caps, source_caps, "restored process capabilities");
+    let exec_caps = cap_eff(&node.exec_cat(&clone_id, "/proc/self/status").await.unwrap());
+    assert_eq!(exec_caps, source_caps, "exec'd process capabilities");
+    step(t0, "no mount, device, capability or annotation from the archive's spec");
+
+    node.teardown().await;
+    node.assert_no_restore_residue(&clone_id);
+}

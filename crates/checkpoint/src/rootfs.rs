@@ -8,11 +8,15 @@
 
 use std::fs::{self, File};
 use std::io;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use crate::layout::{DELETED_FILES, ROOTFS_DIFF_TAR};
+
+mod apply;
+mod beneath;
+
+pub use apply::{apply_diff, ImageLayers};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RootfsError {
@@ -107,127 +111,23 @@ pub fn capture_diff(upperdir: &Path, checkpoint_dir: &Path) -> Result<DiffSummar
     Ok(summary)
 }
 
-/// A relative path made only of normal components, or `None`.
-fn safe_relative(path: &Path) -> Option<PathBuf> {
-    let mut out = PathBuf::new();
-    for component in path.components() {
-        match component {
-            Component::Normal(part) => out.push(part),
-            Component::CurDir => {}
-            Component::RootDir | Component::ParentDir | Component::Prefix(_) => return None,
-        }
-    }
-    (!out.as_os_str().is_empty()).then_some(out)
-}
-
-/// Applies `rootfs-diff.tar` and `deleted.files` from `checkpoint_dir` to `upperdir`, the upper
-/// directory of the new container's overlay, before it is mounted. Missing files mean the
-/// container changed nothing. Links out of the rootfs, devices and set-id files are refused.
-pub fn apply_diff(checkpoint_dir: &Path, upperdir: &Path) -> Result<DiffSummary, RootfsError> {
-    let mut summary = DiffSummary::default();
-    let tar_path = checkpoint_dir.join(ROOTFS_DIFF_TAR);
-    match File::open(&tar_path) {
-        Ok(file) => {
-            let mut archive = tar::Archive::new(io::BufReader::new(file));
-            archive.set_preserve_permissions(true);
-            archive.set_preserve_mtime(true);
-            archive.set_overwrite(true);
-            let entries = archive.entries().map_err(io_err("reading", &tar_path))?;
-            for entry in entries {
-                let mut entry = entry.map_err(io_err("reading", &tar_path))?;
-                let raw_name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
-                let bad = |reason: &str| RootfsError::BadEntry {
-                    tar: tar_path.clone(),
-                    name: raw_name.clone(),
-                    reason: reason.to_string(),
-                };
-                let rel = entry
-                    .path()
-                    .ok()
-                    .and_then(|p| safe_relative(&p))
-                    .ok_or_else(|| bad("absolute path or '..' component"))?;
-                let kind = entry.header().entry_type();
-                if !(kind.is_file() || kind.is_dir() || kind.is_symlink()) {
-                    return Err(bad(
-                        "only files, directories and symbolic links may be restored",
-                    ));
-                }
-                let mode = entry.header().mode().map_err(|_| bad("unreadable mode"))?;
-                if mode & 0o6000 != 0 {
-                    return Err(bad("setuid or setgid file"));
-                }
-                if kind.is_file() {
-                    summary.files += 1;
-                }
-                // unpack_in refuses to write through a symbolic link that leaves `upperdir`.
-                let unpacked = entry
-                    .unpack_in(upperdir)
-                    .map_err(io_err("extracting into", &upperdir.join(&rel)))?;
-                if !unpacked {
-                    return Err(bad("would be written outside the rootfs"));
-                }
-            }
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io_err("opening", &tar_path)(e)),
-    }
-
-    let deleted_path = checkpoint_dir.join(DELETED_FILES);
-    let deleted: Vec<String> = match fs::read(&deleted_path) {
-        Ok(bytes) if bytes.iter().all(u8::is_ascii_whitespace) => Vec::new(),
-        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| RootfsError::BadDeletedList {
-            path: deleted_path.clone(),
-            reason: e.to_string(),
-        })?,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => return Err(io_err("reading", &deleted_path)(e)),
-    };
-    for path in deleted {
-        let rel = safe_relative(Path::new(path.trim_start_matches('/'))).ok_or_else(|| {
-            RootfsError::BadDeletedList {
-                path: deleted_path.clone(),
-                reason: format!("{path:?} is not a path inside the container"),
-            }
-        })?;
-        let target = upperdir.join(&rel);
-        if let Some(parent) = target.parent() {
-            fs::create_dir_all(parent).map_err(io_err("creating", parent))?;
-            let real = fs::canonicalize(parent).map_err(io_err("resolving", parent))?;
-            let root = fs::canonicalize(upperdir).map_err(io_err("resolving", upperdir))?;
-            if !real.starts_with(&root) {
-                return Err(RootfsError::BadDeletedList {
-                    path: deleted_path.clone(),
-                    reason: format!("{path:?} leads outside the rootfs through a link"),
-                });
-            }
-        }
-        make_whiteout(&target)?;
-        summary.deleted.push(path);
-    }
-    Ok(summary)
-}
-
-fn make_whiteout(path: &Path) -> Result<(), RootfsError> {
-    let c_path =
-        std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| RootfsError::Io {
-            op: "creating a whiteout at",
-            path: path.to_path_buf(),
-            source: io::Error::other("path contains NUL"),
-        })?;
-    // SAFETY: a valid NUL-terminated path; mknod does not retain it.
-    let rc = unsafe { libc::mknod(c_path.as_ptr(), libc::S_IFCHR, 0) };
-    if rc != 0 {
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::AlreadyExists {
-            return Err(io_err("creating a whiteout at", path)(err));
-        }
-    }
-    Ok(())
-}
+#[cfg(test)]
+mod hostile_tests;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn make_whiteout(path: &Path) -> io::Result<()> {
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            path,
+            rustix::fs::FileType::CharacterDevice,
+            rustix::fs::Mode::empty(),
+            0,
+        )?;
+        Ok(())
+    }
 
     fn is_root() -> bool {
         // SAFETY: geteuid has no preconditions.
@@ -260,7 +160,7 @@ mod tests {
 
         let new_upper = tmp.path().join("new-upper");
         fs::create_dir(&new_upper).unwrap();
-        let applied = apply_diff(&ck, &new_upper).unwrap();
+        let applied = apply_diff(&ck, &new_upper, &[]).unwrap();
         assert_eq!(applied.files, 2);
         assert_eq!(fs::read(new_upper.join("tmp/count")).unwrap(), b"5\n");
         assert_eq!(
@@ -294,6 +194,9 @@ mod tests {
             let mut h = tar::Header::new_gnu();
             h.set_size(0);
             h.set_mode(mode);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(0);
             h.set_entry_type(kind);
             h
         };
@@ -310,7 +213,7 @@ mod tests {
                 }),
             ),
             (
-                "only files",
+                "device node",
                 Box::new(|b| {
                     let mut h = file_header(0o644, tar::EntryType::Char);
                     b.append_data(&mut h, "dev/evil", io::empty()).unwrap();
@@ -329,7 +232,7 @@ mod tests {
             let upper = tmp.path().join("upper");
             let _ = fs::remove_dir_all(&upper);
             fs::create_dir(&upper).unwrap();
-            let err = apply_diff(&ck, &upper).unwrap_err();
+            let err = apply_diff(&ck, &upper, &[]).unwrap_err();
             assert!(err.to_string().contains(why), "{why}: {err}");
             assert!(!tmp.path().join("escape").exists());
         }
@@ -344,7 +247,7 @@ mod tests {
         });
         let upper = tmp.path().join("upper2");
         fs::create_dir(&upper).unwrap();
-        assert!(apply_diff(&ck, &upper).is_err());
+        assert!(apply_diff(&ck, &upper, &[]).is_err());
         assert!(!tmp.path().join("planted").exists());
     }
 }

@@ -1,0 +1,213 @@
+//! `prepare` against real archives on a real share directory: each refusal is one message
+//! naming the clone pod, its container, the archive and the reason, and leaves nothing in the
+//! work dir, nothing in the new container's upper directory, nothing anywhere else.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use containerd_shim::protos::types::mount::Mount;
+use podmigrate_checkpoint::archive::{self, PackOptions, Source, Versions};
+use podmigrate_checkpoint::layout::{CHECKPOINT_DIR, ROOTFS_DIFF_TAR};
+
+use super::*;
+
+const NS: &str = "team-a";
+const SOURCE_POD: &str = "db-0";
+const CLONE_POD: &str = "db-0-clone";
+const CONTAINER: &str = "db";
+
+struct Node {
+    tmp: tempfile::TempDir,
+    config: ShimConfig,
+    identity: ContainerIdentity,
+    mounts: Vec<Mount>,
+}
+
+fn node() -> Node {
+    let tmp = tempfile::tempdir().unwrap();
+    for d in ["share", "work", "upper", "lower", "host"] {
+        fs::create_dir_all(tmp.path().join(d)).unwrap();
+    }
+    fs::write(tmp.path().join("host/secret"), b"host").unwrap();
+    let config = ShimConfig {
+        share_root: tmp.path().join("share"),
+        work_dir: tmp.path().join("work"),
+        archive_wait: Duration::from_secs(1),
+        delegate: PathBuf::from("containerd-shim-runc-v2"),
+        node_name: "node-b".to_string(),
+    };
+    let identity = ContainerIdentity {
+        id: "c0ffee".to_string(),
+        namespace: NS.to_string(),
+        pod: CLONE_POD.to_string(),
+        pod_uid: "uid-1".to_string(),
+        container: CONTAINER.to_string(),
+        image: "example/db:1".to_string(),
+        is_sandbox: false,
+        clone_of: Some(SOURCE_POD.to_string()),
+        fallback_fresh: false,
+    };
+    let mounts = vec![Mount {
+        type_: "overlay".to_string(),
+        source: "overlay".to_string(),
+        options: vec![
+            format!("workdir={}", tmp.path().join("ovl-work").display()),
+            format!("upperdir={}", tmp.path().join("upper").display()),
+            format!("lowerdir={}", tmp.path().join("lower").display()),
+        ],
+        ..Default::default()
+    }];
+    Node {
+        tmp,
+        config,
+        identity,
+        mounts,
+    }
+}
+
+impl Node {
+    fn p(&self, rel: &str) -> PathBuf {
+        self.tmp.path().join(rel)
+    }
+
+    /// Packs a checkpoint onto the share where the clone looks for it; `tweak` edits the
+    /// checkpoint directory first.
+    fn archive(&self, source: (&str, &str, &str), criu: &str, tweak: impl FnOnce(&Path)) {
+        let ck = self.p("ck");
+        let _ = fs::remove_dir_all(&ck);
+        fs::create_dir_all(ck.join(CHECKPOINT_DIR)).unwrap();
+        fs::write(ck.join(CHECKPOINT_DIR).join("inventory.img"), b"criu").unwrap();
+        tweak(&ck);
+        let dest = self.config.share_root.join(NS).join(SOURCE_POD);
+        fs::create_dir_all(&dest).unwrap();
+        let options = PackOptions {
+            source: Source {
+                namespace: source.0.to_string(),
+                pod: source.1.to_string(),
+                container: source.2.to_string(),
+                ..Default::default()
+            },
+            versions: Versions {
+                criu: criu.to_string(),
+                ..Default::default()
+            },
+            threads: 1,
+            ..Default::default()
+        };
+        archive::pack(&ck, &dest.join(format!("{CONTAINER}.zip")), &options).unwrap();
+    }
+
+    fn prepare(&self) -> Result<Prepared, RestoreError> {
+        prepare(&self.config, &self.identity, SOURCE_POD, &self.mounts)
+    }
+
+    /// Expects a refusal for `why`, with no residue anywhere.
+    fn refused(&self, why: &str) -> String {
+        let err = self.prepare().expect_err(why).to_string();
+        let archive = format!(
+            "{}/{NS}/{SOURCE_POD}/{CONTAINER}.zip",
+            self.config.share_root.display()
+        );
+        for part in [
+            format!("restoring {CONTAINER} of clone pod {NS}/{CLONE_POD}"),
+            archive,
+            why.to_string(),
+        ] {
+            assert!(err.contains(&part), "expected {part:?} in: {err}");
+        }
+        assert!(!err.contains('\n'), "one line: {err}");
+        assert!(
+            !local_dir(&self.config, &self.identity).exists(),
+            "work dir left behind: {err}"
+        );
+        assert_eq!(
+            fs::read_dir(self.p("upper")).unwrap().count(),
+            0,
+            "upper dir written: {err}"
+        );
+        assert_eq!(fs::read(self.p("host/secret")).unwrap(), b"host");
+        assert_eq!(fs::read_dir(self.p("host")).unwrap().count(), 1);
+        err
+    }
+}
+
+fn local_criu() -> String {
+    let version = local_criu_version().to_string();
+    assert!(
+        !version.is_empty(),
+        "CRIU must be installed (scripts/setup.sh)"
+    );
+    version
+}
+
+#[test]
+fn an_honest_archive_is_prepared() {
+    let node = node();
+    let criu = local_criu();
+    node.archive((NS, SOURCE_POD, CONTAINER), &criu, |_| {});
+    let prepared = node.prepare().unwrap();
+    assert!(prepared.images.join("inventory.img").is_file());
+    discard(&prepared.dir);
+}
+
+#[test]
+fn an_archive_of_another_pod_namespace_or_container_is_refused() {
+    let criu = local_criu();
+    for source in [
+        (NS, "other-pod", CONTAINER),
+        ("team-b", SOURCE_POD, CONTAINER),
+        (NS, SOURCE_POD, "sidecar"),
+    ] {
+        let node = node();
+        node.archive(source, &criu, |_| {});
+        let err = node.refused(&format!(
+            "the archive holds pod {}/{} container {}, not the clone's source {NS}/{SOURCE_POD} container {CONTAINER}",
+            source.0, source.1, source.2
+        ));
+        assert!(!err.is_empty());
+    }
+}
+
+#[test]
+fn an_archive_from_a_newer_criu_is_refused() {
+    let node = node();
+    let criu = local_criu();
+    node.archive((NS, SOURCE_POD, CONTAINER), "99.0.0", |_| {});
+    node.refused(&format!(
+        "the checkpoint was made by CRIU 99.0.0, newer than this node's CRIU {criu}"
+    ));
+}
+
+#[test]
+fn a_hostile_rootfs_diff_is_refused_before_anything_is_written() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return;
+    }
+    let node = node();
+    let criu = local_criu();
+    let host = node.p("host");
+    node.archive((NS, SOURCE_POD, CONTAINER), &criu, |ck| {
+        let mut b = tar::Builder::new(fs::File::create(ck.join(ROOTFS_DIFF_TAR)).unwrap());
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_mode(0o777);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_size(0);
+        b.append_link(&mut h, "tmp", &host).unwrap();
+        let mut f = tar::Header::new_gnu();
+        f.set_entry_type(tar::EntryType::Regular);
+        f.set_mode(0o644);
+        f.set_uid(0);
+        f.set_gid(0);
+        f.set_mtime(0);
+        f.set_size(5);
+        b.append_data(&mut f, "tmp/planted", &b"pwned"[..]).unwrap();
+        b.finish().unwrap();
+    });
+    node.refused("applying the rootfs changes");
+    assert!(!node.p("host/planted").exists());
+}
