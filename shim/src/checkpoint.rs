@@ -20,6 +20,7 @@ use containerd_shim::protos::ttrpc::context::Context;
 use containerd_shim::protos::types::mount::Mount;
 use containerd_shim::protos::types::task::Status;
 use podmigrate_checkpoint::archive::{self, PackOptions, Source, Versions};
+use podmigrate_checkpoint::bandwidth::Bandwidth;
 use podmigrate_checkpoint::layout::{ContainerConfig, CHECKPOINT_DIR, SPEC_DUMP};
 use podmigrate_checkpoint::{criu, rootfs, runc, share};
 use tracing::{info, warn};
@@ -116,6 +117,8 @@ impl Checkpointer<'_> {
             _ => CheckpointOptions::new(),
         };
         let exit = options.exit;
+        // A malformed cap fails before anything is frozen.
+        self.bandwidth()?;
         let (local_dir, created_local) = self.local_dir(req)?;
         let criu_work = self
             .config
@@ -254,6 +257,20 @@ impl Checkpointer<'_> {
         Ok((dir, !existed))
     }
 
+    /// The node's cap, lowered by the pod's annotation if it asks for less.
+    fn bandwidth(&self) -> Result<Bandwidth, CheckpointError> {
+        let node = self.config.bandwidth.clone().map_err(|e| {
+            step(format!("reading {}", crate::config::ENV_BANDWIDTH))(e.to_string())
+        })?;
+        let pod = match &self.identity.bandwidth {
+            Some(value) => Bandwidth::parse(value).map_err(|e| {
+                step(format!("reading annotation {}", crate::identity::BANDWIDTH))(e.to_string())
+            })?,
+            None => Bandwidth::UNLIMITED,
+        };
+        Ok(node.stricter(pod))
+    }
+
     fn dump_and_commit(
         &self,
         req: &CheckpointTaskRequest,
@@ -333,6 +350,7 @@ impl Checkpointer<'_> {
         let parent = archive_path.parent().expect("archive paths have a parent");
         fs::create_dir_all(parent)
             .map_err(|e| step(format!("creating {}", parent.display()))(e.to_string()))?;
+        let bandwidth = self.bandwidth()?;
         let pack_started = Instant::now();
         let summary = archive::pack(
             local_dir,
@@ -348,6 +366,7 @@ impl Checkpointer<'_> {
                     container_id: id.into(),
                 },
                 versions: stack_versions().clone(),
+                bandwidth,
                 ..PackOptions::default()
             },
         )
@@ -356,6 +375,8 @@ impl Checkpointer<'_> {
             container = %self.identity.describe(),
             dump_ms = dumped_in.as_millis() as u64,
             pack_ms = pack_started.elapsed().as_millis() as u64,
+            throttled_ms = summary.throttled.as_millis() as u64,
+            %bandwidth,
             "dumped and packed"
         );
         Ok(Committed {

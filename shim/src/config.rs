@@ -7,6 +7,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use podmigrate_checkpoint::bandwidth::{Bandwidth, BandwidthError};
 use podmigrate_checkpoint::share::{DEFAULT_SHARE_ROOT, DEFAULT_WORK_DIR};
 
 /// Where the share is mounted.
@@ -17,6 +18,9 @@ pub const ENV_WORK_DIR: &str = "PODMIGRATE_WORK_DIR";
 pub const ENV_ARCHIVE_WAIT: &str = "PODMIGRATE_ARCHIVE_WAIT_SECONDS";
 /// The shim that runs containers for us.
 pub const ENV_DELEGATE: &str = "PODMIGRATE_DELEGATE_SHIM";
+/// Cap on the bytes per second one checkpoint writes onto the share, a Kubernetes quantity
+/// (`64Mi`); unset or `0`: no cap. Like KubeVirt's `bandwidthPerMigration`.
+pub const ENV_BANDWIDTH: &str = "PODMIGRATE_BANDWIDTH_PER_MIGRATION";
 /// This node's name, recorded in archives (the agent's DaemonSet sets it from the downward API).
 pub const ENV_NODE_NAME: &str = "NODE_NAME";
 
@@ -32,6 +36,8 @@ pub struct ShimConfig {
     pub archive_wait: Duration,
     pub delegate: PathBuf,
     pub node_name: String,
+    /// A malformed value fails each checkpoint with its error rather than packing uncapped.
+    pub bandwidth: Result<Bandwidth, BandwidthError>,
 }
 
 impl ShimConfig {
@@ -57,6 +63,8 @@ impl ShimConfig {
                     .map(|h| h.trim().to_string())
                     .unwrap_or_default()
             }),
+            bandwidth: var(ENV_BANDWIDTH)
+                .map_or(Ok(Bandwidth::UNLIMITED), |v| Bandwidth::parse(&v)),
         }
     }
 }

@@ -13,6 +13,10 @@ pub const CONTAINER_NAME: &str = "io.kubernetes.cri.container-name";
 pub const IMAGE_NAME: &str = "io.kubernetes.cri.image-name";
 /// The pod this pod is a clone of (passed through from the pod by `pod_annotations`).
 pub const CLONE_POD: &str = "podmigrate.io/clone-pod";
+/// A pod's own cap on its checkpoint's bytes per second onto the share; it can only lower the
+/// node's `PODMIGRATE_BANDWIDTH_PER_MIGRATION`. Read at the container's Create, like all pod
+/// annotations the CRI plugin passes, so changing it later has no effect on that container.
+pub const BANDWIDTH: &str = "podmigrate.io/bandwidth-per-migration";
 /// `fresh`: start the container anew if its checkpoint cannot be restored.
 pub const FALLBACK: &str = "podmigrate.io/fallback";
 
@@ -32,6 +36,8 @@ pub struct ContainerIdentity {
     pub is_sandbox: bool,
     pub clone_of: Option<String>,
     pub fallback_fresh: bool,
+    /// The pod's [`BANDWIDTH`] annotation, unparsed.
+    pub bandwidth: Option<String>,
 }
 
 impl ContainerIdentity {
@@ -74,6 +80,7 @@ impl ContainerIdentity {
             is_sandbox: get(CONTAINER_TYPE).as_deref() == Some("sandbox"),
             clone_of: get(CLONE_POD),
             fallback_fresh: get(FALLBACK).as_deref() == Some("fresh"),
+            bandwidth: get(BANDWIDTH),
         }
     }
 
@@ -107,6 +114,7 @@ mod tests {
                 (CONTAINER_NAME, "app"),
                 (CLONE_POD, "counter"),
                 (FALLBACK, "fresh"),
+                (BANDWIDTH, "16Mi"),
             ]),
             "c1",
             "k8s.io",
@@ -116,6 +124,7 @@ mod tests {
         assert_eq!(id.container, "app");
         assert_eq!(id.clone_of.as_deref(), Some("counter"));
         assert!(id.fallback_fresh && !id.is_sandbox);
+        assert_eq!(id.bandwidth.as_deref(), Some("16Mi"));
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //! carries a checkpoint across the share, and the drivers for the CRIU/runc stack that makes one.
 
 pub mod archive;
+pub mod bandwidth;
 pub mod criu;
+pub mod gc;
 pub mod layout;
 pub mod rootfs;
 pub mod runc;

@@ -425,6 +425,43 @@ impl Agent {
                 }
             }
         }
+        // GC leaves the source's share directory and our work unit alone while this lease
+        // lasts; it outlives every bounded wait below, so only a crashed agent's lease expires.
+        let lifetime = self.config.checkpoint_timeout * targets.len().max(1) as u32
+            + self.config.clone_timeout
+            + Duration::from_secs(300);
+        let holder = format!(
+            "agent on node {} for clone {}",
+            self.config.node_name,
+            pod_name(&clone)
+        );
+        let lease = share::archive_path(&self.config.share_root, &namespace, &source_name, "x")
+            .map_err(|e| e.to_string())
+            .and_then(|p| {
+                let dir = p
+                    .parent()
+                    .expect("archive paths have a parent")
+                    .to_path_buf();
+                let uid = clone.metadata.uid.as_deref().unwrap_or("no-uid");
+                podmigrate_checkpoint::gc::write_lease(
+                    &dir,
+                    uid,
+                    &super::gc::lease_for(holder, uid, lifetime),
+                )
+                .map_err(|e| e.to_string())
+            });
+        if let Err(reason) = lease {
+            return self
+                .finish(
+                    &clone,
+                    Some(source),
+                    &[],
+                    mode,
+                    started,
+                    Ending::Failed(format!("{reason}; nothing was frozen")),
+                )
+                .await;
+        }
         // Old archives of this source must not be mistaken for this migration's.
         for c in &targets {
             if let Some(path) = self.archive_path(&namespace, &source_name, &c.name) {
@@ -742,10 +779,26 @@ impl Agent {
         let source_name = source.metadata.name.clone().unwrap_or_default();
         if let Some(uid) = clone.metadata.uid.as_deref() {
             let _ = std::fs::remove_dir_all(self.config.work_dir.join("checkpoints").join(uid));
+            if let Some(dir) = self
+                .archive_path(&namespace, &source_name, "x")
+                .and_then(|p| p.parent().map(Path::to_path_buf))
+            {
+                let _ = std::fs::remove_file(dir.join(format!(
+                    "{}{uid}.json",
+                    podmigrate_checkpoint::gc::LEASE_PREFIX
+                )));
+            }
         }
-        if !keep_archive {
-            for c in targets {
-                if let Some(path) = self.archive_path(&namespace, &source_name, &c.name) {
+        for c in targets {
+            if let Some(path) = self.archive_path(&namespace, &source_name, &c.name) {
+                if keep_archive {
+                    // Kept on request: pinned, so GC leaves it too.
+                    let mut pin = path.into_os_string();
+                    pin.push(podmigrate_checkpoint::gc::KEEP);
+                    if let Err(e) = std::fs::write(&pin, b"") {
+                        warn!(pin = ?pin, error = %e, "pinning a kept archive");
+                    }
+                } else {
                     let _ = std::fs::remove_file(path);
                 }
             }

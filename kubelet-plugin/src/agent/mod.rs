@@ -2,6 +2,7 @@
 //! checkpoint of any pod that another pod asks to be a clone of.
 
 pub mod containerd;
+pub mod gc;
 pub mod metrics;
 pub mod migration;
 pub mod policy;

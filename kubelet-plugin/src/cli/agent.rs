@@ -8,11 +8,13 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use kube::runtime::events::{Recorder, Reporter};
+use podmigrate_checkpoint::gc::GcPolicy;
 use podmigrate_checkpoint::share::{DEFAULT_SHARE_ROOT, DEFAULT_WORK_DIR};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::agent::containerd::Containerd;
+use crate::agent::gc::{self, GcSchedule};
 use crate::agent::metrics::{self, Metrics};
 use crate::agent::migration::{Agent, AgentConfig};
 use crate::agent::watch;
@@ -32,8 +34,8 @@ pub struct AgentArgs {
         default_value = "/run/containerd/containerd.sock"
     )]
     pub containerd_socket: PathBuf,
-    /// Outbound migrations at once on this node.
-    #[arg(long, default_value_t = 2)]
+    /// Outbound migrations at once on this node; more wait, marked queued.
+    #[arg(long, env = "PODMIGRATE_MAX_OUTBOUND", default_value_t = 2, value_parser = at_least_one)]
     pub max_outbound: usize,
     /// Where /metrics and /healthz are served.
     #[arg(long, env = "PODMIGRATE_METRICS_ADDR", default_value = "0.0.0.0:9477")]
@@ -44,6 +46,22 @@ pub struct AgentArgs {
     /// How long a clone may take to run once the archives are committed.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     pub clone_timeout: Duration,
+    /// How often to garbage-collect the share and the work directory (`0`: never).
+    #[arg(long, env = "PODMIGRATE_GC_INTERVAL", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub gc_interval: Duration,
+    /// GC removes archives and work directories older than this (`0`: no age limit).
+    #[arg(long, env = "PODMIGRATE_GC_MAX_AGE", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub gc_max_age: Duration,
+    /// GC keeps at most this many archives on the share (default: no count limit).
+    #[arg(long, env = "PODMIGRATE_GC_KEEP_LAST")]
+    pub gc_keep_last: Option<usize>,
+}
+
+fn at_least_one(value: &str) -> Result<usize, String> {
+    match value.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("{value:?} is not a whole number of at least 1")),
+    }
 }
 
 pub fn run(args: AgentArgs) -> anyhow::Result<()> {
@@ -65,6 +83,17 @@ async fn serve(args: AgentArgs) -> anyhow::Result<()> {
         instance: Some(args.node_name.clone()),
     };
     let recorder = Recorder::new(kube.clone(), reporter);
+    let gc_schedule = Arc::new(GcSchedule {
+        every: args.gc_interval,
+        policy: GcPolicy {
+            max_age: (!args.gc_max_age.is_zero()).then_some(args.gc_max_age),
+            keep_last: args.gc_keep_last,
+            ..GcPolicy::default()
+        },
+        share_root: args.share_root.clone(),
+        work_dir: args.work_dir.clone(),
+    });
+    let gc_kube = kube.clone();
     let config = AgentConfig {
         node_name: args.node_name,
         share_root: args.share_root,
@@ -116,6 +145,7 @@ async fn serve(args: AgentArgs) -> anyhow::Result<()> {
             shutdown.cancel();
         }
     };
-    let (served, (), ()) = tokio::join!(served, watched, on_signal);
+    let collected = gc::run_periodically(gc_kube, gc_schedule, shutdown.clone());
+    let (served, (), (), ()) = tokio::join!(served, watched, on_signal, collected);
     served.with_context(|| format!("serving metrics on {}", args.metrics_addr))
 }

@@ -9,6 +9,7 @@ use podmigrate_checkpoint::archive::{
     self, ArchiveManifest, Compression, EntryKind, PackOptions, Source, UnpackOptions, Versions,
     DEFAULT_CHUNK_SIZE,
 };
+use podmigrate_checkpoint::bandwidth::Bandwidth;
 use podmigrate_checkpoint::layout::{ContainerConfig, CHECKPOINT_DIR, ROOTFS_DIFF_TAR};
 use podmigrate_checkpoint::{criu, runc};
 use serde_json::json;
@@ -32,6 +33,9 @@ pub struct PackArgs {
     /// Chunk size in KiB; chunks are compressed independently, in parallel.
     #[arg(long, default_value_t = DEFAULT_CHUNK_SIZE / 1024)]
     pub chunk_kib: usize,
+    /// Cap on bytes per second written, a Kubernetes quantity like `64Mi` (0: none).
+    #[arg(long, default_value = "0", value_parser = |v: &str| Bandwidth::parse(v))]
+    pub bandwidth: Bandwidth,
     /// Source node (default: this host's name).
     #[arg(long)]
     pub node: Option<String>,
@@ -111,10 +115,11 @@ pub fn pack(args: PackArgs) -> anyhow::Result<()> {
             kernel: kernel_release(),
             podmigrate: env!("CARGO_PKG_VERSION").to_string(),
         },
+        bandwidth: args.bandwidth,
     };
     let summary = archive::pack(&args.checkpoint_dir, &args.archive, &options).context("pack")?;
     println!(
-        "packed {} -> {}: {} entries, {} -> {} ({}, {:.0}%) in {:.2}s, manifest sha256 {}",
+        "packed {} -> {}: {} entries, {} -> {} ({}, {:.0}%) in {:.2}s{}, manifest sha256 {}",
         args.checkpoint_dir.display(),
         summary.archive.display(),
         summary.entries,
@@ -123,6 +128,15 @@ pub fn pack(args: PackArgs) -> anyhow::Result<()> {
         options.compression,
         100.0 * summary.archive_bytes as f64 / summary.content_bytes.max(1) as f64,
         summary.elapsed.as_secs_f64(),
+        if options.bandwidth.is_unlimited() {
+            String::new()
+        } else {
+            format!(
+                " ({:.2}s waiting on the {} cap)",
+                summary.throttled.as_secs_f64(),
+                options.bandwidth
+            )
+        },
         summary.manifest_sha256,
     );
     Ok(())

@@ -4,6 +4,7 @@ mod agent;
 pub mod apply;
 mod archive;
 pub mod clone_pod;
+mod gc;
 mod migrate;
 mod status;
 
@@ -47,6 +48,8 @@ pub enum Command {
     Status(status::StatusArgs),
     /// Run the node agent (as the DaemonSet does).
     Agent(Box<agent::AgentArgs>),
+    /// Remove old archives and work directories, never one a migration in flight uses.
+    Gc(gc::GcArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -59,6 +62,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Apply(args) => apply::run(args),
         Command::Status(args) => status::run(args),
         Command::Agent(args) => agent::run(*args),
+        Command::Gc(args) => gc::run(args),
     }
 }
 

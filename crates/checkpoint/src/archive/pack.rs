@@ -16,6 +16,7 @@ use super::manifest::{self, entry_name_problem};
 use super::pipeline::{self, BufferPool};
 use super::zipwriter::{OpenEntry, ZipStreamWriter};
 use super::{worker_threads, ARCHIVE_COMMENT, DEFAULT_CHUNK_SIZE, FORMAT_VERSION};
+use crate::bandwidth::{Bandwidth, TokenBucket};
 use crate::layout::MANIFEST_ENTRY;
 
 #[derive(Debug, Clone)]
@@ -28,6 +29,8 @@ pub struct PackOptions {
     pub threads: usize,
     pub source: Source,
     pub versions: Versions,
+    /// Cap on the bytes per second written onto the share (zero: none).
+    pub bandwidth: Bandwidth,
 }
 
 impl Default for PackOptions {
@@ -42,6 +45,7 @@ impl Default for PackOptions {
                 podmigrate: env!("CARGO_PKG_VERSION").to_string(),
                 ..Versions::default()
             },
+            bandwidth: Bandwidth::UNLIMITED,
         }
     }
 }
@@ -56,6 +60,8 @@ pub struct PackSummary {
     pub content_bytes: u64,
     pub entries: usize,
     pub elapsed: Duration,
+    /// Time spent waiting on the bandwidth cap.
+    pub throttled: Duration,
 }
 
 /// A file or directory found in the checkpoint directory.
@@ -160,6 +166,7 @@ pub fn pack(
         entries: Vec::with_capacity(planned.len()),
     };
     let mut writer = ZipStreamWriter::new(file);
+    let mut throttle = TokenBucket::for_bandwidth(options.bandwidth);
     let io_err = |op| ArchiveError::io(op, &temp_path);
 
     // The entry being written, with its running CRC and chunk sizes.
@@ -261,6 +268,9 @@ pub fn pack(
                         open.insert((zip_entry, crc32fast::Hasher::new(), record))
                     }
                 };
+                if let Some(throttle) = throttle.as_mut() {
+                    throttle.take(compressed.len() as u64);
+                }
                 writer.write_data(&compressed).map_err(io_err("writing"))?;
                 let compressed_len = compressed.len() as u64;
                 packed_buffers.put(compressed);
@@ -322,6 +332,7 @@ pub fn pack(
         content_bytes: manifest.entries.iter().map(|e| e.size).sum(),
         entries: manifest.entries.len(),
         elapsed: started.elapsed(),
+        throttled: throttle.as_ref().map_or(Duration::ZERO, |t| t.waited()),
     };
     info!(
         archive = %archive.display(),
@@ -329,6 +340,7 @@ pub fn pack(
         content_bytes = summary.content_bytes,
         archive_bytes = summary.archive_bytes,
         elapsed_ms = summary.elapsed.as_millis() as u64,
+        throttled_ms = summary.throttled.as_millis() as u64,
         %compression,
         level,
         "packed checkpoint"
