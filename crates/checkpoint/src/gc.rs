@@ -63,9 +63,14 @@ fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
 }
 
+/// The lease of the migration to the clone with uid `id`, in the source's `pod_dir`.
+pub fn lease_path(pod_dir: &Path, id: &str) -> PathBuf {
+    pod_dir.join(format!("{LEASE_PREFIX}{id}.json"))
+}
+
 /// Writes a lease for `id` (the clone's uid) in `pod_dir`, atomically (temporary name and rename).
 pub fn write_lease(pod_dir: &Path, id: &str, lease: &Lease) -> Result<PathBuf, GcError> {
-    let path = pod_dir.join(format!("{LEASE_PREFIX}{id}.json"));
+    let path = lease_path(pod_dir, id);
     let err = |source| GcError::Lease {
         path: path.clone(),
         source,

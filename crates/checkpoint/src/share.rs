@@ -48,6 +48,13 @@ fn component<'a>(what: &'static str, value: &'a str) -> Result<&'a str, ShareErr
     Ok(value)
 }
 
+/// The directory of one pod's archives (and of the leases of its migrations).
+pub fn pod_dir(share_root: &Path, namespace: &str, pod: &str) -> Result<PathBuf, ShareError> {
+    Ok(share_root
+        .join(component("namespace", namespace)?)
+        .join(component("pod", pod)?))
+}
+
 /// The archive of one container of one pod.
 pub fn archive_path(
     share_root: &Path,
@@ -55,9 +62,7 @@ pub fn archive_path(
     pod: &str,
     container: &str,
 ) -> Result<PathBuf, ShareError> {
-    Ok(share_root
-        .join(component("namespace", namespace)?)
-        .join(component("pod", pod)?)
+    Ok(pod_dir(share_root, namespace, pod)?
         .join(format!("{}.zip", component("container", container)?)))
 }
 

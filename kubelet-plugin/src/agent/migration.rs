@@ -435,13 +435,9 @@ impl Agent {
             self.config.node_name,
             pod_name(&clone)
         );
-        let lease = share::archive_path(&self.config.share_root, &namespace, &source_name, "x")
+        let lease = share::pod_dir(&self.config.share_root, &namespace, &source_name)
             .map_err(|e| e.to_string())
-            .and_then(|p| {
-                let dir = p
-                    .parent()
-                    .expect("archive paths have a parent")
-                    .to_path_buf();
+            .and_then(|dir| {
                 let uid = clone.metadata.uid.as_deref().unwrap_or("no-uid");
                 podmigrate_checkpoint::gc::write_lease(
                     &dir,
@@ -779,14 +775,8 @@ impl Agent {
         let source_name = source.metadata.name.clone().unwrap_or_default();
         if let Some(uid) = clone.metadata.uid.as_deref() {
             let _ = std::fs::remove_dir_all(self.config.work_dir.join("checkpoints").join(uid));
-            if let Some(dir) = self
-                .archive_path(&namespace, &source_name, "x")
-                .and_then(|p| p.parent().map(Path::to_path_buf))
-            {
-                let _ = std::fs::remove_file(dir.join(format!(
-                    "{}{uid}.json",
-                    podmigrate_checkpoint::gc::LEASE_PREFIX
-                )));
+            if let Ok(dir) = share::pod_dir(&self.config.share_root, &namespace, &source_name) {
+                let _ = std::fs::remove_file(podmigrate_checkpoint::gc::lease_path(&dir, uid));
             }
         }
         for c in targets {
