@@ -99,6 +99,31 @@ if command -v systemctl >/dev/null && systemctl is-enabled containerd >/dev/null
   systemctl disable --now containerd >/dev/null 2>&1 || true
 fi
 
+# --- containerd 1.6 beside it, for the suites that also run against 1.6 (scripts/test.sh) --------
+# bookworm's 1.6 .deb, extracted (not installed) into ${CONTAINERD16_ROOT}/root/usr/bin; the tests
+# choose it with PODMIGRATE_CONTAINERD_BIN_DIR. Set CONTAINERD16_VERSION= (empty) to skip.
+CONTAINERD16_VERSION=${CONTAINERD16_VERSION-1.6.20~ds1-1+deb12u3}
+CONTAINERD16_ROOT=${CONTAINERD16_ROOT:-/var/cache/podmigrate/containerd-1.6}
+if [ -n "$CONTAINERD16_VERSION" ]; then
+  c16_bin=${CONTAINERD16_ROOT}/root/usr/bin
+  c16_stamp=${CONTAINERD16_ROOT}/version
+  if [ "$(cat "$c16_stamp" 2>/dev/null)" != "$CONTAINERD16_VERSION" ] || [ ! -x "${c16_bin}/containerd" ]; then
+    if ! apt-cache madison containerd | awk -v v="$CONTAINERD16_VERSION" '$3 == v {f=1} END {exit !f}'; then
+      apt_update_once
+    fi
+    log "fetching containerd ${CONTAINERD16_VERSION} (extracted into ${CONTAINERD16_ROOT}, not installed)"
+    rm -rf "${CONTAINERD16_ROOT}" && mkdir -p "${CONTAINERD16_ROOT}/deb"
+    (cd "${CONTAINERD16_ROOT}/deb" && apt-get download -qq "containerd=${CONTAINERD16_VERSION}" >/dev/null) \
+      || die "apt-get download containerd=${CONTAINERD16_VERSION} failed (apt-cache madison containerd lists what the mirror has)"
+    dpkg-deb -x "${CONTAINERD16_ROOT}"/deb/containerd_*.deb "${CONTAINERD16_ROOT}/root"
+    rm -rf "${CONTAINERD16_ROOT}/deb"
+    for b in containerd ctr containerd-shim-runc-v2; do
+      [ -x "${c16_bin}/${b}" ] || die "${b} missing from the containerd ${CONTAINERD16_VERSION} package"
+    done
+    printf '%s\n' "$CONTAINERD16_VERSION" >"$c16_stamp"
+  fi
+fi
+
 # --- CRIU 4.x ---------------------------------------------------------------------------------
 # Our fixes to CRIU (scripts/criu/*.patch), identified by their digest: a CRIU built without the
 # current set is rebuilt, because `criu check` passes even where a dump would fail.
@@ -143,6 +168,7 @@ fi
 # --- report -----------------------------------------------------------------------------------
 log "versions:"
 printf '  %-11s %s\n' containerd "$(containerd --version | awk '{print $3}')"
+[ -z "$CONTAINERD16_VERSION" ] || printf '  %-11s %s\n' containerd "$("${CONTAINERD16_ROOT}/root/usr/bin/containerd" --version | awk '{print $3}') (${CONTAINERD16_ROOT}/root/usr/bin, tests only)"
 printf '  %-11s %s\n' runc "$(runc --version | awk 'NR==1 {print $3}')"
 printf '  %-11s %s\n' criu "$(criu --version | awk '/Version/ {print $2}')"
 printf '  %-11s %s\n' protoc "$(protoc --version | awk '{print $2}')"

@@ -3,6 +3,7 @@
 #   1. scripts/setup.sh  (idempotent: runc, CRIU 4.x, containerd, busybox-static, ...)
 #   2. cargo build --release --workspace
 #   3. cargo test --release --workspace  (includes the runc + CRIU end-to-end suites)
+#   4. the containerd-facing suites again against containerd 1.6 (PODMIGRATE_CONTAINERD_BIN_DIR)
 # Extra arguments are passed to `cargo test` (e.g. `scripts/test.sh -- --nocapture`).
 set -euo pipefail
 
@@ -32,5 +33,14 @@ export PODMIGRATE_E2E_REQUIRE=${PODMIGRATE_E2E_REQUIRE:-1}
 # for a longer hunt (docs/security.md).
 export PODMIGRATE_PROPTEST_CASES=${PODMIGRATE_PROPTEST_CASES:-48}
 cargo test --release --workspace "$@"
+
+# The containerd-facing suites once more against containerd 1.6 (extracted by setup.sh; the
+# harness takes containerd, ctr and the runc shim from PODMIGRATE_CONTAINERD_BIN_DIR).
+containerd16=${CONTAINERD16_ROOT:-/var/cache/podmigrate/containerd-1.6}/root/usr/bin
+if [ -x "${containerd16}/containerd" ]; then
+  section "containerd $("${containerd16}/containerd" --version | awk '{print $3}'): CRI, shim and checkpoint suites"
+  PODMIGRATE_CONTAINERD_BIN_DIR=$containerd16 cargo test --release --workspace \
+    --test containerd --test cri_lifecycle --test shim_checkpoint_restore "$@"
+fi
 
 section "all tests passed"

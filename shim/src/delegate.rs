@@ -6,7 +6,7 @@
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use containerd_shim::protos::protobuf::Message;
@@ -64,6 +64,31 @@ fn protocol_args(flags: &ProtocolFlags, action: &str) -> Vec<OsString> {
     }
     args.push(action.into());
     args
+}
+
+/// The delegate binary to run. A path (anything with a `/`) is used as is. A bare name is
+/// looked up the way containerd looks up a shim: on `PATH`, then beside the containerd binary
+/// that started us (`-publish-binary`), so we delegate to the same runc shim containerd would
+/// run for a plain `runc` pod, also when it sits only next to containerd.
+pub fn resolve(configured: &Path, flags: &ProtocolFlags) -> PathBuf {
+    if configured.components().count() != 1 || configured.as_os_str().is_empty() {
+        return configured.to_path_buf();
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let beside_containerd = Path::new(&flags.publish_binary)
+        .parent()
+        .filter(|_| !flags.publish_binary.is_empty())
+        .map(Path::to_path_buf);
+    std::env::split_paths(&path)
+        .chain(beside_containerd)
+        .map(|dir| dir.join(configured))
+        .find(|candidate| is_executable(candidate))
+        .unwrap_or_else(|| configured.to_path_buf())
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 /// Runs the delegate's `start` in the bundle (our working directory) with the runtime options
@@ -172,5 +197,43 @@ impl Delegate {
 
     pub fn client(&self) -> &TaskClient {
         &self.client
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn flags(publish_binary: &Path) -> ProtocolFlags {
+        ProtocolFlags {
+            publish_binary: publish_binary.display().to_string(),
+            ..ProtocolFlags::default()
+        }
+    }
+
+    #[test]
+    fn a_path_is_used_as_is() {
+        let f = flags(Path::new("/nowhere/containerd"));
+        assert_eq!(
+            resolve(Path::new("/opt/x/containerd-shim-runc-v2"), &f),
+            PathBuf::from("/opt/x/containerd-shim-runc-v2")
+        );
+        assert_eq!(resolve(Path::new("./shim"), &f), PathBuf::from("./shim"));
+    }
+
+    /// Not on PATH (a name no one installs), but beside the containerd that started us.
+    #[test]
+    fn a_bare_name_falls_back_to_containerds_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let name = "containerd-shim-podmigrate-test-only-v2";
+        let shim = dir.path().join(name);
+        std::fs::write(&shim, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&shim, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let f = flags(&dir.path().join("containerd"));
+        assert_eq!(resolve(Path::new(name), &f), shim);
+        // Unknown everywhere: the name is kept, so the spawn error names it.
+        let f = flags(Path::new("/nowhere/containerd"));
+        assert_eq!(resolve(Path::new(name), &f), PathBuf::from(name));
     }
 }

@@ -64,8 +64,9 @@ impl containerd_shim::Shim for MigrateShim {
         std::io::stdin()
             .read_to_end(&mut runtime_options)
             .map_err(Error::Stdin)?;
-        let delegate_address =
-            delegate::start(&self.config.delegate, &self.flags, &runtime_options)?;
+        let delegate = delegate::resolve(&self.config.delegate, &self.flags);
+        debug!(delegate = %delegate.display(), "delegate");
+        let delegate_address = delegate::start(&delegate, &self.flags, &runtime_options)?;
         let (pid, address) = containerd_shim::spawn(
             opts,
             &format!("{grouping}/podmigrate"),
@@ -79,7 +80,8 @@ impl containerd_shim::Shim for MigrateShim {
     /// `delete`: containerd's cleanup after a shim died or a launch failed. The runc shim owns
     /// the container, its mounts and its state, so its own `delete` does the work.
     fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
-        match delegate::delete(&self.config.delegate, &self.flags) {
+        let delegate = delegate::resolve(&self.config.delegate, &self.flags);
+        match delegate::delete(&delegate, &self.flags) {
             Ok(response) => {
                 info!(namespace = %self.namespace, id = %self.id, "delete: cleaned up by the runc shim");
                 Ok(response)

@@ -43,6 +43,24 @@ fn find_in_path(name: &str) -> Option<PathBuf> {
         })
 }
 
+/// Names a directory holding the containerd to test against (`containerd`, `ctr`,
+/// `containerd-shim-runc-v2`), as for the CRI suites in `tests/`; unset: those on PATH.
+const CONTAINERD_BIN_DIR_ENV: &str = "PODMIGRATE_CONTAINERD_BIN_DIR";
+
+fn containerd_bin_dir() -> Option<PathBuf> {
+    std::env::var_os(CONTAINERD_BIN_DIR_ENV)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
+/// `containerd` or `ctr` of the containerd under test.
+fn containerd_tool(name: &str) -> Option<PathBuf> {
+    match containerd_bin_dir() {
+        Some(dir) => Some(dir.join(name)).filter(|p| p.is_file()),
+        None => find_in_path(name),
+    }
+}
+
 fn find_busybox() -> Option<PathBuf> {
     ["/bin/busybox", "/usr/bin/busybox"]
         .iter()
@@ -58,9 +76,9 @@ fn skip_reason() -> Option<String> {
         return Some("needs root (containerd and shims manage mounts and /run/containerd)".into());
     }
     for tool in ["containerd", "ctr"] {
-        if find_in_path(tool).is_none() {
+        if containerd_tool(tool).is_none() {
             return Some(format!(
-                "`{tool}` not on PATH (scripts/setup.sh installs it)"
+                "`{tool}` not on PATH (scripts/setup.sh installs it) or in ${CONTAINERD_BIN_DIR_ENV}"
             ));
         }
     }
@@ -168,6 +186,11 @@ impl Containerd {
         std::os::unix::fs::symlink(SHIM, bin.join("containerd-shim-migrate-v2")).unwrap();
         let mut path = OsString::from(&bin);
         path.push(":");
+        // Then the chosen containerd's dir: containerd looks its runc shim up on PATH first.
+        if let Some(dir) = containerd_bin_dir() {
+            path.push(&dir);
+            path.push(":");
+        }
         path.push(std::env::var_os("PATH").unwrap_or_default());
 
         let config = root.join("config.toml");
@@ -199,7 +222,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         fs::create_dir(root.join("tmp")).unwrap();
 
         let log_file = fs::File::create(&log).unwrap();
-        let child = Command::new("containerd")
+        let child = Command::new(containerd_tool("containerd").expect("checked by skip_reason"))
             .arg("--config")
             .arg(&config)
             // Debug makes containerd pass -debug to the shim and copy its log FIFO verbosely.
@@ -241,7 +264,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
     }
 
     fn ctr(&self, args: &[&str]) -> Output {
-        let mut cmd = Command::new("ctr");
+        let mut cmd = Command::new(containerd_tool("ctr").expect("checked by skip_reason"));
         cmd.arg("--address")
             .arg(&self.socket)
             .args(["--namespace", NAMESPACE])
@@ -555,10 +578,10 @@ fn containerd_runs_containers_through_the_shim() {
 /// come back as the default value. Needs only the containerd binary.
 #[test]
 fn documented_cri_stanza_is_understood_by_containerd() {
-    if find_in_path("containerd").is_none() {
+    let Some(containerd) = containerd_tool("containerd") else {
         eprintln!("SKIPPED: `containerd` not on PATH");
         return;
-    }
+    };
     let doc = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/containerd.md");
     let doc = fs::read_to_string(&doc).unwrap_or_else(|e| panic!("{}: {e}", doc.display()));
     let stanza = doc
@@ -572,7 +595,7 @@ fn documented_cri_stanza_is_understood_by_containerd() {
     let config = dir.path().join("config.toml");
     fs::write(&config, stanza).unwrap();
     let out = run(
-        Command::new("containerd")
+        Command::new(containerd)
             .arg("--config")
             .arg(&config)
             .args(["config", "dump"]),

@@ -13,6 +13,11 @@
 //! it, removes their sockets from `/run/containerd/s`, unmounts everything under the temp dir
 //! and removes it (kept when panicking with `PODMIGRATE_E2E_KEEP` set).
 //!
+//! Which containerd: the binaries in [`CONTAINERD_BIN_DIR_ENV`] when it is set (e.g. containerd
+//! 1.6 extracted from its .deb by scripts/setup.sh), else those on `PATH`. The daemon, `ctr`,
+//! the runc shim behind the `runc` handler and the delegate behind our shim all come from that
+//! one place (see [`ContainerdOptions::bin_dir`]).
+//!
 //! Shim sockets: containerd-shim puts them in `/run/containerd/s/<sha256(address, ns, id)>`
 //! whatever the state dir; the hash includes the containerd socket address, so instances do
 //! not collide.
@@ -41,6 +46,14 @@ pub const RUNC_HANDLER: &str = "runc";
 pub const POD_ANNOTATIONS: &str = "podmigrate.io/*";
 /// Where containerd-shim puts shim sockets, whatever containerd's state dir.
 pub const SHIM_SOCKET_DIR: &str = "/run/containerd/s";
+/// A directory holding the containerd to test against (`containerd`, `ctr`,
+/// `containerd-shim-runc-v2`), e.g. `/var/cache/podmigrate/containerd-1.6/root/usr/bin`.
+/// Unset or empty: the ones on `PATH`.
+pub const CONTAINERD_BIN_DIR_ENV: &str = "PODMIGRATE_CONTAINERD_BIN_DIR";
+/// containerd's runc shim: behind the `runc` handler, and our shim's delegate.
+pub const RUNC_SHIM_BINARY: &str = "containerd-shim-runc-v2";
+/// The shim's setting naming its delegate (`shim/src/config.rs`).
+const DELEGATE_ENV: &str = "PODMIGRATE_DELEGATE_SHIM";
 
 /// How to start a [`Containerd`].
 #[derive(Debug, Clone)]
@@ -57,7 +70,8 @@ pub struct ContainerdOptions {
     pub runc_options: Vec<(String, String)>,
     /// Raw TOML appended to the config (new tables only: earlier tables cannot be reopened).
     pub extra_config: String,
-    /// Extra environment for containerd, which shims inherit (our shim's own settings).
+    /// Extra environment for containerd, which shims inherit (our shim's own settings). A
+    /// `PATH` here replaces the inherited one; [`ContainerdOptions::bin_dir`] still goes first.
     pub extra_env: Vec<(String, String)>,
     /// containerd's `--log-level` (`debug` also makes it pass `-debug` to shims).
     pub log_level: String,
@@ -70,6 +84,11 @@ pub struct ContainerdOptions {
     /// pods, live there too. Only the network changes (not mounts or cgroups, which
     /// `ip netns exec` would remount). `None`: the caller's own.
     pub netns: Option<String>,
+    /// Where `containerd`, `ctr` and `containerd-shim-runc-v2` come from; `None`: `PATH`.
+    /// Defaults to [`CONTAINERD_BIN_DIR_ENV`]. When set, the dir goes first on containerd's
+    /// `PATH` (containerd looks shims up there before beside itself) and our shim's delegate is
+    /// pinned to its runc shim, so no binary of another containerd takes part.
+    pub bin_dir: Option<PathBuf>,
 }
 
 impl Default for ContainerdOptions {
@@ -85,6 +104,7 @@ impl Default for ContainerdOptions {
             startup_timeout: Duration::from_secs(30),
             runc: find_in_path("runc").unwrap_or_else(|| PathBuf::from("/usr/sbin/runc")),
             netns: None,
+            bin_dir: containerd_bin_dir(),
         }
     }
 }
@@ -175,13 +195,58 @@ pub fn find_in_path(name: &str) -> Option<PathBuf> {
         .find(|p| fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
 }
 
+/// The directory named by [`CONTAINERD_BIN_DIR_ENV`], if set and not empty.
+pub fn containerd_bin_dir() -> Option<PathBuf> {
+    std::env::var_os(CONTAINERD_BIN_DIR_ENV)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
+/// One of containerd's binaries (`containerd`, `ctr`, `containerd-shim-runc-v2`): in `bin_dir`
+/// if given, else the first on `PATH`; `None` if it is not there.
+pub fn containerd_binary_in(bin_dir: Option<&Path>, name: &str) -> Option<PathBuf> {
+    match bin_dir {
+        Some(dir) => Some(dir.join(name)).filter(|p| p.is_file()),
+        None => find_in_path(name),
+    }
+}
+
+/// [`containerd_binary_in`] the directory of [`CONTAINERD_BIN_DIR_ENV`].
+pub fn containerd_binary(name: &str) -> Option<PathBuf> {
+    containerd_binary_in(containerd_bin_dir().as_deref(), name)
+}
+
+/// `containerd --version`'s version field (`1.6.20~ds1`, `v1.7.24`) of the containerd the
+/// harness would start, for suites that record what they ran against.
+pub fn containerd_version() -> Result<String> {
+    let bin = containerd_binary("containerd").context("containerd not found")?;
+    let out = run_bounded(Command::new(&bin).arg("--version"), Duration::from_secs(20))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .nth(2)
+        .map(str::to_owned)
+        .with_context(|| format!("{} --version said {text:?}", bin.display()))
+}
+
 /// Why a CRI suite cannot run here (root, containerd, ctr, runc, gcc, busybox-static), if it
 /// cannot. Pass the result to [`crate::harness::skip`].
 pub fn cri_skip_reason() -> Option<String> {
     if !crate::harness::is_root() {
         return Some("not running as root (containerd and runc need it)".into());
     }
-    for tool in ["containerd", "ctr", "runc", "gcc"] {
+    let bin_dir = containerd_bin_dir();
+    for tool in ["containerd", "ctr", RUNC_SHIM_BINARY] {
+        if containerd_binary_in(bin_dir.as_deref(), tool).is_none() {
+            return Some(match &bin_dir {
+                Some(dir) => format!(
+                    "`{tool}` not found in {} ({CONTAINERD_BIN_DIR_ENV})",
+                    dir.display()
+                ),
+                None => format!("`{tool}` not found (scripts/setup.sh installs it)"),
+            });
+        }
+    }
+    for tool in ["runc", "gcc"] {
         if find_in_path(tool).is_none() {
             return Some(format!("`{tool}` not found (scripts/setup.sh installs it)"));
         }
@@ -264,6 +329,8 @@ pub struct Containerd {
     socket: PathBuf,
     log: PathBuf,
     shim: PathBuf,
+    /// The `ctr` of the same containerd.
+    ctr: PathBuf,
     /// `/run/containerd` and `/run/containerd/s` if we created them (removed when empty).
     created_run_dirs: Vec<PathBuf>,
     cleaned: bool,
@@ -384,8 +451,26 @@ temp = {temp}
         let socket = root.join("containerd.sock");
         let log = root.join("containerd.log");
 
-        // Shims look for runc and criu on PATH: make sure the sbin dirs are on it.
-        let mut path = std::env::var("PATH").unwrap_or_default();
+        let binary = |name: &str| {
+            containerd_binary_in(opts.bin_dir.as_deref(), name).with_context(|| {
+                match &opts.bin_dir {
+                    Some(dir) => format!("{name} not found in {}", dir.display()),
+                    None => format!("{name} not found on PATH"),
+                }
+            })
+        };
+        let containerd = binary("containerd")?;
+        let ctr = binary("ctr")?;
+        // Shims look for runc and criu on PATH (the caller's `extra_env` PATH, else ours):
+        // make sure the sbin dirs are on it. containerd looks up `containerd-shim-runc-v2` on
+        // PATH before beside itself: the chosen dir goes first.
+        let mut path = match opts.extra_env.iter().rev().find(|(k, _)| k == "PATH") {
+            Some((_, v)) => v.clone(),
+            None => std::env::var("PATH").unwrap_or_default(),
+        };
+        if let Some(dir) = &opts.bin_dir {
+            path = format!("{}:{path}", dir.display());
+        }
         for dir in [
             "/usr/local/sbin",
             "/usr/local/bin",
@@ -400,16 +485,25 @@ temp = {temp}
             }
         }
         let log_file = fs::File::create(&log)?;
-        let mut cmd = Command::new("containerd");
+        let mut cmd = Command::new(&containerd);
         cmd.arg("--config")
             .arg(&config)
             .args(["--log-level", &opts.log_level])
-            .env("PATH", path)
-            .envs(opts.extra_env.iter().map(|(k, v)| (k, v)))
-            .current_dir(&root)
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone()?)
-            .stderr(log_file);
+            .env("PATH", path);
+        // Our shim's delegate: this containerd's runc shim (unless the caller names one).
+        if opts.bin_dir.is_some() && !opts.extra_env.iter().any(|(k, _)| k == DELEGATE_ENV) {
+            cmd.env(DELEGATE_ENV, binary(RUNC_SHIM_BINARY)?);
+        }
+        cmd.envs(
+            opts.extra_env
+                .iter()
+                .filter(|(k, _)| k != "PATH")
+                .map(|(k, v)| (k, v)),
+        )
+        .current_dir(&root)
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file);
         // Kept open until the spawn: the child enters it before exec.
         let netns = match &opts.netns {
             Some(name) => {
@@ -439,6 +533,7 @@ temp = {temp}
             socket,
             log,
             shim: opts.shim.clone(),
+            ctr,
             created_run_dirs,
             cleaned: false,
         };
@@ -543,10 +638,15 @@ temp = {temp}
         lines[lines.len().saturating_sub(n)..].join("\n")
     }
 
+    /// The `ctr` of this containerd.
+    pub fn ctr_binary(&self) -> &Path {
+        &self.ctr
+    }
+
     /// Runs `ctr --address <socket> --namespace k8s.io <args>`, bounded.
     pub fn ctr(&self, args: &[&str]) -> Result<Output> {
         run_bounded(
-            Command::new("ctr")
+            Command::new(&self.ctr)
                 .arg("--address")
                 .arg(&self.socket)
                 .args(["--namespace", K8S_NAMESPACE])
@@ -564,7 +664,7 @@ temp = {temp}
             .collect::<String>();
         let archive = self.dir().join("images").join(format!("{file}.tar"));
         image.write_archive(&archive)?;
-        oci::import(&self.socket, &archive, &image.name, timeout)
+        oci::import(&self.ctr, &self.socket, &archive, &image.name, timeout)
             .with_context(|| format!("importing {}", image.name))?;
         let _ = fs::remove_file(&archive);
         Ok(())
@@ -803,10 +903,10 @@ mod tests {
     /// `containerd config dump` must read back our keys where the CRI plugin looks for them.
     #[test]
     fn containerd_understands_the_config() {
-        if find_in_path("containerd").is_none() {
+        let Some(containerd) = containerd_binary("containerd") else {
             eprintln!("skipped: containerd not installed");
             return;
-        }
+        };
         let dir = tempfile::tempdir().unwrap();
         let opts = ContainerdOptions {
             shim: PathBuf::from("/x/shim"),
@@ -815,7 +915,7 @@ mod tests {
         let config = dir.path().join("config.toml");
         fs::write(&config, Containerd::config_toml(dir.path(), &opts)).unwrap();
         let out = run_bounded(
-            Command::new("containerd")
+            Command::new(containerd)
                 .arg("--config")
                 .arg(&config)
                 .args(["config", "dump"]),

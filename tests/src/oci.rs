@@ -465,11 +465,17 @@ impl Image {
 }
 
 /// Imports the OCI archive at `archive` into containerd at `address` (namespace
-/// [`K8S_NAMESPACE`], where the CRI plugin sees it) with `ctr images import`, then checks that
-/// `image` is listed. Bounded by `timeout`.
-pub fn import(address: &Path, archive: &Path, image: &str, timeout: Duration) -> Result<()> {
+/// [`K8S_NAMESPACE`], where the CRI plugin sees it) with `ctr images import` (`ctr`: that
+/// containerd's), then checks that `image` is listed. Bounded by `timeout`.
+pub fn import(
+    ctr: &Path,
+    address: &Path,
+    archive: &Path,
+    image: &str,
+    timeout: Duration,
+) -> Result<()> {
     let out = crate::containerd::run_bounded(
-        Command::new("ctr")
+        Command::new(ctr)
             .arg("--address")
             .arg(address)
             .args(["--namespace", K8S_NAMESPACE, "images", "import"])
@@ -484,7 +490,7 @@ pub fn import(address: &Path, archive: &Path, image: &str, timeout: Duration) ->
         String::from_utf8_lossy(&out.stderr).trim()
     );
     let listed = crate::containerd::run_bounded(
-        Command::new("ctr").arg("--address").arg(address).args([
+        Command::new(ctr).arg("--address").arg(address).args([
             "--namespace",
             K8S_NAMESPACE,
             "images",
