@@ -7,7 +7,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use containerd_shim::protos::api::{
@@ -19,7 +19,7 @@ use containerd_shim::protos::shim::oci::CheckpointOptions;
 use containerd_shim::protos::ttrpc::context::Context;
 use containerd_shim::protos::types::mount::Mount;
 use containerd_shim::protos::types::task::Status;
-use podmigrate_checkpoint::archive::{self, PackOptions, Source, Versions};
+use podmigrate_checkpoint::archive::{self, ArchiveKey, PackOptions, Source, Versions};
 use podmigrate_checkpoint::layout::{ContainerConfig, CHECKPOINT_DIR, SPEC_DUMP};
 use podmigrate_checkpoint::{criu, rootfs, runc, share};
 use tracing::{info, warn};
@@ -262,6 +262,15 @@ impl Checkpointer<'_> {
         criu_work: &Path,
     ) -> Result<Committed, CheckpointError> {
         let id = self.identity.id.as_str();
+        // Before anything is dumped: a node configured with a key never writes a plain archive.
+        let key = match &self.config.key_file {
+            Some(path) => {
+                Some(Arc::new(ArchiveKey::load(path).map_err(|e| {
+                    step("loading the archive key")(e.to_string())
+                })?))
+            }
+            None => None,
+        };
         let images = local_dir.join(CHECKPOINT_DIR);
         options.exit = false;
         options.image_path = images.display().to_string();
@@ -330,9 +339,8 @@ impl Checkpointer<'_> {
             &self.identity.container,
         )
         .map_err(|e| step("naming the archive")(e.to_string()))?;
-        let parent = archive_path.parent().expect("archive paths have a parent");
-        fs::create_dir_all(parent)
-            .map_err(|e| step(format!("creating {}", parent.display()))(e.to_string()))?;
+        share::create_archive_dir(&self.config.share_root, &archive_path)
+            .map_err(|e| step("creating the archive's directory")(e.to_string()))?;
         let pack_started = Instant::now();
         let summary = archive::pack(
             local_dir,
@@ -348,6 +356,7 @@ impl Checkpointer<'_> {
                     container_id: id.into(),
                 },
                 versions: stack_versions().clone(),
+                key,
                 ..PackOptions::default()
             },
         )
@@ -356,6 +365,7 @@ impl Checkpointer<'_> {
             container = %self.identity.describe(),
             dump_ms = dumped_in.as_millis() as u64,
             pack_ms = pack_started.elapsed().as_millis() as u64,
+            sealed_with = summary.sealed_with.as_deref().unwrap_or("-"),
             "dumped and packed"
         );
         Ok(Committed {

@@ -19,6 +19,8 @@ pub const ENV_ARCHIVE_WAIT: &str = "PODMIGRATE_ARCHIVE_WAIT_SECONDS";
 pub const ENV_DELEGATE: &str = "PODMIGRATE_DELEGATE_SHIM";
 /// This node's name, recorded in archives (the agent's DaemonSet sets it from the downward API).
 pub const ENV_NODE_NAME: &str = "NODE_NAME";
+/// The cluster's archive key: when set, archives are sealed, and only sealed ones restore.
+pub const ENV_KEY_FILE: &str = "PODMIGRATE_KEY_FILE";
 
 /// kubelet gives a StartContainer two minutes by default; waiting longer would only turn our
 /// clear error into its timeout.
@@ -32,6 +34,8 @@ pub struct ShimConfig {
     pub archive_wait: Duration,
     pub delegate: PathBuf,
     pub node_name: String,
+    /// Read at each checkpoint and restore, so a rotated key applies to running shims.
+    pub key_file: Option<PathBuf>,
 }
 
 impl ShimConfig {
@@ -57,6 +61,7 @@ impl ShimConfig {
                     .map(|h| h.trim().to_string())
                     .unwrap_or_default()
             }),
+            key_file: var(ENV_KEY_FILE).map(PathBuf::from),
         }
     }
 }

@@ -44,6 +44,11 @@ pub struct AgentArgs {
     /// How long a clone may take to run once the archives are committed.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     pub clone_timeout: Duration,
+    /// The cluster's archive key (the Secret's file): the agent authenticates the archives it
+    /// records with it. The shim reads its own copy (PODMIGRATE_KEY_FILE in containerd's
+    /// environment).
+    #[arg(long, env = "PODMIGRATE_KEY_FILE", value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
 }
 
 pub fn run(args: AgentArgs) -> anyhow::Result<()> {
@@ -74,6 +79,7 @@ async fn serve(args: AgentArgs) -> anyhow::Result<()> {
         checkpoint_timeout: args.checkpoint_timeout,
         clone_timeout: args.clone_timeout,
         poll_interval: Duration::from_millis(250),
+        key_file: args.key_file,
     };
     info!(node = %config.node_name, share = %config.share_root.display(), max_outbound = config.max_outbound, "agent starting");
     let agent = Arc::new(Agent::new(
