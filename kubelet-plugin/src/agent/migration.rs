@@ -45,8 +45,8 @@ pub struct AgentConfig {
     pub clone_timeout: Duration,
     /// How often to look at the clone while waiting for it.
     pub poll_interval: Duration,
-    /// The cluster's archive key, which sealed the archives this agent checks (read at each
-    /// use, so a rotated key applies without a restart).
+    /// The cluster's archive key, which sealed the archives this agent checks, when the file
+    /// exists (read at each use, so a rotated key applies without a restart).
     pub key_file: Option<PathBuf>,
 }
 
@@ -504,10 +504,13 @@ impl Agent {
         let source_name = source.metadata.name.clone().unwrap_or_default();
         let mut digests = Vec::new();
         let mut bytes = 0u64;
+        // The key if one is installed: the shims enforce the key policy, the agent only reads
+        // the archives they wrote.
         let key = self
             .config
             .key_file
             .as_deref()
+            .filter(|path| path.exists())
             .map(archive::ArchiveKey::load)
             .transpose();
         for c in targets {

@@ -44,9 +44,9 @@ pub struct AgentArgs {
     /// How long a clone may take to run once the archives are committed.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     pub clone_timeout: Duration,
-    /// The cluster's archive key (the Secret's file): the agent authenticates the archives it
-    /// records with it. The shim reads its own copy (PODMIGRATE_KEY_FILE in containerd's
-    /// environment).
+    /// The cluster's archive key as installed on the node (`podmigrate key install`): when the
+    /// file exists, the agent authenticates the archives it records with it. The shim, which
+    /// enforces the key policy, reads PODMIGRATE_KEY_FILE from containerd's environment.
     #[arg(long, env = "PODMIGRATE_KEY_FILE", value_name = "FILE")]
     pub key_file: Option<PathBuf>,
 }
