@@ -8,11 +8,15 @@
 #             `zip -1 -r` / `unzip`, side by side; prints times, sizes, peak RSS and PASS/FAIL
 #             against the targets, and rewrites the "Archive: pack and unpack" section of
 #             docs/benchmarks.md with the measured numbers.
+#   sealed    pack/unpack the same kind of checkpoint plain and sealed (`--key-file`, a random
+#             key), interleaved; prints the sealing overhead against the 10% target and rewrites
+#             the "Archive: sealed vs plain" section of docs/benchmarks.md.
 #
 # Environment (archive):
 #   MIB=1024      ballast of the checkpointed counter, in MiB (30% random, 70% text)
 #   RUNS=5        timed runs per tool, interleaved; the best (shortest) run is reported
 #   BENCH_TMP=/var/tmp   where the temporary bundle, checkpoint and archives go (~4x MIB)
+#   (sealed takes MIB, RUNS, BENCH_TMP, SKIP_SETUP, SKIP_BUILD, NO_DOCS, KEEP and CRIU too)
 #   SKIP_SETUP=1  do not run scripts/setup.sh (it is idempotent, and quick once all is installed)
 #   SKIP_BUILD=1  use target/release/podmigrate and target/counter/counter as they are
 #   NO_DOCS=1     do not touch docs/benchmarks.md
@@ -32,7 +36,7 @@ log() { printf '[bench] %s\n' "$*" >&2; }
 die() { printf '[bench] error: %s\n' "$*" >&2; exit 1; }
 
 usage() {
-  sed -n '4,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  sed -n '4,28p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 # --- shared steps ---------------------------------------------------------------------------------
@@ -461,10 +465,151 @@ print(f"updated {docs}")
 PY
 }
 
+# Plain vs sealed pack and unpack of one real checkpoint, interleaved (the order alternates
+# between runs, so neither always runs right after the other).
+bench_sealed() {
+  MIB=${MIB:-1024}
+  RUNS=${RUNS:-7}
+  [[ $MIB =~ ^[1-9][0-9]*$ ]] || die "MIB must be a positive integer, not '$MIB'"
+  [[ $RUNS =~ ^[1-9][0-9]*$ ]] || die "RUNS must be a positive integer, not '$RUNS'"
+  ensure_setup
+  build
+  "$PM" pack --help | grep -q -- --key-file || die "$PM has no --key-file option"
+
+  local tmp=${BENCH_TMP:-/var/tmp}
+  W=$(mktemp -d "$tmp/podmigrate-bench.XXXXXX")
+  RUNC_ROOT=$W/runc-state
+  CT=pmbench-sealed-$$
+  trap cleanup EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+
+  make_checkpoint
+  (umask 077 && head -c 32 /dev/urandom >"$W/key")
+  find "$CK" -type f -exec cat {} + >/dev/null
+  RESULTS=$W/results.tsv
+  : >"$RESULTS"
+  local run load_start order kind
+  load_start=$(cut -d' ' -f1-3 /proc/loadavg)
+  for run in $(seq 0 "$RUNS"); do
+    if [ $((run % 2)) = 0 ]; then order="plain sealed"; else order="sealed plain"; fi
+    for kind in $order; do
+      local key=()
+      [ "$kind" = sealed ] && key=(--key-file "$W/key")
+      rm -f "$W/$kind.zip"
+      timed "$kind" pack "$run" "$W/$kind.zip" "$PM" pack "$CK" "$W/$kind.zip" "${key[@]}"
+    done
+    for kind in $order; do
+      local key=()
+      [ "$kind" = sealed ] && key=(--key-file "$W/key")
+      rm -rf "$W/$kind.out"
+      timed "$kind" unpack "$run" "$W" "$PM" unpack "$W/$kind.zip" "$W/$kind.out" "${key[@]}"
+    done
+  done
+  diff -r "$CK" "$W/sealed.out" >/dev/null || die "sealed unpack did not reproduce the checkpoint"
+  diff -r "$CK" "$W/plain.out" >/dev/null || die "plain unpack did not reproduce the checkpoint"
+  "$PM" inspect "$W/sealed.zip" --key-file "$W/key" | grep -q '^Sealed: AES-256-GCM' \
+    || die "the sealed archive does not say it is sealed"
+
+  local docs=$DOCS rev
+  [ "${NO_DOCS:-0}" = 1 ] && docs=""
+  rev=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
+  [ -z "$(git -C "$ROOT" status --porcelain 2>/dev/null)" ] || rev="$rev (with uncommitted changes)"
+  RESULTS=$RESULTS DOCS_OUT=$docs LOAD="$load_start / $(cut -d' ' -f1-3 /proc/loadavg)" MIB=$MIB \
+  RUNS=$RUNS CK_BYTES=$CK_BYTES CK_FILES=$CK_FILES REV=$rev \
+  PLAIN_BYTES=$(stat -c %s "$W/plain.zip") SEALED_BYTES=$(stat -c %s "$W/sealed.zip") \
+  CPU_MODEL=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo) NCPU=$(nproc) \
+  KERNEL=$(uname -r) FS="$(df -T "$W" | awk 'NR == 2 { print $2 }')" \
+  CPU_FLAGS="$(grep -o -w -E 'aes|pclmulqdq|avx2|vaes|vpclmulqdq' /proc/cpuinfo | sort -u | tr '\n' ' ')" \
+  python3 - <<'PY'
+import datetime, os, statistics
+
+env = os.environ
+rows = [l.rstrip("\n").split("\t") for l in open(env["RESULTS"]) if l.strip()]
+
+def pick(kind, op):
+    rs = [r for r in rows if r[0] == kind and r[1] == op and r[2] != "0"]
+    wall = [float(r[3]) for r in rs]
+    return {"best": min(wall), "median": statistics.median(wall), "all": wall,
+            "cpu": statistics.median(float(r[6]) for r in rs),
+            "rss": max(int(r[5]) for r in rs) / 1024}
+
+pp, sp = pick("plain", "pack"), pick("sealed", "pack")
+pu, su = pick("plain", "unpack"), pick("sealed", "unpack")
+pct = lambda a, b: f"{(b / a - 1) * 100:+.1f}%"
+table = [
+    ("pack time, best (s)", f"{pp['best']:.2f}", f"{sp['best']:.2f}", pct(pp["best"], sp["best"])),
+    ("pack time, median (s)", f"{pp['median']:.2f}", f"{sp['median']:.2f}", pct(pp["median"], sp["median"])),
+    ("pack CPU user+sys, median (s)", f"{pp['cpu']:.2f}", f"{sp['cpu']:.2f}", pct(pp["cpu"], sp["cpu"])),
+    ("unpack time, best (s)", f"{pu['best']:.2f}", f"{su['best']:.2f}", pct(pu["best"], su["best"])),
+    ("unpack time, median (s)", f"{pu['median']:.2f}", f"{su['median']:.2f}", pct(pu["median"], su["median"])),
+    ("archive size (bytes)", env["PLAIN_BYTES"], env["SEALED_BYTES"],
+     pct(int(env["PLAIN_BYTES"]), int(env["SEALED_BYTES"]))),
+    ("peak RSS, pack (MiB)", f"{pp['rss']:.0f}", f"{sp['rss']:.0f}", ""),
+]
+ok_best = sp["best"] <= pp["best"] * 1.10
+ok_median = sp["median"] <= pp["median"] * 1.10
+verdict = lambda ok: "PASS" if ok else "FAIL"
+w = max(len(r[0]) for r in table)
+print()
+print(f"sealed vs plain: checkpoint {int(env['CK_BYTES']) / 2**20:.0f} MiB, {env['RUNS']} interleaved runs")
+print(f"  {'':{w}}  {'plain':>10}  {'sealed':>10}  sealed vs plain")
+for n, a, b, c in table:
+    print(f"  {n:{w}}  {a:>10}  {b:>10}  {c}")
+print(f"  runs (s): plain pack {pp['all']}, sealed pack {sp['all']}, plain unpack {pu['all']}, sealed unpack {su['all']}")
+print(f"  load average (1/5/15 min) before / after: {env['LOAD']}")
+print(f"  {verdict(ok_best)}  sealed pack within 10% of plain (best runs): {pct(pp['best'], sp['best'])}")
+print(f"  {verdict(ok_median)}  sealed pack within 10% of plain (medians): {pct(pp['median'], sp['median'])}")
+docs = env.get("DOCS_OUT")
+if not docs:
+    raise SystemExit(0)
+now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+heading = "## Archive: sealed vs plain"
+lines = [
+    heading, "",
+    f"Measured {now} by `scripts/bench.sh sealed` (`MIB={env['MIB']} RUNS={env['RUNS']}`) on "
+    f"{env['CPU_MODEL']}, {env['NCPU']} cores (CPU flags: {env['CPU_FLAGS'].strip()}), kernel "
+    f"{env['KERNEL']}, {env['FS']} on /var/tmp; podmigrate at {env['REV']}.", "",
+    f"Input: a real checkpoint of the `counter` test app with {env['MIB']} MiB of ballast, as in "
+    f"the section above ({env['CK_FILES']} files, {int(env['CK_BYTES']) / 2**20:.0f} MiB). Compared: "
+    f"`podmigrate pack` and `unpack` without a key and with `--key-file` (a random 32-byte key: "
+    f"AES-256-GCM per chunk, see architecture.md). Method: {env['RUNS']} runs after a warm-up run, "
+    f"plain and sealed interleaved with their order alternating between runs, warm page cache, "
+    f"a global `sync` before each command; wall clock. The machine is shared with other work; "
+    f"load average (1/5/15 min) before / after the timed runs: {env['LOAD']}.", "",
+    "| | plain | sealed | sealed vs plain |", "|---|---:|---:|---|",
+]
+lines += [f"| {n} | {a} | {b} | {c} |" for n, a, b, c in table]
+lines += ["", "| target | measured | result |", "|---|---:|---|",
+          f"| sealed pack within 10% of plain (best runs) | {pct(pp['best'], sp['best'])} | {verdict(ok_best)} |",
+          f"| sealed pack within 10% of plain (medians) | {pct(pp['median'], sp['median'])} | {verdict(ok_median)} |",
+          "", f"All runs (s): plain pack {pp['all']}, sealed pack {sp['all']}, plain unpack "
+          f"{pu['all']}, sealed unpack {su['all']}.", ""]
+section = "\n".join(lines) + "\n"
+text = open(docs).read()
+lines_in = text.splitlines(keepends=True)
+start = next((i for i, l in enumerate(lines_in) if l.rstrip("\n") == heading), None)
+if start is None:
+    before, after = text, ""
+else:
+    end = next((i for i in range(start + 1, len(lines_in)) if lines_in[i].startswith("## ")),
+               len(lines_in))
+    before, after = "".join(lines_in[:start]), "".join(lines_in[end:])
+result = before.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
+if after:
+    result += "\n" + after
+tmp = docs + ".tmp"
+open(tmp, "w").write(result)
+os.replace(tmp, docs)
+print(f"updated {docs}")
+PY
+}
+
 # --- dispatch -------------------------------------------------------------------------------------
 
 case ${1:-} in
   archive) shift; bench_archive "$@" ;;
+  sealed) shift; bench_sealed "$@" ;;
   -h | --help | help) usage ;;
   *)
     [ -n "${1:-}" ] && printf '[bench] unknown mode: %s\n\n' "$1" >&2

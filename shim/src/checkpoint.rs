@@ -7,7 +7,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use containerd_shim::protos::api::{
@@ -19,7 +19,7 @@ use containerd_shim::protos::shim::oci::CheckpointOptions;
 use containerd_shim::protos::ttrpc::context::Context;
 use containerd_shim::protos::types::mount::Mount;
 use containerd_shim::protos::types::task::Status;
-use podmigrate_checkpoint::archive::{self, PackOptions, Source, Versions};
+use podmigrate_checkpoint::archive::{self, ArchiveKey, PackOptions, Source, Versions};
 use podmigrate_checkpoint::bandwidth::Bandwidth;
 use podmigrate_checkpoint::layout::{ContainerConfig, CHECKPOINT_DIR, SPEC_DUMP};
 use podmigrate_checkpoint::{criu, rootfs, runc, share};
@@ -279,6 +279,15 @@ impl Checkpointer<'_> {
         criu_work: &Path,
     ) -> Result<Committed, CheckpointError> {
         let id = self.identity.id.as_str();
+        // Before anything is dumped: a node configured with a key never writes a plain archive.
+        let key = match &self.config.key_file {
+            Some(path) => {
+                Some(Arc::new(ArchiveKey::load(path).map_err(|e| {
+                    step("loading the archive key")(e.to_string())
+                })?))
+            }
+            None => None,
+        };
         let images = local_dir.join(CHECKPOINT_DIR);
         options.exit = false;
         options.image_path = images.display().to_string();
@@ -347,9 +356,8 @@ impl Checkpointer<'_> {
             &self.identity.container,
         )
         .map_err(|e| step("naming the archive")(e.to_string()))?;
-        let parent = archive_path.parent().expect("archive paths have a parent");
-        fs::create_dir_all(parent)
-            .map_err(|e| step(format!("creating {}", parent.display()))(e.to_string()))?;
+        share::create_archive_dir(&self.config.share_root, &archive_path)
+            .map_err(|e| step("creating the archive's directory")(e.to_string()))?;
         let bandwidth = self.bandwidth()?;
         let pack_started = Instant::now();
         let summary = archive::pack(
@@ -367,6 +375,7 @@ impl Checkpointer<'_> {
                 },
                 versions: stack_versions().clone(),
                 bandwidth,
+                key,
                 ..PackOptions::default()
             },
         )
@@ -377,6 +386,7 @@ impl Checkpointer<'_> {
             pack_ms = pack_started.elapsed().as_millis() as u64,
             throttled_ms = summary.throttled.as_millis() as u64,
             %bandwidth,
+            sealed_with = summary.sealed_with.as_deref().unwrap_or("-"),
             "dumped and packed"
         );
         Ok(Committed {

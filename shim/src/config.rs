@@ -23,6 +23,8 @@ pub const ENV_DELEGATE: &str = "PODMIGRATE_DELEGATE_SHIM";
 pub const ENV_BANDWIDTH: &str = "PODMIGRATE_BANDWIDTH_PER_MIGRATION";
 /// This node's name, recorded in archives (the agent's DaemonSet sets it from the downward API).
 pub const ENV_NODE_NAME: &str = "NODE_NAME";
+/// The cluster's archive key: when set, archives are sealed, and only sealed ones restore.
+pub const ENV_KEY_FILE: &str = "PODMIGRATE_KEY_FILE";
 
 /// kubelet gives a StartContainer two minutes by default; waiting longer would only turn our
 /// clear error into its timeout.
@@ -38,6 +40,8 @@ pub struct ShimConfig {
     pub node_name: String,
     /// A malformed value fails each checkpoint with its error rather than packing uncapped.
     pub bandwidth: Result<Bandwidth, BandwidthError>,
+    /// Read at each checkpoint and restore, so a rotated key applies to running shims.
+    pub key_file: Option<PathBuf>,
 }
 
 impl ShimConfig {
@@ -65,6 +69,7 @@ impl ShimConfig {
             }),
             bandwidth: var(ENV_BANDWIDTH)
                 .map_or(Ok(Bandwidth::UNLIMITED), |v| Bandwidth::parse(&v)),
+            key_file: var(ENV_KEY_FILE).map(PathBuf::from),
         }
     }
 }

@@ -101,8 +101,17 @@ pub fn prepare(
                 .map_err(|e| format!("creating {}: {e}", parent.display()))?;
         }
         let unpack_started = Instant::now();
-        let verified = archive::unpack(&archive, &dir, &UnpackOptions::default())
-            .map_err(|e| e.to_string())?;
+        let key = match &config.key_file {
+            Some(path) => Some(std::sync::Arc::new(
+                archive::ArchiveKey::load(path).map_err(|e| e.to_string())?,
+            )),
+            None => None,
+        };
+        let options = UnpackOptions {
+            key,
+            ..UnpackOptions::default()
+        };
+        let verified = archive::unpack(&archive, &dir, &options).map_err(|e| e.to_string())?;
         let made_by = verified.manifest.versions.clone().unwrap_or_default().criu;
         if let Some(refusal) = criu::restore_refusal(&made_by, local_criu_version()) {
             return Err(refusal);

@@ -62,6 +62,7 @@ async fn start_agent(
             checkpoint_timeout: Duration::from_secs(30),
             clone_timeout: Duration::from_secs(30),
             poll_interval: Duration::from_millis(100),
+            key_file: None,
         },
         Arc::new(Metrics::default()),
         Recorder::new(

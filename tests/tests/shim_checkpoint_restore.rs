@@ -755,14 +755,26 @@ fn tamper_spec(archive_path: &Path, scratch: &Path) {
     let dir = scratch.join("tampered");
     let verified = archive::unpack(archive_path, &dir, &Default::default()).unwrap();
     let all_caps = serde_json::json!([
-        "CAP_SYS_ADMIN", "CAP_SYS_MODULE", "CAP_SYS_PTRACE", "CAP_SYS_RAWIO", "CAP_NET_ADMIN",
-        "CAP_DAC_READ_SEARCH", "CAP_MKNOD", "CAP_CHOWN", "CAP_KILL", "CAP_SETUID", "CAP_SETGID"
+        "CAP_SYS_ADMIN",
+        "CAP_SYS_MODULE",
+        "CAP_SYS_PTRACE",
+        "CAP_SYS_RAWIO",
+        "CAP_NET_ADMIN",
+        "CAP_DAC_READ_SEARCH",
+        "CAP_MKNOD",
+        "CAP_CHOWN",
+        "CAP_KILL",
+        "CAP_SETUID",
+        "CAP_SETGID"
     ]);
     let mut spec: serde_json::Value =
         serde_json::from_slice(&fs::read(dir.join(SPEC_DUMP)).unwrap()).unwrap();
-    spec["mounts"].as_array_mut().unwrap().push(serde_json::json!({
-        "destination": "/host-etc", "type": "bind", "source": "/etc", "options": ["rbind", "rw"]
-    }));
+    spec["mounts"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "destination": "/host-etc", "type": "bind", "source": "/etc", "options": ["rbind", "rw"]
+        }));
     for set in ["bounding", "effective", "permitted"] {
         spec["process"]["capabilities"][set] = all_caps.clone();
     }
@@ -820,7 +832,10 @@ async fn a_tampered_spec_in_the_archive_changes_nothing_the_clone_gets() {
         .await
         .unwrap();
     tamper_spec(&node.archive("counter"), &node.scratch.path().to_path_buf());
-    step(t0, "source checkpointed; archive's spec.dump and config.dump tampered");
+    step(
+        t0,
+        "source checkpointed; archive's spec.dump and config.dump tampered",
+    );
 
     let clone_pod = node.pod("counter-clone", &[(CLONE_POD, "counter")]).await;
     let clone_id = node.create_counter(&clone_pod, port).await;
@@ -832,7 +847,11 @@ async fn a_tampered_spec_in_the_archive_changes_nothing_the_clone_gets() {
         .wait_container_state(&clone_id, ContainerState::ContainerRunning, WAIT)
         .await
         .unwrap();
-    assert_eq!(counter_hit(port).unwrap(), 4, "the clone restores the process");
+    assert_eq!(
+        counter_hit(port).unwrap(),
+        4,
+        "the clone restores the process"
+    );
     step(t0, "clone restored from the tampered archive");
 
     // The spec runc ran the clone with is the clone pod's, from containerd.
@@ -872,7 +891,10 @@ async fn a_tampered_spec_in_the_archive_changes_nothing_the_clone_gets() {
     assert_eq!(clone_caps, source_caps, "restored process capabilities");
     let exec_caps = cap_eff(&node.exec_cat(&clone_id, "/proc/self/status").await.unwrap());
     assert_eq!(exec_caps, source_caps, "exec'd process capabilities");
-    step(t0, "no mount, device, capability or annotation from the archive's spec");
+    step(
+        t0,
+        "no mount, device, capability or annotation from the archive's spec",
+    );
 
     node.teardown().await;
     node.assert_no_restore_residue(&clone_id);

@@ -66,6 +66,18 @@ pub fn archive_path(
         .join(format!("{}.zip", component("container", container)?)))
 }
 
+/// Creates the directories between the share root and `archive` (namespace, then pod), mode
+/// 0700: archives are 0600 and only root on the nodes reads them, so other users need not
+/// even see which pods were checkpointed. Directories that exist are left as they are.
+pub fn create_archive_dir(share_root: &Path, archive: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    let parent = archive.parent().unwrap_or(share_root);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(parent)
+}
+
 /// Waits until `path` exists, polling, for at most `timeout`. `progress` is called about every
 /// `progress_every` with the time waited so far, so a long wait shows in the logs; returning
 /// `Err(reason)` from it cancels the wait.
@@ -126,6 +138,19 @@ mod tests {
         ] {
             assert!(archive_path(root, ns, pod, c).is_err(), "{ns}/{pod}/{c}");
         }
+    }
+
+    #[test]
+    fn archive_directories_are_per_namespace_and_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let share = tempfile::tempdir().unwrap();
+        let archive = archive_path(share.path(), "team-a", "counter", "app").unwrap();
+        create_archive_dir(share.path(), &archive).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&share.path().join("team-a")), 0o700);
+        assert_eq!(mode(&share.path().join("team-a/counter")), 0o700);
+        // Idempotent: a second checkpoint of the same pod finds them there.
+        create_archive_dir(share.path(), &archive).unwrap();
     }
 
     #[test]

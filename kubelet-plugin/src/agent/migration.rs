@@ -45,6 +45,9 @@ pub struct AgentConfig {
     pub clone_timeout: Duration,
     /// How often to look at the clone while waiting for it.
     pub poll_interval: Duration,
+    /// The cluster's archive key, which sealed the archives this agent checks, when the file
+    /// exists (read at each use, so a rotated key applies without a restart).
+    pub key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -534,11 +537,24 @@ impl Agent {
         let source_name = source.metadata.name.clone().unwrap_or_default();
         let mut digests = Vec::new();
         let mut bytes = 0u64;
+        // The key if one is installed: the shims enforce the key policy, the agent only reads
+        // the archives they wrote.
+        let key = self
+            .config
+            .key_file
+            .as_deref()
+            .filter(|path| path.exists())
+            .map(archive::ArchiveKey::load)
+            .transpose();
         for c in targets {
             let Some(path) = self.archive_path(&namespace, &source_name, &c.name) else {
                 continue;
             };
-            match archive::open(&path) {
+            let opened = match &key {
+                Ok(key) => archive::open_with_key(&path, key.as_ref()).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match opened {
                 Ok(opened) => {
                     digests.push(format!("{}={}", c.name, opened.manifest_sha256));
                     bytes += opened.archive_bytes;

@@ -14,6 +14,8 @@ use podmigrate_checkpoint::layout::{ContainerConfig, CHECKPOINT_DIR, ROOTFS_DIFF
 use podmigrate_checkpoint::{criu, runc};
 use serde_json::json;
 
+use super::key::KeyArgs;
+
 #[derive(Debug, Args)]
 pub struct PackArgs {
     /// The checkpoint directory (CRIU images under checkpoint/, plus rootfs-diff.tar etc.).
@@ -60,6 +62,8 @@ pub struct PackArgs {
     /// runc version that made the checkpoint (default: this node's `runc --version`).
     #[arg(long)]
     pub runc_version: Option<String>,
+    #[command(flatten)]
+    pub key: KeyArgs,
 }
 
 #[derive(Debug, Args)]
@@ -70,6 +74,8 @@ pub struct UnpackArgs {
     /// Worker threads (default: one per core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    #[command(flatten)]
+    pub key: KeyArgs,
 }
 
 #[derive(Debug, Args)]
@@ -78,6 +84,8 @@ pub struct VerifyArgs {
     /// Worker threads (default: one per core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    #[command(flatten)]
+    pub key: KeyArgs,
 }
 
 #[derive(Debug, Args)]
@@ -86,6 +94,8 @@ pub struct InspectArgs {
     /// Print the manifest as JSON.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub key: KeyArgs,
 }
 
 pub fn pack(args: PackArgs) -> anyhow::Result<()> {
@@ -116,10 +126,11 @@ pub fn pack(args: PackArgs) -> anyhow::Result<()> {
             podmigrate: env!("CARGO_PKG_VERSION").to_string(),
         },
         bandwidth: args.bandwidth,
+        key: args.key.load()?,
     };
     let summary = archive::pack(&args.checkpoint_dir, &args.archive, &options).context("pack")?;
     println!(
-        "packed {} -> {}: {} entries, {} -> {} ({}, {:.0}%) in {:.2}s{}, manifest sha256 {}",
+        "packed {} -> {}: {} entries, {} -> {} ({}, {:.0}%{}) in {:.2}s{}, manifest sha256 {}",
         args.checkpoint_dir.display(),
         summary.archive.display(),
         summary.entries,
@@ -127,6 +138,7 @@ pub fn pack(args: PackArgs) -> anyhow::Result<()> {
         human_bytes(summary.archive_bytes),
         options.compression,
         100.0 * summary.archive_bytes as f64 / summary.content_bytes.max(1) as f64,
+        sealed_note(summary.sealed_with.as_deref()),
         summary.elapsed.as_secs_f64(),
         if options.bandwidth.is_unlimited() {
             String::new()
@@ -145,6 +157,7 @@ pub fn pack(args: PackArgs) -> anyhow::Result<()> {
 pub fn unpack(args: UnpackArgs) -> anyhow::Result<()> {
     let options = UnpackOptions {
         threads: args.threads,
+        key: args.key.load()?,
     };
     let verified = archive::unpack(&args.archive, &args.dest_dir, &options).context("unpack")?;
     println!(
@@ -161,12 +174,14 @@ pub fn unpack(args: UnpackArgs) -> anyhow::Result<()> {
 pub fn verify(args: VerifyArgs) -> anyhow::Result<()> {
     let options = UnpackOptions {
         threads: args.threads,
+        key: args.key.load()?,
     };
     let verified = archive::verify(&args.archive, &options).context("verify")?;
     println!(
-        "ok {}: {} entries, {} verified in {:.2}s, manifest sha256 {}",
+        "ok {}: {} entries{}, {} verified in {:.2}s, manifest sha256 {}",
         args.archive.display(),
         verified.manifest.entries.len(),
+        sealed_note(options.key.as_ref().map(|k| k.id())),
         human_bytes(verified.content_bytes),
         verified.elapsed.as_secs_f64(),
         verified.manifest_sha256,
@@ -175,7 +190,8 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<()> {
 }
 
 pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
-    let opened = archive::open(&args.archive)
+    let key = args.key.load()?;
+    let opened = archive::open_with_key(&args.archive, key.as_deref())
         .with_context(|| format!("inspect {}", args.archive.display()))?;
     let manifest = &opened.manifest;
     let sizes = CheckpointSizes::of(manifest);
@@ -233,6 +249,13 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
         human_bytes(manifest.chunk_size),
         dash(&versions.kernel),
         dash(&versions.podmigrate),
+    );
+    println!(
+        "Sealed: {}",
+        match opened.sealed_with() {
+            Some(id) => format!("AES-256-GCM, key id {id}"),
+            None => "no".to_string(),
+        }
     );
     println!("Manifest SHA-256: {}\n", opened.manifest_sha256);
     let mut entries = Table::new();
@@ -308,6 +331,7 @@ fn manifest_json(
         "archive": path,
         "archiveSize": opened.archive_bytes,
         "manifestSha256": opened.manifest_sha256,
+        "sealedWithKeyId": opened.sealed_with(),
         "formatVersion": m.format_version,
         "createdAt": m.created_at,
         "compression": opened.compression().to_string(),
@@ -344,6 +368,11 @@ fn manifest_json(
             })
         }).collect::<Vec<_>>(),
     })
+}
+
+/// ", sealed with key <id>" when a key sealed or opened the archive.
+fn sealed_note(key_id: Option<&str>) -> String {
+    key_id.map_or_else(String::new, |id| format!(", sealed with key {id}"))
 }
 
 fn qualified(namespace: &str, pod: &str) -> String {

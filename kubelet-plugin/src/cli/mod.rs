@@ -5,6 +5,7 @@ pub mod apply;
 mod archive;
 pub mod clone_pod;
 mod gc;
+mod key;
 mod migrate;
 mod status;
 
@@ -40,6 +41,9 @@ pub enum Command {
     Verify(archive::VerifyArgs),
     /// Show an archive's manifest and sizes, like `checkpointctl show`.
     Inspect(archive::InspectArgs),
+    /// Manage the cluster's archive key (install it on a node, show its id).
+    #[command(subcommand)]
+    Key(key::KeyCommand),
     /// Move a running pod to another node (`kubectl migrate` runs this).
     Migrate(migrate::MigrateArgs),
     /// Create Pods from a manifest, moving `spec.clonePod` into the clone annotation.
@@ -58,6 +62,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Unpack(args) => archive::unpack(args),
         Command::Verify(args) => archive::verify(args),
         Command::Inspect(args) => archive::inspect(args),
+        Command::Key(command) => key::run(command),
         Command::Migrate(args) => migrate::run(args),
         Command::Apply(args) => apply::run(args),
         Command::Status(args) => status::run(args),

@@ -42,6 +42,16 @@ pub enum ArchiveError {
     BadInput { path: PathBuf, reason: String },
     #[error("{path}: destination exists and is not an empty directory")]
     DestinationNotEmpty { path: PathBuf },
+    #[error("{path}: the archive is sealed (encrypted and authenticated) and this node has no archive key to open it; configure the cluster's key (PODMIGRATE_KEY_FILE, or --key-file)")]
+    KeyRequired { path: PathBuf },
+    #[error("{path}: the archive is not sealed, and a node with an archive key refuses unsealed archives (they could be forged)")]
+    NotSealed { path: PathBuf },
+    #[error("{path}: {what} failed authentication ({reason}); the archive is refused")]
+    Unauthentic {
+        path: PathBuf,
+        what: String,
+        reason: String,
+    },
 }
 
 impl ArchiveError {
@@ -59,6 +69,29 @@ impl ArchiveError {
             path: path.into(),
             name: name.into(),
             reason: reason.into(),
+        }
+    }
+
+    /// A sealed archive that did not authenticate.
+    pub(crate) fn unauthentic(
+        path: impl Into<PathBuf>,
+        what: impl Into<String>,
+        problem: super::seal::SealProblem,
+    ) -> Self {
+        use super::seal::SealProblem;
+        let reason = match problem {
+            SealProblem::Envelope(reason) => reason,
+            SealProblem::OtherKey { archive, node } => {
+                format!("sealed with another key: key id {archive}, this node's key id {node}")
+            }
+            SealProblem::Forged => {
+                "altered or damaged since it was sealed, or sealed with another key".to_string()
+            }
+        };
+        ArchiveError::Unauthentic {
+            path: path.into(),
+            what: what.into(),
+            reason,
         }
     }
 

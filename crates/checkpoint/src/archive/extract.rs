@@ -16,14 +16,18 @@ use tracing::info;
 
 use super::codec::decompress_chunk;
 use super::error::ArchiveError;
+use super::key::ArchiveKey;
 use super::pipeline::{self, BufferPool};
-use super::read::{open, OpenArchive};
+use super::read::{open_with_key, OpenArchive};
 use super::worker_threads;
 
 #[derive(Debug, Clone, Default)]
 pub struct UnpackOptions {
     /// Worker threads; 0 means one per core.
     pub threads: usize,
+    /// This node's archive key: with one, only archives sealed with it are read; without one,
+    /// sealed archives are refused.
+    pub key: Option<Arc<ArchiveKey>>,
 }
 
 /// A verified archive's manifest and what reading it cost.
@@ -39,7 +43,7 @@ pub struct Verified {
 /// Checks every entry of `archive` against its manifest without writing anything.
 pub fn verify(archive: &Path, options: &UnpackOptions) -> Result<Verified, ArchiveError> {
     let started = Instant::now();
-    let opened = open(archive)?;
+    let opened = open_with_key(archive, options.key.as_deref())?;
     stream(&opened, options, None)?;
     Ok(finish(opened, started, "verified archive"))
 }
@@ -54,7 +58,7 @@ pub fn unpack(
     options: &UnpackOptions,
 ) -> Result<Verified, ArchiveError> {
     let started = Instant::now();
-    let opened = open(archive)?;
+    let opened = open_with_key(archive, options.key.as_deref())?;
     let created_dest = prepare_destination(dest)?;
     let staging = dest.join(format!(".podmigrate-unpack-{}", std::process::id()));
     let mut guard = Cleanup {
@@ -167,6 +171,8 @@ fn apply_metadata(path: &Path, entry: &Entry) -> Result<(), ArchiveError> {
 
 struct Compressed {
     entry: usize,
+    /// The chunk's number within its entry.
+    index: usize,
     data: Vec<u8>,
     expected_len: usize,
     last: bool,
@@ -195,9 +201,10 @@ fn stream(
     let chunk_size = manifest.chunk_size;
     let compression = opened.compression;
     let workers = worker_threads(options.threads);
+    // A sealed entry's CRC-32 covers its sealed bytes; its AEAD tags are the stronger check.
     let expected_crc: Vec<Option<u32>> = {
         let mut crcs = vec![None; manifest.entries.len()];
-        for d in &opened.data {
+        for d in opened.data.iter().filter(|_| opened.sealer.is_none()) {
             crcs[d.entry] = Some(d.crc32);
         }
         crcs
@@ -249,6 +256,7 @@ fn stream(
                         offset += compressed_len;
                         let job = Compressed {
                             entry: location.entry,
+                            index: k,
                             data,
                             expected_len,
                             last: k + 1 == chunks,
@@ -261,7 +269,19 @@ fn stream(
                 Ok(())
             },
             || {
-                |job: Compressed| {
+                |mut job: Compressed| {
+                    if let Some(sealer) = &opened.sealer {
+                        let name = &manifest.entries[job.entry].name;
+                        sealer
+                            .open_chunk(job.entry, job.index, job.last, name, &mut job.data)
+                            .map_err(|problem| {
+                                ArchiveError::unauthentic(
+                                    path,
+                                    format!("entry {name:?} chunk {}", job.index),
+                                    problem,
+                                )
+                            })?;
+                    }
                     let mut data = plain_buffers.get(0);
                     decompress_chunk(
                         compression,
@@ -304,7 +324,7 @@ fn stream(
                 recycle(plain_buffers, chunk.data);
                 if chunk.last {
                     let (index, file, crc) = current.take().expect("entry is open");
-                    if Some(crc.finalize()) != expected_crc[index] {
+                    if opened.sealer.is_none() && Some(crc.finalize()) != expected_crc[index] {
                         return Err(ArchiveError::bad_entry(
                             path,
                             &entry.name,

@@ -43,7 +43,10 @@ pub(crate) fn entry_name_problem(name: &str) -> Option<&'static str> {
             _ => {}
         }
     }
-    if name == MANIFEST_ENTRY {
+    if name == MANIFEST_ENTRY
+        || name == super::seal::ENVELOPE_ENTRY
+        || name == super::seal::SEALED_MANIFEST_ENTRY
+    {
         return Some("entry name is reserved for the manifest");
     }
     None

@@ -9,18 +9,22 @@
 mod codec;
 mod error;
 mod extract;
+mod key;
 mod manifest;
 mod pack;
 mod pipeline;
 mod read;
+mod seal;
 mod zipwriter;
 
 pub use codec::Compression;
 pub use error::ArchiveError;
 pub use extract::{unpack, verify, UnpackOptions, Verified};
+pub use key::{ArchiveKey, KeyError, KEY_LEN};
 pub use pack::{pack, PackOptions, PackSummary};
 pub use podmigrate_proto::v1::{ArchiveManifest, Entry, EntryKind, Source, Versions};
-pub use read::{open, OpenArchive};
+pub use read::{open, open_with_key, OpenArchive};
+pub use seal::{ENVELOPE_ENTRY, SEALED_MANIFEST_ENTRY};
 
 /// The manifest format this build writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -42,3 +46,5 @@ pub(crate) fn worker_threads(requested: usize) -> usize {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_sealed;

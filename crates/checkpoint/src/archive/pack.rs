@@ -4,6 +4,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use podmigrate_proto::v1::{ArchiveManifest, Entry, EntryKind, Source, Versions};
@@ -12,8 +13,10 @@ use tracing::{debug, info};
 
 use super::codec::{ChunkCompressor, Compression};
 use super::error::ArchiveError;
+use super::key::ArchiveKey;
 use super::manifest::{self, entry_name_problem};
 use super::pipeline::{self, BufferPool};
+use super::seal::{Sealer, ENVELOPE_ENTRY, SEALED_MANIFEST_ENTRY};
 use super::zipwriter::{OpenEntry, ZipStreamWriter};
 use super::{worker_threads, ARCHIVE_COMMENT, DEFAULT_CHUNK_SIZE, FORMAT_VERSION};
 use crate::bandwidth::{Bandwidth, TokenBucket};
@@ -31,6 +34,8 @@ pub struct PackOptions {
     pub versions: Versions,
     /// Cap on the bytes per second written onto the share (zero: none).
     pub bandwidth: Bandwidth,
+    /// Seal the archive (encrypt and authenticate it) with this key; `None` writes it plain.
+    pub key: Option<Arc<ArchiveKey>>,
 }
 
 impl Default for PackOptions {
@@ -46,6 +51,7 @@ impl Default for PackOptions {
                 ..Versions::default()
             },
             bandwidth: Bandwidth::UNLIMITED,
+            key: None,
         }
     }
 }
@@ -62,6 +68,8 @@ pub struct PackSummary {
     pub elapsed: Duration,
     /// Time spent waiting on the bandwidth cap.
     pub throttled: Duration,
+    /// The id of the key that sealed the archive, if it is sealed.
+    pub sealed_with: Option<String>,
 }
 
 /// A file or directory found in the checkpoint directory.
@@ -78,6 +86,8 @@ enum Job {
     Dir(usize),
     Chunk {
         entry: usize,
+        /// The chunk's number within its entry.
+        index: usize,
         data: Vec<u8>,
         last: bool,
         sha256: Option<[u8; 32]>,
@@ -89,7 +99,9 @@ enum Packed {
     Chunk {
         entry: usize,
         compressed: Vec<u8>,
+        /// CRC-32 of what the zip entry stores uncompressed: the content, or the sealed bytes.
         crc32: u32,
+        crc_len: u64,
         len: u64,
         last: bool,
         sha256: Option<[u8; 32]>,
@@ -142,6 +154,21 @@ pub fn pack(
     }
     let planned = plan(dir, archive)?;
     let planned = planned.as_slice();
+    let sealer = match options.key.as_deref() {
+        Some(key) => Some(Sealer::new(key).map_err(|_| ArchiveError::Io {
+            op: "drawing a random salt for",
+            path: archive.to_path_buf(),
+            source: io::Error::other("the system random number generator failed"),
+        })?),
+        None => None,
+    };
+    let sealer = sealer.as_ref();
+    // A sealed entry is opaque to zip tools: stored, with the CRC of the sealed bytes.
+    let zip_method = if sealer.is_some() {
+        Compression::Stored
+    } else {
+        compression
+    };
     let temp_path = temp_name(archive)?;
     let file = OpenOptions::new()
         .write(true)
@@ -168,6 +195,23 @@ pub fn pack(
     let mut writer = ZipStreamWriter::new(file);
     let mut throttle = TokenBucket::for_bandwidth(options.bandwidth);
     let io_err = |op| ArchiveError::io(op, &temp_path);
+    if let Some(sealer) = sealer {
+        let envelope = sealer.envelope();
+        let entry = writer
+            .begin_entry(
+                ENVELOPE_ENTRY,
+                false,
+                Compression::Stored,
+                0o600,
+                now_seconds(),
+                0,
+            )
+            .map_err(io_err("writing"))?;
+        writer.write_data(envelope).map_err(io_err("writing"))?;
+        writer
+            .end_entry(entry, crc32fast::hash(envelope), envelope.len() as u64)
+            .map_err(io_err("writing"))?;
+    }
 
     // The entry being written, with its running CRC and chunk sizes.
     let mut open: Option<(OpenEntry, crc32fast::Hasher, Entry)> = None;
@@ -186,6 +230,7 @@ pub fn pack(
                     Job::Dir(i) => Ok(Packed::Dir(i)),
                     Job::Chunk {
                         entry,
+                        index,
                         data,
                         last,
                         sha256,
@@ -199,9 +244,23 @@ pub fn pack(
                         compressor
                             .compress_into(&data, last, &mut compressed)
                             .map_err(ArchiveError::io("compressing", &planned[entry].path))?;
+                        let (crc32, crc_len) = match sealer {
+                            Some(sealer) => {
+                                sealer.seal_chunk(
+                                    entry,
+                                    index,
+                                    last,
+                                    &planned[entry].name,
+                                    &mut compressed,
+                                );
+                                (crc32fast::hash(&compressed), compressed.len() as u64)
+                            }
+                            None => (crc32fast::hash(&data), data.len() as u64),
+                        };
                         let packed = Packed::Chunk {
                             entry,
-                            crc32: crc32fast::hash(&data),
+                            crc32,
+                            crc_len,
                             len: data.len() as u64,
                             compressed,
                             last,
@@ -240,6 +299,7 @@ pub fn pack(
                 entry: i,
                 compressed,
                 crc32,
+                crc_len,
                 len,
                 last,
                 sha256,
@@ -252,7 +312,7 @@ pub fn pack(
                             .begin_entry(
                                 &p.name,
                                 false,
-                                compression,
+                                zip_method,
                                 p.mode,
                                 p.mtime_nanos.div_euclid(1_000_000_000),
                                 p.size,
@@ -274,15 +334,21 @@ pub fn pack(
                 writer.write_data(&compressed).map_err(io_err("writing"))?;
                 let compressed_len = compressed.len() as u64;
                 packed_buffers.put(compressed);
-                crc.combine(&crc32fast::Hasher::new_with_initial_len(crc32, len));
+                crc.combine(&crc32fast::Hasher::new_with_initial_len(crc32, crc_len));
                 record.size += len;
                 record.compressed_size += compressed_len;
                 record.chunk_compressed_sizes.push(compressed_len);
                 if last {
                     let (zip_entry, crc, mut record) = open.take().expect("entry is open");
                     record.sha256 = sha256.expect("last chunk carries the digest").to_vec();
+                    // A stored entry's size is what it stores.
+                    let zip_size = if sealer.is_some() {
+                        record.compressed_size
+                    } else {
+                        record.size
+                    };
                     writer
-                        .end_entry(zip_entry, crc.finalize(), record.size)
+                        .end_entry(zip_entry, crc.finalize(), zip_size)
                         .map_err(io_err("writing"))?;
                     manifest.entries.push(record);
                 }
@@ -293,9 +359,13 @@ pub fn pack(
 
     let manifest_bytes = manifest::encode(&manifest);
     let manifest_sha256 = hex::encode(Sha256::digest(&manifest_bytes));
+    let (manifest_name, manifest_bytes) = match sealer {
+        Some(sealer) => (SEALED_MANIFEST_ENTRY, sealer.seal_manifest(&manifest_bytes)),
+        None => (MANIFEST_ENTRY, manifest_bytes),
+    };
     let entry = writer
         .begin_entry(
-            MANIFEST_ENTRY,
+            manifest_name,
             false,
             Compression::Stored,
             0o600,
@@ -333,6 +403,7 @@ pub fn pack(
         entries: manifest.entries.len(),
         elapsed: started.elapsed(),
         throttled: throttle.as_ref().map_or(Duration::ZERO, |t| t.waited()),
+        sealed_with: sealer.map(|s| s.key_id().to_string()),
     };
     info!(
         archive = %archive.display(),
@@ -343,6 +414,7 @@ pub fn pack(
         throttled_ms = summary.throttled.as_millis() as u64,
         %compression,
         level,
+        sealed_with = summary.sealed_with.as_deref().unwrap_or("-"),
         "packed checkpoint"
     );
     Ok(summary)
@@ -364,6 +436,7 @@ fn produce(
         }
         let mut file = File::open(&p.path).map_err(ArchiveError::io("opening", &p.path))?;
         let mut hasher = Sha256::new();
+        let mut index = 0;
         let mut current = read_chunk(&mut file, buffers.get(chunk_size), chunk_size, &p.path)?;
         loop {
             let next = if current.len() == chunk_size {
@@ -376,6 +449,7 @@ fn produce(
             let sha256 = last.then(|| hasher.finalize_reset().into());
             if !submit(Job::Chunk {
                 entry: i,
+                index,
                 data: current,
                 last,
                 sha256,
@@ -385,6 +459,7 @@ fn produce(
             if last {
                 break;
             }
+            index += 1;
             current = next;
         }
     }

@@ -11,7 +11,9 @@ use zip::CompressionMethod;
 
 use super::codec::Compression;
 use super::error::ArchiveError;
+use super::key::ArchiveKey;
 use super::manifest::{self, entry_name_problem, MAX_MANIFEST_BYTES};
+use super::seal::{Sealer, ENVELOPE_ENTRY, SEALED_MANIFEST_ENTRY};
 use crate::layout::MANIFEST_ENTRY;
 
 const S_IFMT: u32 = 0o170000;
@@ -40,6 +42,8 @@ pub struct OpenArchive {
     pub archive_bytes: u64,
     /// SHA-256 of the manifest: the archive's identity.
     pub manifest_sha256: String,
+    /// Opens the chunks of a sealed archive.
+    pub(crate) sealer: Option<Sealer>,
 }
 
 impl OpenArchive {
@@ -49,6 +53,11 @@ impl OpenArchive {
 
     pub fn compression(&self) -> Compression {
         self.compression
+    }
+
+    /// The id of the key that sealed the archive (`None`: not sealed).
+    pub fn sealed_with(&self) -> Option<&str> {
+        self.sealer.as_ref().map(|s| s.key_id())
     }
 }
 
@@ -61,7 +70,15 @@ fn expected_method(compression: Compression) -> CompressionMethod {
 }
 
 /// Opens `path` and checks its structure against its manifest, without reading entry data.
+/// Refuses a sealed archive: see [`open_with_key`].
 pub fn open(path: &Path) -> Result<OpenArchive, ArchiveError> {
+    open_with_key(path, None)
+}
+
+/// Opens `path` as [`open`] does, under this node's key policy: with a key, only an archive
+/// sealed with that key opens, and its manifest is authenticated here (its chunks as they are
+/// read); without one, a sealed archive is refused with an error saying a key is needed.
+pub fn open_with_key(path: &Path, key: Option<&ArchiveKey>) -> Result<OpenArchive, ArchiveError> {
     let file = File::open(path).map_err(ArchiveError::io("opening", path))?;
     let meta = file
         .metadata()
@@ -96,6 +113,7 @@ pub fn open(path: &Path) -> Result<OpenArchive, ArchiveError> {
     }
     let mut zip_entries = Vec::with_capacity(zip.len());
     let mut manifest_index = None;
+    let mut seal_indices = [None, None];
     for i in 0..zip.len() {
         let entry = zip.by_index_raw(i).map_err(not_zip)?;
         let raw = entry.name_raw();
@@ -106,6 +124,8 @@ pub fn open(path: &Path) -> Result<OpenArchive, ArchiveError> {
         let name = full_name.strip_suffix('/').unwrap_or(full_name).to_string();
         if name == MANIFEST_ENTRY {
             manifest_index = Some(i);
+        } else if name == ENVELOPE_ENTRY || name == SEALED_MANIFEST_ENTRY {
+            seal_indices[usize::from(name == SEALED_MANIFEST_ENTRY)] = Some(i);
         } else if let Some(problem) = entry_name_problem(&name) {
             return Err(ArchiveError::bad_entry(path, full_name, problem));
         }
@@ -160,34 +180,38 @@ pub fn open(path: &Path) -> Result<OpenArchive, ArchiveError> {
         });
     }
 
-    let manifest_index = manifest_index.ok_or(ArchiveError::NoManifest {
-        path: path.to_path_buf(),
-        entry: MANIFEST_ENTRY,
-    })?;
-    let manifest_bytes = {
-        let declared = zip_entries[manifest_index].size;
-        if declared > MAX_MANIFEST_BYTES {
-            return Err(ArchiveError::bad_manifest(
-                path,
-                format!("declared size {declared} exceeds the {MAX_MANIFEST_BYTES}-byte limit"),
-            ));
+    let sealed = open_sealed_manifest(path, &mut zip, key, seal_indices, |i| zip_entries[i].size)?;
+    let (manifest_bytes, sealer, own_entries) = match sealed {
+        Some((bytes, sealer)) => (bytes, Some(sealer), seal_indices),
+        None => {
+            let manifest_index = manifest_index.ok_or(ArchiveError::NoManifest {
+                path: path.to_path_buf(),
+                entry: MANIFEST_ENTRY,
+            })?;
+            let declared = zip_entries[manifest_index].size;
+            if declared > MAX_MANIFEST_BYTES {
+                return Err(ArchiveError::bad_manifest(
+                    path,
+                    format!("declared size {declared} exceeds the {MAX_MANIFEST_BYTES}-byte limit"),
+                ));
+            }
+            let mut entry = zip
+                .by_index(manifest_index)
+                .map_err(|e| ArchiveError::bad_manifest(path, format!("unreadable: {e}")))?;
+            let mut bytes = Vec::with_capacity(declared as usize);
+            // zip checks the CRC-32 when the entry is read to its end.
+            (&mut entry)
+                .take(MAX_MANIFEST_BYTES + 1)
+                .read_to_end(&mut bytes)
+                .map_err(|e| ArchiveError::bad_manifest(path, format!("unreadable: {e}")))?;
+            if bytes.len() as u64 != declared {
+                return Err(ArchiveError::bad_manifest(
+                    path,
+                    "size differs from its declared size",
+                ));
+            }
+            (bytes, None, [Some(manifest_index), None])
         }
-        let mut entry = zip
-            .by_index(manifest_index)
-            .map_err(|e| ArchiveError::bad_manifest(path, format!("unreadable: {e}")))?;
-        let mut bytes = Vec::with_capacity(declared as usize);
-        // zip checks the CRC-32 when the entry is read to its end.
-        (&mut entry)
-            .take(MAX_MANIFEST_BYTES + 1)
-            .read_to_end(&mut bytes)
-            .map_err(|e| ArchiveError::bad_manifest(path, format!("unreadable: {e}")))?;
-        if bytes.len() as u64 != declared {
-            return Err(ArchiveError::bad_manifest(
-                path,
-                "size differs from its declared size",
-            ));
-        }
-        bytes
     };
     let manifest = manifest::decode(path, &manifest_bytes)?;
     let manifest_sha256 = hex::encode(Sha256::digest(&manifest_bytes));
@@ -203,7 +227,7 @@ pub fn open(path: &Path) -> Result<OpenArchive, ArchiveError> {
     let mut data = Vec::new();
     let mut ranges = Vec::new();
     for (i, z) in zip_entries.iter().enumerate() {
-        if i == manifest_index {
+        if own_entries.contains(&Some(i)) {
             continue;
         }
         let bad = |reason: String| ArchiveError::bad_entry(path, &z.name, reason);
@@ -221,16 +245,21 @@ pub fn open(path: &Path) -> Result<OpenArchive, ArchiveError> {
         if z.is_dir {
             continue;
         }
-        if z.method != expected_method(compression) {
+        // A sealed entry is stored: the zip sees only its sealed bytes.
+        let (method, listed_size) = match sealer {
+            Some(_) => (CompressionMethod::Stored, listed.compressed_size),
+            None => (expected_method(compression), listed.size),
+        };
+        if z.method != method {
             return Err(bad(format!(
                 "compressed with {:?}, but the manifest says {compression}",
                 z.method
             )));
         }
-        if z.size != listed.size {
+        if z.size != listed_size {
             return Err(bad(format!(
                 "zip declares {} bytes, the manifest {} bytes",
-                z.size, listed.size
+                z.size, listed_size
             )));
         }
         if z.compressed_size != listed.compressed_size {
@@ -280,5 +309,72 @@ pub fn open(path: &Path) -> Result<OpenArchive, ArchiveError> {
         data,
         archive_bytes: meta.len(),
         manifest_sha256,
+        sealer,
     })
+}
+
+/// Applies the key policy, and for a sealed archive reads its envelope and authenticates and
+/// decrypts its manifest. `None`: a plain archive, on a node without a key.
+fn open_sealed_manifest(
+    path: &Path,
+    zip: &mut zip::ZipArchive<&File>,
+    key: Option<&ArchiveKey>,
+    [envelope, sealed]: [Option<usize>; 2],
+    declared_size: impl Fn(usize) -> u64,
+) -> Result<Option<(Vec<u8>, Sealer)>, ArchiveError> {
+    let key = match (envelope.is_some() || sealed.is_some(), key) {
+        (false, None) => return Ok(None),
+        (false, Some(_)) => {
+            return Err(ArchiveError::NotSealed {
+                path: path.to_path_buf(),
+            })
+        }
+        (true, None) => {
+            return Err(ArchiveError::KeyRequired {
+                path: path.to_path_buf(),
+            })
+        }
+        (true, Some(key)) => key,
+    };
+    let missing = |entry| {
+        ArchiveError::unauthentic(
+            path,
+            "the seal",
+            super::seal::SealProblem::Envelope(format!("entry {entry} is missing")),
+        )
+    };
+    let envelope = envelope.ok_or_else(|| missing(ENVELOPE_ENTRY))?;
+    let sealed = sealed.ok_or_else(|| missing(SEALED_MANIFEST_ENTRY))?;
+    // Raw reads: the AEAD tag, not the zip's CRC-32, is what decides.
+    let mut read_raw = |index: usize, limit: u64| -> Result<Vec<u8>, ArchiveError> {
+        let declared = declared_size(index);
+        let name = if index == envelope {
+            ENVELOPE_ENTRY
+        } else {
+            SEALED_MANIFEST_ENTRY
+        };
+        if declared > limit {
+            return Err(ArchiveError::bad_manifest(
+                path,
+                format!("{name}: declared size {declared} exceeds the {limit}-byte limit"),
+            ));
+        }
+        let entry = zip
+            .by_index_raw(index)
+            .map_err(|e| ArchiveError::bad_manifest(path, format!("{name} is unreadable: {e}")))?;
+        let mut bytes = Vec::with_capacity(declared as usize);
+        entry
+            .take(limit + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| ArchiveError::bad_manifest(path, format!("{name} is unreadable: {e}")))?;
+        Ok(bytes)
+    };
+    let envelope_bytes = read_raw(envelope, super::seal::ENVELOPE_LEN as u64)?;
+    let sealed_bytes = read_raw(sealed, MAX_MANIFEST_BYTES + super::seal::TAG_LEN as u64)?;
+    let sealer = Sealer::from_envelope(key, &envelope_bytes)
+        .map_err(|problem| ArchiveError::unauthentic(path, "the seal header", problem))?;
+    let manifest = sealer
+        .open_manifest(sealed_bytes)
+        .map_err(|problem| ArchiveError::unauthentic(path, "the manifest", problem))?;
+    Ok(Some((manifest, sealer)))
 }
