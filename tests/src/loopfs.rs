@@ -100,12 +100,12 @@ impl LoopFs {
         Ok(())
     }
 
-    /// Whether the mount is read-only now.
+    /// Whether the mount is read-only now (`ro`, or ext4's `emergency_ro` after an error).
     pub fn is_read_only(&self) -> bool {
         run(Command::new("findmnt")
             .args(["-n", "-o", "OPTIONS", "--mountpoint"])
             .arg(&self.mountpoint))
-        .is_ok_and(|o| o.split(',').any(|opt| opt == "ro"))
+        .is_ok_and(|o| o.split(',').any(|opt| opt == "ro" || opt == "emergency_ro"))
     }
 }
 
