@@ -334,6 +334,58 @@ pub struct Containerd {
     /// `/run/containerd` and `/run/containerd/s` if we created them (removed when empty).
     created_run_dirs: Vec<PathBuf>,
     cleaned: bool,
+    launch: Launch,
+}
+
+/// How the daemon is started, kept for [`Containerd::restart`].
+struct Launch {
+    /// The `containerd` binary (from [`ContainerdOptions::bin_dir`] or PATH).
+    binary: PathBuf,
+    config: PathBuf,
+    log_level: String,
+    env: Vec<(String, String)>,
+    netns: Option<String>,
+    startup_timeout: Duration,
+}
+
+impl Launch {
+    /// Spawns `containerd --config ...` in `root`, appending to `log`, inside the network
+    /// namespace if one is set.
+    fn spawn(&self, root: &Path, log: &Path) -> Result<Child> {
+        let log_file = fs::OpenOptions::new().append(true).open(log)?;
+        let mut cmd = Command::new(&self.binary);
+        cmd.arg("--config")
+            .arg(&self.config)
+            .args(["--log-level", &self.log_level])
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .current_dir(root)
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file);
+        // Kept open until the spawn: the child enters it before exec.
+        let netns = match &self.netns {
+            Some(name) => {
+                let path = Path::new("/run/netns").join(name);
+                let file = fs::File::open(&path)
+                    .with_context(|| format!("opening network namespace {}", path.display()))?;
+                let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+                // SAFETY: setns(2) is async-signal-safe and fd stays open until spawn returns.
+                unsafe {
+                    std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                        if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
+                }
+                Some(file)
+            }
+            None => None,
+        };
+        let child = cmd.spawn().context("spawning containerd")?;
+        drop(netns);
+        Ok(child)
+    }
 }
 
 const CRI: &str = r#"plugins."io.containerd.grpc.v1.cri""#;
@@ -484,48 +536,25 @@ temp = {temp}
                 path.push_str(dir);
             }
         }
-        let log_file = fs::File::create(&log)?;
-        let mut cmd = Command::new(&containerd);
-        cmd.arg("--config")
-            .arg(&config)
-            .args(["--log-level", &opts.log_level])
-            .env("PATH", path);
+        fs::File::create(&log)?;
+        let mut env = vec![("PATH".to_owned(), path)];
         // Our shim's delegate: this containerd's runc shim (unless the caller names one).
         if opts.bin_dir.is_some() && !opts.extra_env.iter().any(|(k, _)| k == DELEGATE_ENV) {
-            cmd.env(DELEGATE_ENV, binary(RUNC_SHIM_BINARY)?);
+            env.push((
+                DELEGATE_ENV.to_owned(),
+                binary(RUNC_SHIM_BINARY)?.display().to_string(),
+            ));
         }
-        cmd.envs(
-            opts.extra_env
-                .iter()
-                .filter(|(k, _)| k != "PATH")
-                .map(|(k, v)| (k, v)),
-        )
-        .current_dir(&root)
-        .stdin(Stdio::null())
-        .stdout(log_file.try_clone()?)
-        .stderr(log_file);
-        // Kept open until the spawn: the child enters it before exec.
-        let netns = match &opts.netns {
-            Some(name) => {
-                let path = Path::new("/run/netns").join(name);
-                let file = fs::File::open(&path)
-                    .with_context(|| format!("opening network namespace {}", path.display()))?;
-                let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
-                // SAFETY: setns(2) is async-signal-safe and fd stays open until spawn returns.
-                unsafe {
-                    std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-                        if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                            return Err(std::io::Error::last_os_error());
-                        }
-                        Ok(())
-                    });
-                }
-                Some(file)
-            }
-            None => None,
+        env.extend(opts.extra_env.iter().filter(|(k, _)| k != "PATH").cloned());
+        let launch = Launch {
+            binary: containerd,
+            config,
+            log_level: opts.log_level.clone(),
+            env,
+            netns: opts.netns.clone(),
+            startup_timeout: opts.startup_timeout,
         };
-        let child = cmd.spawn().context("spawning containerd")?;
-        drop(netns);
+        let child = launch.spawn(&root, &log)?;
 
         let mut daemon = Containerd {
             child: Some(child),
@@ -536,6 +565,7 @@ temp = {temp}
             ctr,
             created_run_dirs,
             cleaned: false,
+            launch,
         };
         daemon
             .wait_ready(opts.startup_timeout)
@@ -545,6 +575,34 @@ temp = {temp}
             .import(&oci::pause_image()?, opts.startup_timeout)
             .context("importing the pause image")?;
         Ok(daemon)
+    }
+
+    /// The daemon's pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Restarts the daemon as an operator's `systemctl restart containerd` does: SIGTERM
+    /// (SIGKILL after 10 s), then the same command again. Shims and containers keep running;
+    /// the new daemon reconnects to them. Waits until CRI answers again.
+    pub async fn restart(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) on the pid of the child we spawned and have not reaped.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            if !matches!(
+                wait_deadline(&mut child, Duration::from_secs(10)),
+                Ok(Some(_))
+            ) {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        let root = self.dir().to_owned();
+        self.child = Some(self.launch.spawn(&root, &self.log)?);
+        let timeout = self.launch.startup_timeout;
+        self.wait_ready(timeout)
+            .await
+            .with_context(|| format!("containerd log:\n{}", self.log_tail(60)))
     }
 
     async fn wait_ready(&mut self, timeout: Duration) -> Result<()> {

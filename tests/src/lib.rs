@@ -7,6 +7,7 @@
 //! * [`containerd`]: a private containerd with the CRI plugin, cleaned up on drop.
 //! * [`cri`]: a CRI client that plays kubelet.
 //! * [`kubelet`]: a test kubelet: watches the API server for a node's pods and runs them via CRI.
+//! * [`loopfs`]: small loop-mounted ext4 filesystems to fill, fail read-only or unmount.
 //! * [`nodes`]: two nodes on one machine (network namespaces, containerd, agent, kubelet).
 //! * [`migrate`]: containerd's Tasks API (checkpoint), the counter's HTTP side and the `podmigrate` CLI.
 
@@ -16,6 +17,7 @@ pub mod containerd;
 pub mod cri;
 pub mod harness;
 pub mod kubelet;
+pub mod loopfs;
 pub mod migrate;
 pub mod nodes;
 pub mod oci;

@@ -46,6 +46,7 @@ use crate::containerd::{
 use crate::cri::CriClient;
 use crate::harness::{Scratch, KEEP_ENV};
 use crate::kubelet::{Kubelet, KubeletOptions};
+use crate::loopfs::LoopFs;
 use crate::oci::{self, COUNTER_IMAGE};
 
 pub const NODE_A: &str = "node-a";
@@ -656,6 +657,8 @@ pub struct Cluster {
     pub kubectl_migrate: PathBuf,
     pub binaries: Binaries,
     pub tag: String,
+    /// Loop filesystems mounted over the share or a work space ([`Cluster::mount_loop`]).
+    pub loops: Vec<LoopFs>,
     scratch: Scratch,
 }
 
@@ -686,6 +689,7 @@ impl Cluster {
             kubectl_migrate,
             binaries: opts.binaries.clone(),
             tag,
+            loops: Vec::new(),
             scratch,
         };
         for (index, name) in opts.nodes.iter().enumerate() {
@@ -867,6 +871,19 @@ impl Cluster {
                 node.kubelet_options.clone(),
             ));
         }
+    }
+
+    /// Mounts a fresh `size_mib` ext4 over `dir` (the share, or a node's work space), before
+    /// anything is written there; unmounted before the scratch directory goes.
+    pub fn mount_loop(&mut self, dir: &Path, size_mib: u64) -> Result<&LoopFs> {
+        let image = self
+            .scratch
+            .path()
+            .join(format!("loop-{}.img", self.loops.len()));
+        let fs = LoopFs::mount_over(dir, &image, size_mib)
+            .with_context(|| format!("mounting a {size_mib} MiB ext4 over {}", dir.display()))?;
+        self.loops.push(fs);
+        Ok(self.loops.last().expect("just pushed"))
     }
 
     pub fn scratch(&self) -> &Path {

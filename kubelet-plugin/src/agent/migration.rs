@@ -66,6 +66,10 @@ pub struct Agent {
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
     slots: Arc<Semaphore>,
+    /// Held from reading a clone's siblings to claiming it. The controller reconciles two
+    /// clones at once; without this, two clones of one source made in the same instant could
+    /// each see the other still Pending and both freeze and checkpoint the source.
+    claims: tokio::sync::Mutex<()>,
 }
 
 /// How a migration ended, for the clone's record.
@@ -158,6 +162,7 @@ impl Agent {
     ) -> Self {
         Agent {
             slots: Arc::new(Semaphore::new(config.max_outbound.max(1))),
+            claims: tokio::sync::Mutex::new(()),
             kube,
             containerd,
             config,
@@ -171,6 +176,7 @@ impl Agent {
     pub async fn reconcile(self: &Arc<Self>, clone: &Pod) -> Result<Option<Duration>, AgentError> {
         let namespace = clone.metadata.namespace.clone().unwrap_or_default();
         let pods: Api<Pod> = Api::namespaced(self.kube.clone(), &namespace);
+        let claim_guard = self.claims.lock().await;
         // The controller hands over its cache's copy, which can trail our own last patch: a
         // change queued while the previous reconciliation ran is reconciled with the copy from
         // before that reconciliation's final patch, and a stale Checkpointing, Transferring or
@@ -211,6 +217,13 @@ impl Agent {
             &siblings,
             &self.config.node_name,
         );
+        let claim_guard = match decision {
+            Decision::Checkpoint { .. } => Some(claim_guard),
+            _ => {
+                drop(claim_guard);
+                None
+            }
+        };
         match decision {
             Decision::NotMine { .. } => Ok(None),
             // A clone restoring from this node's checkpoint: a restarted agent must follow it
@@ -242,6 +255,7 @@ impl Agent {
             } => {
                 let source = source.expect("a checkpoint decision has a source");
                 let Ok(permit) = Arc::clone(&self.slots).try_acquire_owned() else {
+                    drop(claim_guard);
                     self.patch_clone(
                         clone,
                         json!({ REASON: format!("queued: {} outbound migrations already run on node {}", self.config.max_outbound, self.config.node_name) }),
@@ -250,7 +264,8 @@ impl Agent {
                     return Ok(Some(Duration::from_secs(5)));
                 };
                 let _permit = permit;
-                self.migrate(clone, &source, &containers, mode).await?;
+                self.migrate(clone, &source, &containers, mode, claim_guard)
+                    .await?;
                 Ok(None)
             }
             Decision::Resume { phase, .. } => {
@@ -347,6 +362,7 @@ impl Agent {
         source: &Pod,
         containers: &[String],
         mode: Mode,
+        claim_guard: Option<tokio::sync::MutexGuard<'_, ()>>,
     ) -> Result<(), AgentError> {
         let _in_flight = self.metrics.in_flight();
         let namespace = source.metadata.namespace.clone().unwrap_or_default();
@@ -371,6 +387,8 @@ impl Agent {
                 }})),
             )
             .await;
+        // Claimed (or lost): a sibling decided from now on sees this clone in progress.
+        drop(claim_guard);
         let clone = match claim {
             Ok(claimed) => claimed,
             Err(kube::Error::Api(status)) if status.code == 409 => return Ok(()),
