@@ -8,6 +8,7 @@
 //! * [`cri`]: a CRI client that plays kubelet.
 //! * [`kubelet`]: a test kubelet: watches the API server for a node's pods and runs them via CRI.
 //! * [`nodes`]: two nodes on one machine (network namespaces, containerd, agent, kubelet).
+//! * [`smb`]: a private smbd and per-node FUSE (smbnetfs) mounts of its share, for the nodes.
 //! * [`migrate`]: containerd's Tasks API (checkpoint), the counter's HTTP side and the `podmigrate` CLI.
 
 pub mod apiserver;
@@ -19,3 +20,4 @@ pub mod kubelet;
 pub mod migrate;
 pub mod nodes;
 pub mod oci;
+pub mod smb;
