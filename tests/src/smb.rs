@@ -147,8 +147,8 @@ impl SmbServer {
             .stdin(Stdio::null())
             .stdout(stdout.try_clone()?)
             .stderr(stdout)
-            // Its own process group (smbd forks a child per client): drop ends them all.
-            .process_group(0)
+            // Without --no-process-group smbd calls setsid(): it leads its own session and
+            // process group (it forks a child per client), which drop ends as a whole.
             .spawn()
             .context("spawning smbd")?;
         let mut server = SmbServer {
