@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what podmigrate needs on a Debian bookworm-like host, idempotently:
-# containerd, runc, iptables, busybox-static, protoc, zip/unzip, zstd and a CRIU 4.x that passes `criu check`.
+# containerd, runc, iptables, busybox-static, protoc, zip/unzip, zstd, samba + smbnetfs (the SMB share
+# of the two-node suite) and a CRIU 4.x that passes `criu check`.
 # Host names are never written here: the next release's sources reuse this machine's own apt URIs.
 set -euo pipefail
 
@@ -124,6 +125,18 @@ if [ -n "$CONTAINERD16_VERSION" ]; then
   fi
 fi
 
+# --- the SMB share of the two-node suite: a private smbd, mounted on each node through FUSE -----
+# smbnetfs (libsmbclient) writes through to the server and renames with SMB's rename, so the
+# archive's commit by rename holds; rclone's SMB mount (1.60) uploads after close under the final
+# name, which would reopen the race (docs/operations.md). fuse3 brings fusermount3.
+install_missing samba smbnetfs fuse3
+# The tests start their own smbd bound to their own addresses; a packaged one on *:445 is not wanted.
+if command -v systemctl >/dev/null; then
+  for unit in smbd nmbd samba-ad-dc; do
+    systemctl is-enabled "$unit" >/dev/null 2>&1 && { systemctl disable --now "$unit" >/dev/null 2>&1 || true; }
+  done
+fi
+
 # --- CRIU 4.x ---------------------------------------------------------------------------------
 # Our fixes to CRIU (scripts/criu/*.patch), identified by their digest: a CRIU built without the
 # current set is rebuilt, because `criu check` passes even where a dump would fail.
@@ -172,5 +185,6 @@ printf '  %-11s %s\n' containerd "$(containerd --version | awk '{print $3}')"
 printf '  %-11s %s\n' runc "$(runc --version | awk 'NR==1 {print $3}')"
 printf '  %-11s %s\n' criu "$(criu --version | awk '/Version/ {print $2}')"
 printf '  %-11s %s\n' protoc "$(protoc --version | awk '{print $2}')"
+printf '  %-11s %s\n' smbd "$(smbd --version | awk '{print $2}')"
 printf '  %-11s %s\n' kernel "$(uname -r)"
 printf '  criu check: %s\n' "$(criu check 2>&1 | tail -n1)"

@@ -9,6 +9,7 @@
 //! * [`kubelet`]: a test kubelet: watches the API server for a node's pods and runs them via CRI.
 //! * [`loopfs`]: small loop-mounted ext4 filesystems to fill, fail read-only or unmount.
 //! * [`nodes`]: two nodes on one machine (network namespaces, containerd, agent, kubelet).
+//! * [`smb`]: a private smbd and per-node FUSE (smbnetfs) mounts of its share, for the nodes.
 //! * [`migrate`]: containerd's Tasks API (checkpoint), the counter's HTTP side and the `podmigrate` CLI.
 
 pub mod apiserver;
@@ -21,3 +22,4 @@ pub mod loopfs;
 pub mod migrate;
 pub mod nodes;
 pub mod oci;
+pub mod smb;

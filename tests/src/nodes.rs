@@ -1,8 +1,10 @@
 //! Two (or more) Kubernetes nodes on one machine, each as it runs on a real cluster: its own
 //! network namespace, its own containerd (with our shim behind the `migrate` handler, configured
 //! as docs/containerd.md says), its own real `podmigrate agent` process and a test kubelet
-//! ([`crate::kubelet`]), all sharing one API server (the in-process stand-in) and one share
-//! directory.
+//! ([`crate::kubelet`]), all sharing one API server (the in-process stand-in) and one share:
+//! a plain directory, or ([`ShareBackend::Smb`]) a real SMB share served by a private smbd on
+//! the host side of the nodes' links and mounted on each node through FUSE from inside its
+//! network namespace ([`crate::smb`]).
 //!
 //! * **Network.** Each node gets a namespace `podmigrate-<tag>-<node>` (`ip netns add`; the tag
 //!   is random, or [`NETNS_TAG_ENV`]) and a
@@ -48,6 +50,7 @@ use crate::harness::{Scratch, KEEP_ENV};
 use crate::kubelet::{Kubelet, KubeletOptions};
 use crate::loopfs::LoopFs;
 use crate::oci::{self, COUNTER_IMAGE};
+use crate::smb::{SmbMount, SmbServer};
 
 pub const NODE_A: &str = "node-a";
 pub const NODE_B: &str = "node-b";
@@ -176,7 +179,7 @@ pub const NETNS_TAG_ENV: &str = "PODMIGRATE_NETNS_TAG";
 
 /// A short tag unique on this machine for this process's namespaces and links:
 /// [`NETNS_TAG_ENV`] for the first cluster of the process if set, random otherwise.
-fn unique_tag() -> String {
+pub fn unique_tag() -> String {
     static COUNTER: AtomicU32 = AtomicU32::new(0);
     if let Ok(tag) = std::env::var(NETNS_TAG_ENV) {
         let valid = (1..=5).contains(&tag.len()) && tag.bytes().all(|b| b.is_ascii_alphanumeric());
@@ -428,13 +431,18 @@ fn tail(text: &str, n: usize) -> String {
 // ---------------------------------------------------------------------------------------------
 // Nodes and the cluster
 
-/// One node. Fields drop in order: kubelet, agent, CRI client, containerd, namespace.
+/// One node. Fields drop in order: kubelet, agent, CRI client, containerd, share mount,
+/// namespace.
 pub struct Node {
     pub kubelet: Option<Kubelet>,
     pub agent: AgentProcess,
     pub cri: CriClient,
     pub containerd: Containerd,
+    /// The node's FUSE mount of the SMB share ([`ShareBackend::Smb`]).
+    pub share_mount: Option<SmbMount>,
     pub netns: NetNs,
+    /// The share as this node sees it (its agent's and shims' `PODMIGRATE_SHARE_ROOT`).
+    pub share: PathBuf,
     pub name: String,
     /// The node's IP, where its host-network pods listen.
     pub ip: Ipv4Addr,
@@ -444,10 +452,22 @@ pub struct Node {
     pub kubelet_options: KubeletOptions,
 }
 
+/// What the nodes share their archives on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ShareBackend {
+    /// One directory of the host, seen by every node as it is.
+    #[default]
+    Directory,
+    /// A private smbd on the host side of the nodes' links, mounted on each node through FUSE
+    /// from inside its network namespace ([`crate::smb`]).
+    Smb,
+}
+
 /// How to start a [`Cluster`].
 #[derive(Debug, Clone)]
 pub struct ClusterOptions {
     pub nodes: Vec<String>,
+    pub share: ShareBackend,
     pub binaries: Binaries,
     /// How long a clone's Create waits for its archive (`PODMIGRATE_ARCHIVE_WAIT_SECONDS`).
     pub archive_wait: Duration,
@@ -467,6 +487,7 @@ impl ClusterOptions {
     pub fn new(binaries: Binaries) -> ClusterOptions {
         ClusterOptions {
             nodes: vec![NODE_A.into(), NODE_B.into()],
+            share: ShareBackend::Directory,
             binaries,
             archive_wait: Duration::from_secs(60),
             checkpoint_timeout: Duration::from_secs(120),
@@ -650,7 +671,10 @@ pub fn counter_pod(name: &str, node: &str, counters: &[Counter]) -> Pod {
 pub struct Cluster {
     pub nodes: Vec<Node>,
     pub api: ApiServer,
-    /// The share every node's agent and shims see.
+    /// The SMB server ([`ShareBackend::Smb`]); stopped after every node's mount is gone.
+    pub smb: Option<SmbServer>,
+    /// The share as the host sees it: the shared directory itself, or the SMB server's
+    /// directory. Each node's own view is [`Node::share`].
     pub share: PathBuf,
     pub kubeconfig: PathBuf,
     /// `<scratch>/bin/kubectl-migrate` → the CLI.
@@ -681,9 +705,39 @@ impl Cluster {
         std::os::unix::fs::symlink(&opts.binaries.cli, &kubectl_migrate)?;
         let image = oci::counter_image().context("building the counter image")?;
         let tag = unique_tag();
+        // Every node's namespace first: an SMB server listens on all their links.
+        let mut namespaces = Vec::new();
+        for (index, name) in opts.nodes.iter().enumerate() {
+            namespaces.push(
+                NetNs::create(
+                    &format!("{NETNS_PREFIX}{tag}-{name}"),
+                    &format!("pm{tag}{index}"),
+                )
+                .with_context(|| format!("creating node {name}'s network namespace"))?,
+            );
+        }
+        let smb = match opts.share {
+            ShareBackend::Directory => None,
+            ShareBackend::Smb => {
+                let addrs: Vec<Ipv4Addr> = namespaces.iter().map(|n| n.host_ip).collect();
+                let server = SmbServer::start(&root.join("smbd"), &addrs)
+                    .context("starting the SMB server")?;
+                if opts.verbose {
+                    println!(
+                        "    smbd pid {} serving [{}] from {} on {addrs:?}",
+                        server.pid().unwrap_or_default(),
+                        crate::smb::SHARE_NAME,
+                        server.data.display()
+                    );
+                }
+                Some(server)
+            }
+        };
+        let share = smb.as_ref().map_or(share, |s| s.data.clone());
         let mut cluster = Cluster {
             nodes: Vec::new(),
             api,
+            smb,
             share,
             kubeconfig,
             kubectl_migrate,
@@ -692,9 +746,9 @@ impl Cluster {
             loops: Vec::new(),
             scratch,
         };
-        for (index, name) in opts.nodes.iter().enumerate() {
+        for (name, netns) in opts.nodes.iter().zip(namespaces) {
             let node = cluster
-                .start_node(index, name, &opts, &image)
+                .start_node(name, netns, &opts, &image)
                 .await
                 .with_context(|| format!("starting node {name}"))?;
             cluster.nodes.push(node);
@@ -704,8 +758,8 @@ impl Cluster {
 
     async fn start_node(
         &self,
-        index: usize,
         name: &str,
+        netns: NetNs,
         opts: &ClusterOptions,
         image: &oci::Image,
     ) -> Result<Node> {
@@ -721,15 +775,27 @@ impl Cluster {
         let dir = self.scratch.path().join(name);
         let work = dir.join("work");
         fs::create_dir_all(&work)?;
-        let netns = NetNs::create(
-            &format!("{NETNS_PREFIX}{}-{name}", self.tag),
-            &format!("pm{}{index}", self.tag),
-        )?;
         let ip = netns.node_ip;
         say(&format!(
             "network namespace {} with IP {ip} (veth {} on the host, {})",
             netns.name, netns.host_link, netns.host_ip
         ));
+        let share_mount = match &self.smb {
+            None => None,
+            Some(server) => {
+                let mount = SmbMount::start(&dir, &netns.name, server, netns.host_ip)?;
+                say(&format!(
+                    "SMB share //{}/{} mounted at {} (smbnetfs in the node's namespace)",
+                    netns.host_ip,
+                    crate::smb::SHARE_NAME,
+                    mount.share_root.display()
+                ));
+                Some(mount)
+            }
+        };
+        let share = share_mount
+            .as_ref()
+            .map_or_else(|| self.share.clone(), |m| m.share_root.clone());
 
         let mut copts = ContainerdOptions::named(name);
         copts.shim = opts.binaries.shim.clone();
@@ -742,10 +808,7 @@ impl Cluster {
         );
         copts.extra_env = vec![
             ("PATH".into(), path),
-            (
-                "PODMIGRATE_SHARE_ROOT".into(),
-                self.share.display().to_string(),
-            ),
+            ("PODMIGRATE_SHARE_ROOT".into(), share.display().to_string()),
             ("PODMIGRATE_WORK_DIR".into(), work.display().to_string()),
             (
                 "PODMIGRATE_ARCHIVE_WAIT_SECONDS".into(),
@@ -790,10 +853,7 @@ impl Cluster {
                     "CONTAINERD_ADDRESS".into(),
                     containerd.address().display().to_string(),
                 ),
-                (
-                    "PODMIGRATE_SHARE_ROOT".into(),
-                    self.share.display().to_string(),
-                ),
+                ("PODMIGRATE_SHARE_ROOT".into(), share.display().to_string()),
                 ("PODMIGRATE_WORK_DIR".into(), work.display().to_string()),
                 ("RUST_LOG".into(), "info".into()),
             ],
@@ -830,7 +890,9 @@ impl Cluster {
             agent,
             cri,
             containerd,
+            share_mount,
             netns,
+            share,
             name: name.to_owned(),
             ip,
             work,

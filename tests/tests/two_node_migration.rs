@@ -6,6 +6,9 @@
 //!   with its summary line, node-b's clone answers 6 (its count file held 5: the rootfs diff
 //!   came along), node-a's pod and containers are gone; then `--clone` of a fresh counter leaves
 //!   both running, each counting on from the checkpoint's count on its own;
+//! * the tutorial's migration again with the share on real SMB (a private smbd on the host side
+//!   of the nodes' links, mounted on each node through FUSE from inside its namespace): 5 -> 6
+//!   with its file, the archive crossed both links, node-a's pod is gone;
 //! * a pod with two counters migrates whole: both continue;
 //! * an archive corrupted on the share (while node-b's kubelet is briefly down, so node-b's shim
 //!   only ever sees the corrupted archive) is refused by node-b's shim: the migration rolls
@@ -26,7 +29,7 @@ use podmigrate_e2e::cri::POD_NAME_LABEL;
 use podmigrate_e2e::harness::skip;
 use podmigrate_e2e::nodes::{
     counter_hit, counter_pod, parse_summary, skip_reason, wait_counter_ready, Binaries, CliRun,
-    Cluster, ClusterOptions, Counter, NODE_A, NODE_B, PHASE, REASON,
+    Cluster, ClusterOptions, Counter, ShareBackend, NODE_A, NODE_B, PHASE, REASON,
 };
 
 /// Bound on pods coming up, going away, and similar waits.
@@ -51,10 +54,14 @@ async fn turn() -> Option<tokio::sync::MutexGuard<'static, ()>> {
 }
 
 async fn start_cluster() -> Cluster {
+    start_cluster_on(ShareBackend::Directory).await
+}
+
+async fn start_cluster_on(share: ShareBackend) -> Cluster {
     let binaries = Binaries::build().expect("building podmigrate and the shim");
-    Cluster::start(ClusterOptions::new(binaries))
-        .await
-        .expect("starting two nodes")
+    let mut options = ClusterOptions::new(binaries);
+    options.share = share;
+    Cluster::start(options).await.expect("starting two nodes")
 }
 
 fn annotation(cluster: &Cluster, pod: &str, key: &str) -> Option<String> {
@@ -526,4 +533,77 @@ fn criu_images_live_under_the_clone_uid() {
         criu_images_dir(Path::new("/w"), "u1", "c"),
         Path::new("/w/checkpoints/u1/c/checkpoint")
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn counter_migrates_over_an_smb_share() {
+    let Some(_turn) = turn().await else { return };
+    if let Some(reason) = podmigrate_e2e::smb::skip_reason() {
+        podmigrate_e2e::harness::skip(&reason);
+        return;
+    }
+    let t0 = Instant::now();
+    let cluster = start_cluster_on(ShareBackend::Smb).await;
+    let (a, b) = (cluster.node(NODE_A).ip, cluster.node(NODE_B).ip);
+    for node in [NODE_A, NODE_B] {
+        let share = &cluster.node(node).share;
+        assert!(
+            share.starts_with(&cluster.node(node).share_mount.as_ref().unwrap().mountpoint),
+            "{node} must see the share through its own mount, not {}",
+            share.display()
+        );
+    }
+    step(t0, "nodes up, each with its own SMB mount");
+
+    run_counters(
+        &cluster,
+        "counter",
+        NODE_A,
+        &[Counter::new("counter", 8080, "/tmp/count")],
+    )
+    .await;
+    for expected in 1..=5 {
+        assert_eq!(counter_hit(a, 8080).await.unwrap(), expected);
+    }
+    let run = cluster
+        .kubectl_migrate(
+            &["counter", "--to", NODE_B, "--timeout", "120s"],
+            CLI_TIMEOUT,
+        )
+        .await
+        .unwrap();
+    eprint!("{}", run.stdout);
+    assert_cli_ok(&run, "migrated", "counter");
+    step(t0, "kubectl migrate succeeded over SMB");
+
+    let clone = clone_name(&cluster, "counter").await;
+    let pod = cluster.wait_running(&clone, WAIT).await.unwrap();
+    assert_eq!(pod.spec.unwrap().node_name.as_deref(), Some(NODE_B));
+    let id = cluster.container_id(&clone, "counter").unwrap();
+    assert_eq!(
+        cluster.cat(NODE_B, &id, "/tmp/count").await.unwrap().trim(),
+        "5"
+    );
+    assert_eq!(counter_hit(b, 8080).await.unwrap(), 6);
+    cluster.wait_gone("counter", WAIT).await.unwrap();
+    wait_no_containers(&cluster, NODE_A, "counter").await;
+    assert!(counter_hit(a, 8080).await.is_err());
+    // The archive went through node-a's mount to the server and back out through node-b's:
+    // node-b's shim logged the archive under its own mount's path.
+    let b_share = cluster.node(NODE_B).share.display().to_string();
+    assert!(
+        cluster
+            .node(NODE_B)
+            .containerd
+            .log_text()
+            .contains(&b_share),
+        "node-b's containerd log never mentions its share {b_share}"
+    );
+    assert!(
+        !cluster.archive("counter", "counter").exists(),
+        "the archive is removed from the server after a successful restore"
+    );
+    step(t0, "node-b's clone answered 6; node-a's pod is gone");
+    cluster.shutdown().await;
+    step(t0, "torn down");
 }

@@ -603,11 +603,13 @@ fn sync_parent(archive: &Path) -> Result<(), ArchiveError> {
     let parent = parent_dir(archive);
     match File::open(&parent).and_then(|d| d.sync_all()) {
         Ok(()) => Ok(()),
-        // Some FUSE and SMB mounts refuse fsync on directories; the rename itself is atomic.
+        // Some FUSE and SMB mounts refuse fsync on directories; the rename itself is atomic
+        // and already committed the archive. Only these two answers mean "not supported".
         Err(e)
             if e.raw_os_error() == Some(libc::EINVAL)
                 || e.raw_os_error() == Some(libc::ENOTSUP) =>
         {
+            info!(dir = %parent.display(), error = %e, "the share does not sync directories; the rename stands");
             Ok(())
         }
         Err(e) => Err(ArchiveError::Io {
