@@ -293,6 +293,7 @@ impl Checkpointer<'_> {
             self.delegate.client().checkpoint(self.ctx.clone(), &dump),
         )?;
         let dumped_in = dump_started.elapsed();
+        let extras_started = Instant::now();
 
         let spec = self.bundle.join("config.json");
         fs::copy(&spec, local_dir.join(SPEC_DUMP))
@@ -333,6 +334,7 @@ impl Checkpointer<'_> {
         let parent = archive_path.parent().expect("archive paths have a parent");
         fs::create_dir_all(parent)
             .map_err(|e| step(format!("creating {}", parent.display()))(e.to_string()))?;
+        let extras_in = extras_started.elapsed();
         let pack_started = Instant::now();
         let summary = archive::pack(
             local_dir,
@@ -355,6 +357,7 @@ impl Checkpointer<'_> {
         info!(
             container = %self.identity.describe(),
             dump_ms = dumped_in.as_millis() as u64,
+            diff_ms = extras_in.as_millis() as u64,
             pack_ms = pack_started.elapsed().as_millis() as u64,
             "dumped and packed"
         );
