@@ -682,7 +682,7 @@ if docs:
               "unpack_verify": "#2ca02c", "unpack": "#2ca02c", "restore": "#d62728",
               "first_answer": "#9467bd"}
     labels_done = set()
-    fig, ax = plt.subplots(figsize=(9, 1.1 + 0.42 * len(rows)))
+    fig, ax = plt.subplots(figsize=(11, 1.4 + 0.42 * len(rows)))
     ticks, y = [], 0
     for mib in sizes:
         for key, label in methods:
@@ -692,8 +692,9 @@ if docs:
             left = 0.0
             for k, name in (pm_phases if key == "podmigrate" else base_phases):
                 v = max(r["phases"][k], 0.0)
-                legend = name.split(" (")[0] if k not in labels_done else None
-                labels_done.add(k)
+                # One legend entry per colour (the baselines' pack/unpack share podmigrate's).
+                legend = name.split(" (")[0] if colors[k] not in labels_done else None
+                labels_done.add(colors[k])
                 ax.barh(y, v, left=left, color=colors[k], label=legend, height=0.7)
                 left += v
             ax.text(r["downtime"], y, f" {r['downtime']:.2f} s", va="center", fontsize=8)
@@ -704,7 +705,7 @@ if docs:
     ax.invert_yaxis()
     ax.set_xlabel("seconds from freeze to the first HTTP answer of the restored counter")
     ax.set_title("Downtime by phase: podmigrate vs runc checkpoint + zip / tar|zstd", fontsize=10)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_xlim(0, max(r["downtime"] for r in rows) * 1.15)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
