@@ -737,6 +737,13 @@ if docs:
         f"directory (or `tar -cf - . | zstd -q -T0 -1` and `zstd -d | tar -x`), then `runc restore -d`, "
         f"then the first answer via `nsenter ... wget` polled every 5 ms; directories on {env['FS']}.",
         "",
+        "Caveats: each figure is one run on a machine whose load average is given above (2 cores; "
+        "every phase stretches with it, so compare methods within this section, not with figures "
+        "measured when the machine was quiet). This VM hands freed memory back to its host, and "
+        "first-touching such frames is slow (see the archive section); every method here writes "
+        "the checkpoint two or three times into fresh memory, and a method that runs right after "
+        "another one frees gigabytes may find warmer frames.",
+        "",
         "| size | method | downtime (s) | phases (s) |", "|---|---|---:|---|",
     ]
     for mib in sizes:
@@ -746,7 +753,8 @@ if docs:
                 continue
             names = pm_phases if key == "podmigrate" else base_phases
             parts = "; ".join(f"{n} {r['phases'][k]:.2f}" for k, n in names)
-            lines.append(f"| {size_name(mib)} | {label} | {r['downtime']:.2f} | {parts} |")
+            cell = label.replace("|", "\\|")
+            lines.append(f"| {size_name(mib)} | {cell} | {r['downtime']:.2f} | {parts} |")
     lines += ["", "| size | podmigrate (s) | zip (s) | tar\\|zstd (s) | podmigrate / zip | podmigrate / tar\\|zstd |",
               "|---|---:|---:|---:|---:|---:|"]
     for mib, p, z, t, rz, rt in summary:
