@@ -24,6 +24,18 @@
 #   KEEP=1        keep the temporary directory
 #   CRIU=/path    the criu binary runc uses (default: criu on PATH)
 #
+#   downtime  frozen time (freeze to the first HTTP answer of the restored counter), by phase:
+#             podmigrate's real two-node migration (target/release/bench-downtime) vs the
+#             original method done by hand: runc checkpoint, `zip -1` (or `tar | zstd -T0 -1`)
+#             of the image directory onto a share directory, unpack, runc restore. Rewrites the
+#             "Downtime" section of docs/benchmarks.md and docs/benchmarks-downtime.png; the last
+#             line reads `downtime 1GiB: podmigrate=<s> zip=<s> tarzstd=<s>`.
+#
+# Environment (downtime):
+#   SIZES="256 1024 4096"   ballast sizes in MiB (space- or comma-separated)
+#   METHODS="podmigrate zip tarzstd"   which methods to run
+#   BENCH_TMP, SKIP_SETUP, SKIP_BUILD, NO_DOCS, KEEP as for archive
+#
 # Needs root (runc, CRIU, nsenter). Exits non-zero only when a tool or a step fails, never
 # because a target is missed: it is a benchmark, the verdicts are printed.
 set -euo pipefail
@@ -36,7 +48,7 @@ log() { printf '[bench] %s\n' "$*" >&2; }
 die() { printf '[bench] error: %s\n' "$*" >&2; exit 1; }
 
 usage() {
-  sed -n '4,28p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  sed -n '4,40p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 # --- shared steps ---------------------------------------------------------------------------------
@@ -110,10 +122,10 @@ cleanup() {
   exit "$rc"
 }
 
-# Runs the counter with MIB of ballast in a runc container (own netns, own runc state root) and
-# checkpoints it with runc/CRIU into the layout podmigrate packs: $CK/checkpoint/ + $CK/spec.dump.
-make_checkpoint() {
-  local bundle=$W/bundle
+# Runs the counter with MIB of ballast in a runc container $CT (own netns, own runc state root)
+# from a fresh bundle $1, waits until it is ready and counts it to 3; sets COUNTER_PID.
+start_counter() {
+  local bundle=$1
   mkdir -p "$bundle/rootfs/bin" "$bundle/rootfs/tmp" "$bundle/rootfs/proc" "$bundle/rootfs/dev" \
     "$bundle/rootfs/sys" "$bundle/rootfs/etc" "$RUNC_ROOT"
   install -m 0755 "$(command -v busybox)" "$bundle/rootfs/bin/busybox"
@@ -156,6 +168,14 @@ PY
   done
   [ "$(cat "$bundle/rootfs/tmp/count")" = 3 ] || die "count file does not hold 3"
   log "counter ready: RSS $(( rss_kb / 1024 )) MiB, counter at 3"
+  COUNTER_PID=$pid
+}
+
+# Checkpoints the counter with runc/CRIU into the layout podmigrate packs: $CK/checkpoint/ +
+# $CK/spec.dump.
+make_checkpoint() {
+  local bundle=$W/bundle
+  start_counter "$bundle"
 
   CK=$W/ck
   mkdir -p "$CK"
@@ -465,6 +485,323 @@ print(f"updated {docs}")
 PY
 }
 
+# --- downtime: podmigrate vs the original stop-and-copy methods ---------------------------------
+
+# The original method, done by hand as its users did, on the same counter and ballast:
+# runc checkpoint -> pack the image directory onto the share -> unpack it on the "target" ->
+# runc restore -> first HTTP answer. METHOD is zip (`zip -1 -r` / `unzip`) or tarzstd
+# (`tar | zstd -T0 -1` / `zstd -d | tar -x`). Prints one JSON object.
+baseline_downtime() {
+  local method=$1 mib=$2
+  local d=$W/$method-$mib
+  mkdir -p "$d/share" "$d/target"
+  MIB=$mib
+  CT=pmbench-$method-$mib-$$
+  start_counter "$d/bundle"
+  local pid=$COUNTER_PID archive t0 t1 t2 t3 t4 t5 got=""
+  log "$method: checkpoint, pack onto the share, unpack, restore (${mib} MiB)"
+  t0=$(date +%s.%N)
+  runc_ checkpoint --image-path "$d/img" --work-path "$d/wk" "$CT" \
+    || die "$method: runc checkpoint failed: $(tail -n 5 "$d/wk/dump.log" 2>/dev/null)"
+  t1=$(date +%s.%N)
+  case $method in
+    zip)
+      archive=$d/share/checkpoint.zip
+      (cd "$d/img" && zip -q -1 -r "$archive" .) || die "zip failed"
+      t2=$(date +%s.%N)
+      unzip -q "$archive" -d "$d/target" || die "unzip failed"
+      ;;
+    tarzstd)
+      archive=$d/share/checkpoint.tar.zst
+      tar -C "$d/img" -cf - . | zstd -q -T0 -1 -o "$archive" || die "tar | zstd failed"
+      t2=$(date +%s.%N)
+      zstd -q -d -c "$archive" | tar -C "$d/target" -xf - || die "zstd -d | tar -x failed"
+      ;;
+    *) die "unknown baseline method $method" ;;
+  esac
+  t3=$(date +%s.%N)
+  runc_ restore -d --bundle "$d/bundle" --image-path "$d/target" --work-path "$d/wk2" \
+    --pid-file "$d/pid" "$CT" </dev/null >/dev/null 2>&1 \
+    || die "$method: runc restore failed: $(tail -n 5 "$d/wk2/restore.log" 2>/dev/null)"
+  t4=$(date +%s.%N)
+  pid=$(cat "$d/pid")
+  # runc restores the container into a fresh network namespace whose loopback is down (`runc run`
+  # brings it up, `runc restore` does not); the app's listening socket is restored on it. One
+  # shell in that namespace brings lo up and asks until the counter answers (few processes, so
+  # that the measurement costs little on a loaded machine).
+  got=$(timeout 60 nsenter -t "$pid" -n sh -c 'ip link set lo up || exit 1
+    until out=$(busybox wget -q -O - http://127.0.0.1:8080/ 2>/dev/null); do sleep 0.005; done
+    echo "$out"') || die "$method: the restored counter did not answer"
+  t5=$(date +%s.%N)
+  [ "$got" = 4 ] || die "$method: the restored counter answered '$got', not 4"
+  local bytes
+  bytes=$(stat -c %s "$archive")
+  runc_ kill "$CT" KILL >/dev/null 2>&1 || true
+  for _ in $(seq 1 50); do [ "$(container_status)" = running ] || break; sleep 0.1; done
+  runc_ delete -f "$CT" >/dev/null 2>&1 || true
+  rm -rf "$d"
+  python3 - "$method" "$mib" "$t0" "$t1" "$t2" "$t3" "$t4" "$t5" "$bytes" "$(cut -d' ' -f1-3 /proc/loadavg)" <<'PY'
+import json, sys
+method, mib = sys.argv[1], int(sys.argv[2])
+t = [float(x) for x in sys.argv[3:9]]
+print(json.dumps({
+    "method": method, "mib": mib, "downtime": t[5] - t[0],
+    "phases": {"dump": t[1] - t[0], "pack": t[2] - t[1], "unpack": t[3] - t[2],
+               "restore": t[4] - t[3], "first_answer": t[5] - t[4]},
+    "archive_bytes": int(sys.argv[9]), "count_after": 4, "load_after": sys.argv[10],
+}))
+PY
+}
+
+bench_downtime() {
+  local sizes=${SIZES:-256 1024 4096}
+  sizes=${sizes//,/ }
+  local methods=${METHODS:-podmigrate zip tarzstd}
+  methods=${methods//,/ }
+  local mib m
+  for mib in $sizes; do
+    [[ $mib =~ ^[1-9][0-9]*$ ]] || die "SIZES must list positive integers (MiB), not '$mib'"
+  done
+  for m in $methods; do
+    case $m in podmigrate | zip | tarzstd) ;; *) die "METHODS may list podmigrate, zip and tarzstd, not '$m'" ;; esac
+  done
+  ensure_setup
+  for tool in zstd tar ip containerd; do
+    command -v "$tool" >/dev/null || die "$tool not found (run scripts/setup.sh)"
+  done
+  # The report and plot run on Debian's python3, where apt installs matplotlib (a python3 earlier
+  # on PATH, e.g. pyenv's, would not see it).
+  local py=/usr/bin/python3
+  [ -x "$py" ] || die "$py not found"
+  if [ "${NO_DOCS:-0}" != 1 ] && ! "$py" -c 'import matplotlib' 2>/dev/null; then
+    log "installing python3-matplotlib (for the plot)"
+    flock /tmp/podmigrate-apt.lock env DEBIAN_FRONTEND=noninteractive \
+      apt-get install -y -qq --no-install-recommends python3-matplotlib >/dev/null \
+      || die "could not install python3-matplotlib"
+  fi
+  # runc runs `criu` from PATH: the patched one is in /usr/local/sbin.
+  case ":$PATH:" in *:/usr/local/sbin:*) ;; *) export PATH="/usr/local/sbin:$PATH" ;; esac
+  if [ "${SKIP_BUILD:-0}" = 1 ]; then
+    COUNTER=$ROOT/target/counter/counter
+    [ -x "$COUNTER" ] || die "$COUNTER missing (run tests/apps/counter/build.sh)"
+  else
+    log "cargo build --release --workspace --bins"
+    (cd "$ROOT" && cargo build --release -q --workspace --bins) || die "building the workspace failed"
+    COUNTER=$("$ROOT/tests/apps/counter/build.sh") || die "building the counter failed"
+  fi
+  local driver=$ROOT/target/release/bench-downtime
+  [ -x "$driver" ] || [[ " $methods " != *" podmigrate "* ]] || die "$driver missing"
+
+  local tmp=${BENCH_TMP:-/var/tmp}
+  W=$(mktemp -d "$tmp/podmigrate-bench.XXXXXX")
+  RUNC_ROOT=$W/runc-state
+  CT=""
+  trap cleanup EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+  RESULTS=$W/downtime.jsonl
+  : >"$RESULTS"
+  local load_start
+  load_start=$(cut -d' ' -f1-3 /proc/loadavg)
+  # Interleaved by size, so a change in the machine's load hits every method alike.
+  local method
+  for mib in $sizes; do
+    for method in $methods; do
+      case $method in
+        podmigrate)
+          log "podmigrate: two-node migration of a counter with ${mib} MiB ballast"
+          "$driver" "$mib" >>"$RESULTS" || die "bench-downtime $mib failed"
+          ;;
+        *) baseline_downtime "$method" "$mib" >>"$RESULTS" ;;
+      esac
+    done
+  done
+
+  local docs=$DOCS
+  [ "${NO_DOCS:-0}" = 1 ] && docs=""
+  local rev
+  rev=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
+  [ -z "$(git -C "$ROOT" status --porcelain 2>/dev/null)" ] || rev="$rev (with uncommitted changes)"
+  RESULTS=$RESULTS DOCS_OUT=$docs SIZES_="$sizes" REV=$rev \
+  LOAD="$load_start / $(cut -d' ' -f1-3 /proc/loadavg)" \
+  CPU_MODEL=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo) \
+  NCPU=$(nproc) MEM_GIB=$(awk '/^MemTotal/ { printf "%.0f", $2 / 1048576 }' /proc/meminfo) \
+  KERNEL=$(uname -r) FS="$(df -T "$W" | awk 'NR == 2 { print $2 }')" \
+  TMPFS="$(df -T "${TMPDIR:-/tmp}" | awk 'NR == 2 { print $2 }')" \
+  CRIU_V="$(criu --version | awk '/Version/ { print $2 }')" \
+  RUNC_V="$(runc --version | awk 'NR == 1 { print $3 }')" \
+  CONTAINERD_V="$(containerd --version | awk '{ print $3 }')" \
+  ZSTD_V="$(zstd --version | sed -n 's/.*v\([0-9.]*\).*/\1/p')" \
+  ZIP_V="$(zip -v | sed -n 's/^This is Zip \([^ ]*\).*/\1/p')" \
+  "$py" - <<'PY'
+import datetime, json, os
+
+env = os.environ
+rows = [json.loads(l) for l in open(env["RESULTS"]) if l.strip()]
+sizes = [int(s) for s in env["SIZES_"].split()]
+by = {(r["method"], r["mib"]): r for r in rows}
+methods = [("podmigrate", "podmigrate"), ("zip", "runc + zip -1/unzip"),
+           ("tarzstd", "runc + tar|zstd -T0 -1")]
+pm_phases = [("freeze", "freeze (agent: pause)"), ("dump", "CRIU dump"),
+             ("rootfs_diff", "rootfs diff"), ("pack_commit", "pack + commit on the share"),
+             ("target_wait", "target sees the archive"), ("unpack_verify", "unpack + verify + apply diff"),
+             ("restore", "restore (Create + runc restore)"), ("first_answer", "first answer")]
+base_phases = [("dump", "CRIU dump"), ("pack", "pack onto the share"), ("unpack", "unpack"),
+               ("restore", "runc restore"), ("first_answer", "first answer")]
+
+def size_name(mib):
+    return f"{mib // 1024} GiB" if mib % 1024 == 0 else f"{mib} MiB"
+
+print()
+print("downtime benchmark (freeze to first HTTP answer from the restored counter), seconds")
+for mib in sizes:
+    for key, label in methods:
+        r = by.get((key, mib))
+        if not r:
+            continue
+        names = pm_phases if key == "podmigrate" else base_phases
+        parts = ", ".join(f"{k} {r['phases'][k]:.2f}" for k, _ in names)
+        print(f"  {size_name(mib):>8}  {label:<24} {r['downtime']:6.2f}  ({parts})")
+
+summary = []
+for mib in sizes:
+    pm, z, t = by.get(("podmigrate", mib)), by.get(("zip", mib)), by.get(("tarzstd", mib))
+    if pm and z and t:
+        summary.append((mib, pm["downtime"], z["downtime"], t["downtime"],
+                        pm["downtime"] / z["downtime"], pm["downtime"] / t["downtime"]))
+goal = next(((s[4] <= 0.2, s[5] <= 0.75, s) for s in summary if s[0] == 1024), None)
+if goal:
+    print(f"  goal at 1 GiB: podmigrate <= 1/5 of zip: {'PASS' if goal[0] else 'FAIL'} "
+          f"({goal[2][4]:.3f}); <= 0.75x tar|zstd: {'PASS' if goal[1] else 'FAIL'} ({goal[2][5]:.3f})")
+print(f"  load average (1/5/15 min) at the start / end: {env['LOAD']}")
+
+docs = env.get("DOCS_OUT")
+if docs:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    png = os.path.join(os.path.dirname(docs), "benchmarks-downtime.png")
+    colors = {"freeze": "#9e9e9e", "dump": "#1f77b4", "rootfs_diff": "#aec7e8",
+              "pack_commit": "#ff7f0e", "pack": "#ff7f0e", "target_wait": "#c7c7c7",
+              "unpack_verify": "#2ca02c", "unpack": "#2ca02c", "restore": "#d62728",
+              "first_answer": "#9467bd"}
+    labels_done = set()
+    fig, ax = plt.subplots(figsize=(11, 1.4 + 0.42 * len(rows)))
+    ticks, y = [], 0
+    for mib in sizes:
+        for key, label in methods:
+            r = by.get((key, mib))
+            if not r:
+                continue
+            left = 0.0
+            for k, name in (pm_phases if key == "podmigrate" else base_phases):
+                v = max(r["phases"][k], 0.0)
+                # One legend entry per colour (the baselines' pack/unpack share podmigrate's).
+                legend = name.split(" (")[0] if colors[k] not in labels_done else None
+                labels_done.add(colors[k])
+                ax.barh(y, v, left=left, color=colors[k], label=legend, height=0.7)
+                left += v
+            ax.text(r["downtime"], y, f" {r['downtime']:.2f} s", va="center", fontsize=8)
+            ticks.append((y, f"{size_name(mib)}  {label}"))
+            y += 1
+        y += 0.5
+    ax.set_yticks([t for t, _ in ticks], [n for _, n in ticks], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds from freeze to the first HTTP answer of the restored counter")
+    ax.set_title("Downtime by phase: podmigrate vs runc checkpoint + zip / tar|zstd", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_xlim(0, max(r["downtime"] for r in rows) * 1.15)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    heading = "## Downtime: podmigrate vs runc checkpoint with zip or tar|zstd"
+    lines = [
+        heading, "",
+        f"Measured {now} by `scripts/bench.sh downtime` (`SIZES=\"{env['SIZES_']}\"`) on "
+        f"{env['CPU_MODEL']}, {env['NCPU']} cores (shared with other work; load average 1/5/15 min "
+        f"at start / end: {env['LOAD']}), {env['MEM_GIB']} GiB RAM, kernel {env['KERNEL']}; "
+        f"podmigrate at {env['REV']}, containerd {env['CONTAINERD_V']}, runc {env['RUNC_V']}, "
+        f"CRIU {env['CRIU_V']}, zstd {env['ZSTD_V']}, Info-ZIP zip {env['ZIP_V']}.", "",
+        "Downtime is the time from the freeze to the first HTTP answer of the restored counter "
+        "(the test app with `-m <MiB>` ballast: 30% pseudo-random, 70% repeated text; the answer "
+        "must be 4, continuing the count of 3). One run per size and method, interleaved by size.", "",
+        "- **podmigrate**: a real two-node migration (`target/release/bench-downtime`, the "
+        "two-node harness: two network namespaces, each with containerd "
+        "and our shim, a real agent and a test kubelet; the API server stand-in; `kubectl "
+        f"migrate`). The share and the nodes' work space are directories on {env['TMPFS']} "
+        "(the same disk as the baselines' share). The downtime runs from node-a's agent logging "
+        "\"freezing the source\" to the first answer from node-b's IP, which the driver asks every "
+        "5 ms. Phase boundaries come from the agent's log, both shims' log lines (`dump_ms`, "
+        "`diff_ms`, `pack_ms`; `unpack_ms`) and node-b's containerd (`StartContainer ... returns`), "
+        "all on the same clock. The target's sandbox and its waiting Create exist before the freeze.",
+        "- **runc + zip** and **runc + tar|zstd**: the original stop-and-copy method, as a script "
+        "on the same machine and data: `runc checkpoint` of the counter in a runc container, then "
+        "`zip -q -1 -r` of the image directory onto a share directory and `unzip -q` into a target "
+        f"directory (or `tar -cf - . | zstd -q -T0 -1` and `zstd -d | tar -x`), then `runc restore -d`, "
+        f"then the first answer via `nsenter ... wget` polled every 5 ms; directories on {env['FS']}.",
+        "",
+        "Caveats: each figure is one run on a machine whose load average is given above (2 cores; "
+        "every phase stretches with it, so compare methods within this section, not with figures "
+        "measured when the machine was quiet). This VM hands freed memory back to its host, and "
+        "first-touching such frames is slow (see the archive section); every method here writes "
+        "the checkpoint two or three times into fresh memory, and a method that runs right after "
+        "another one frees gigabytes may find warmer frames.",
+        "",
+        "| size | method | downtime (s) | phases (s) |", "|---|---|---:|---|",
+    ]
+    for mib in sizes:
+        for key, label in methods:
+            r = by.get((key, mib))
+            if not r:
+                continue
+            names = pm_phases if key == "podmigrate" else base_phases
+            parts = "; ".join(f"{n} {r['phases'][k]:.2f}" for k, n in names)
+            cell = label.replace("|", "\\|")
+            lines.append(f"| {size_name(mib)} | {cell} | {r['downtime']:.2f} | {parts} |")
+    lines += ["", "| size | podmigrate (s) | zip (s) | tar\\|zstd (s) | podmigrate / zip | podmigrate / tar\\|zstd |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for mib, p, z, t, rz, rt in summary:
+        lines.append(f"| {size_name(mib)} | {p:.2f} | {z:.2f} | {t:.2f} | {rz:.3f} | {rt:.3f} |")
+    if goal:
+        lines += ["", "| goal at 1 GiB | measured | result |", "|---|---:|---|",
+                  f"| podmigrate <= 1/5 of zip's downtime | {goal[2][4]:.3f}x | {'PASS' if goal[0] else 'FAIL'} |",
+                  f"| podmigrate <= 0.75x tar\\|zstd's downtime | {goal[2][5]:.3f}x | {'PASS' if goal[1] else 'FAIL'} |"]
+    lines += ["", f"![downtime by phase]({os.path.basename(png)})", ""]
+    pm_rows = [by[("podmigrate", m)] for m in sizes if ("podmigrate", m) in by]
+    if pm_rows:
+        lines += ["podmigrate's own figures for the same runs: " + "; ".join(
+            f"{size_name(r['mib'])}: archive {r['archive_bytes'] / 1e6:.0f} MB, `kubectl migrate` "
+            f"reported frozen {r['cli_frozen']:.2f} s of {r['cli_total']:.1f} s"
+            for r in pm_rows) + ". (The CLI's frozen time runs from the agent's claim to the "
+            "agent seeing the clone Running, so it includes API round trips on both ends.)", ""]
+    section = "\n".join(lines) + "\n"
+    intro = "# podmigrate benchmarks\n\n"
+    text = open(docs).read() if os.path.exists(docs) else intro
+    lines_in = text.splitlines(keepends=True)
+    start = next((i for i, l in enumerate(lines_in) if l.rstrip("\n") == heading), None)
+    if start is None:
+        before, after = text, ""
+    else:
+        end = next((i for i in range(start + 1, len(lines_in)) if lines_in[i].startswith("## ")),
+                   len(lines_in))
+        before, after = "".join(lines_in[:start]), "".join(lines_in[end:])
+    result = before.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
+    if after:
+        result += "\n" + after
+    tmp = docs + ".tmp"
+    open(tmp, "w").write(result)
+    os.replace(tmp, docs)
+    print(f"updated {docs} and {png}")
+
+one = next((s for s in summary if s[0] == 1024), None)
+if one:
+    print(f"downtime 1GiB: podmigrate={one[1]:.2f} zip={one[2]:.2f} tarzstd={one[3]:.2f}")
+else:
+    print(f"downtime 1GiB: not measured (SIZES={env['SIZES_']})")
+PY
+}
+
 # Plain vs sealed pack and unpack of one real checkpoint, interleaved (the order alternates
 # between runs, so neither always runs right after the other).
 bench_sealed() {
@@ -610,6 +947,7 @@ PY
 case ${1:-} in
   archive) shift; bench_archive "$@" ;;
   sealed) shift; bench_sealed "$@" ;;
+  downtime) shift; bench_downtime "$@" ;;
   -h | --help | help) usage ;;
   *)
     [ -n "${1:-}" ] && printf '[bench] unknown mode: %s\n\n' "$1" >&2

@@ -319,6 +319,7 @@ impl Checkpointer<'_> {
             self.delegate.client().checkpoint(self.ctx.clone(), &dump),
         )?;
         let dumped_in = dump_started.elapsed();
+        let extras_started = Instant::now();
 
         let spec = self.bundle.join("config.json");
         fs::copy(&spec, local_dir.join(SPEC_DUMP))
@@ -359,6 +360,7 @@ impl Checkpointer<'_> {
         share::create_archive_dir(&self.config.share_root, &archive_path)
             .map_err(|e| step("creating the archive's directory")(e.to_string()))?;
         let bandwidth = self.bandwidth()?;
+        let extras_in = extras_started.elapsed();
         let pack_started = Instant::now();
         let summary = archive::pack(
             local_dir,
@@ -383,6 +385,7 @@ impl Checkpointer<'_> {
         info!(
             container = %self.identity.describe(),
             dump_ms = dumped_in.as_millis() as u64,
+            diff_ms = extras_in.as_millis() as u64,
             pack_ms = pack_started.elapsed().as_millis() as u64,
             throttled_ms = summary.throttled.as_millis() as u64,
             %bandwidth,

@@ -487,6 +487,8 @@ impl Agent {
         }
 
         // Freeze every container first, so a multi-container pod is checkpointed at one instant.
+        // (This line's timestamp is where the downtime starts; scripts/bench.sh reads it.)
+        info!(clone = %pod_name(&clone), source = %pod_name(source), "freezing the source");
         let mut frozen = Vec::new();
         for c in &targets {
             if let Err(e) = self.containerd.pause(&c.id).await {

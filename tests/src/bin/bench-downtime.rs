@@ -1,0 +1,288 @@
+//! `bench-downtime`: podmigrate's frozen time on a real two-node migration, by phase, for
+//! `scripts/bench.sh downtime`. Two nodes as in the two-node suite (own network namespace,
+//! containerd with our shim, real agent, test kubelet; one API server stand-in, one share on
+//! disk). For each ballast size, a counter pod with `-m <MiB>` runs on node-a and is moved with
+//! `kubectl migrate` while this driver asks node-b's address for the counter every few
+//! milliseconds. The downtime runs from the agent's "freezing the source" log line to the first
+//! HTTP answer from node-b; the logs of the agent, both shims and node-b's containerd place
+//! each phase boundary on that same (wall) clock.
+//!
+//! Usage: `bench-downtime <MiB>...`; prints one JSON object per size on stdout, progress on
+//! stderr. Exit status 1 when a migration fails or the restored counter does not continue.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, ensure, Context, Result};
+use podmigrate_e2e::nodes::{
+    counter_hit, counter_pod, parse_summary, skip_reason, wait_counter_ready, Binaries, Cluster,
+    ClusterOptions, Counter, NODE_A, NODE_B,
+};
+use serde_json::{json, Value};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+const PORT: u16 = 8090;
+const COUNT_FILE: &str = "/tmp/count";
+
+fn note(what: &str) {
+    eprintln!("[bench-downtime] {what}");
+}
+
+fn now_unix() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+}
+
+fn parse_rfc3339(text: &str) -> Option<f64> {
+    let t = OffsetDateTime::parse(text, &Rfc3339).ok()?;
+    Some(t.unix_timestamp_nanos() as f64 / 1e9)
+}
+
+/// `key=value` (the value up to the next blank) in a `tracing` fmt line.
+fn field(line: &str, key: &str) -> Option<f64> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+        .and_then(|v| v.parse().ok())
+}
+
+/// The last line of `log` containing every one of `needles`.
+fn last_line_with<'a>(log: &'a str, needles: &[&str]) -> Option<&'a str> {
+    log.lines()
+        .rev()
+        .find(|l| needles.iter().all(|n| l.contains(n)))
+}
+
+/// Timestamp of a shim `tracing` line (its first word).
+fn shim_time(line: &str) -> Option<f64> {
+    parse_rfc3339(line.split_whitespace().next()?)
+}
+
+/// Timestamp of a containerd (logrus) line: `time="..."`.
+fn containerd_time(line: &str) -> Option<f64> {
+    let rest = line.split_once("time=\"")?.1;
+    parse_rfc3339(rest.split_once('"')?.0)
+}
+
+fn read(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// Asks node-b's counter every 5 ms until it answers: (wall time of the answer, its count).
+async fn first_answer(ip: std::net::Ipv4Addr, port: u16, timeout: Duration) -> Result<(f64, u64)> {
+    let started = Instant::now();
+    loop {
+        if let Ok(count) = counter_hit(ip, port).await {
+            return Ok((now_unix(), count));
+        }
+        ensure!(
+            started.elapsed() < timeout,
+            "node-b's counter did not answer within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+async fn measure(cluster: &Cluster, mib: u32) -> Result<Value> {
+    let pod = format!("bench-{mib}");
+    let (a, b) = (cluster.node(NODE_A).ip, cluster.node(NODE_B).ip);
+    let ready_within = Duration::from_secs(120 + u64::from(mib) / 10);
+    cluster
+        .create_pod(&counter_pod(
+            &pod,
+            NODE_A,
+            &[Counter::new("counter", PORT, COUNT_FILE).ballast(mib)],
+        ))
+        .await?;
+    cluster.wait_running(&pod, ready_within).await?;
+    wait_counter_ready(a, PORT, ready_within).await?;
+    for expected in 1..=3 {
+        let got = counter_hit(a, PORT).await?;
+        ensure!(
+            got == expected,
+            "node-a's counter answered {got}, not {expected}"
+        );
+    }
+    note(&format!(
+        "{pod}: counter with {mib} MiB ballast at 3 on node-a; migrating"
+    ));
+    let load_before = loadavg();
+
+    let timeout = Duration::from_secs(300 + u64::from(mib) / 5);
+    let answer = tokio::spawn(first_answer(b, PORT, timeout));
+    let abort = answer.abort_handle();
+    let cli = cluster.spawn_kubectl_migrate(&[
+        &pod,
+        "--to",
+        NODE_B,
+        "--timeout",
+        &format!("{}s", timeout.as_secs()),
+    ])?;
+    let run = cli.finish(timeout + Duration::from_secs(30)).await;
+    let run = match run {
+        Ok(run) => run,
+        Err(e) => {
+            abort.abort();
+            return Err(e);
+        }
+    };
+    if !run.success {
+        abort.abort();
+        bail!(
+            "kubectl migrate {pod} failed: {}{}",
+            run.stdout,
+            run.stderr.trim()
+        );
+    }
+    let (answered_at, count) = answer.await.context("the poller")??;
+    ensure!(
+        count == 4,
+        "node-b's counter answered {count} first, not 4 (it did not carry on from 3)"
+    );
+    let summary = parse_summary(run.last_line())
+        .with_context(|| format!("unexpected CLI summary {:?}", run.last_line()))?;
+    let load_after = loadavg();
+
+    // Phase boundaries, from the logs.
+    let agent_log = cluster.node(NODE_A).agent.log_text();
+    let freeze_line = last_line_with(&agent_log, &["freezing the source", &pod])
+        .context("no \"freezing the source\" line in node-a's agent log")?;
+    let freeze_json: Value = serde_json::from_str(freeze_line)?;
+    let t_freeze = freeze_json["timestamp"]
+        .as_str()
+        .and_then(parse_rfc3339)
+        .context("agent log line without timestamp")?;
+
+    let a_log = read(cluster.node(NODE_A).containerd.log_path())?;
+    let packed = last_line_with(&a_log, &["dumped and packed", &format!("/{pod} ")])
+        .context("no \"dumped and packed\" line in node-a's containerd log")?;
+    let t_packed = shim_time(packed).context("shim line without timestamp")?;
+    let dump_s = field(packed, "dump_ms").context("dump_ms")? / 1e3;
+    let diff_s = field(packed, "diff_ms").unwrap_or(0.0) / 1e3;
+    let pack_s = field(packed, "pack_ms").context("pack_ms")? / 1e3;
+
+    let b_log = read(cluster.node(NODE_B).containerd.log_path())?;
+    let clones = cluster.clones_of(&pod).await?;
+    let clone = clones
+        .first()
+        .and_then(|c| c.metadata.name.clone())
+        .context("no clone pod")?;
+    let unpacked = last_line_with(
+        &b_log,
+        &["checkpoint unpacked for restore", &format!("/{clone} ")],
+    )
+    .context("no \"checkpoint unpacked for restore\" line in node-b's containerd log")?;
+    let t_unpacked = shim_time(unpacked).context("shim line without timestamp")?;
+    let unpack_s = field(unpacked, "unpack_ms").context("unpack_ms")? / 1e3;
+    let archive_bytes = field(unpacked, "bytes").unwrap_or(0.0);
+    let id = cluster
+        .container_id(&clone, "counter")
+        .context("the clone's container id")?;
+    let started = last_line_with(&b_log, &["StartContainer for", &id, "returns successfully"])
+        .context("no StartContainer line for the clone in node-b's containerd log")?;
+    let t_started = containerd_time(started).context("containerd line without time")?;
+
+    // containerd logs StartContainer's return after the restored process may already answer.
+    let t_restored = t_started.min(answered_at);
+    let t_dump_start = t_packed - pack_s - diff_s - dump_s;
+    let t_unpack_start = t_unpacked - unpack_s;
+    let phases = json!({
+        "freeze": t_dump_start - t_freeze,
+        "dump": dump_s,
+        "rootfs_diff": diff_s,
+        "pack_commit": pack_s,
+        "target_wait": t_unpack_start - t_packed,
+        "unpack_verify": unpack_s,
+        "restore": t_restored - t_unpacked,
+        "first_answer": answered_at - t_restored,
+    });
+    let downtime = answered_at - t_freeze;
+    note(&format!(
+        "{pod}: downtime {downtime:.2}s; phases {phases}; CLI: {}",
+        run.last_line()
+    ));
+    let result = json!({
+        "method": "podmigrate",
+        "mib": mib,
+        "downtime": downtime,
+        "phases": phases,
+        "archive_bytes": archive_bytes,
+        "cli_frozen": summary.frozen_seconds,
+        "cli_total": summary.total_seconds,
+        "count_after": count,
+        "load_before": load_before,
+        "load_after": load_after,
+    });
+    cluster
+        .delete_all_pods(Duration::from_secs(120))
+        .await
+        .context("deleting the pods after the run")?;
+    Ok(result)
+}
+
+async fn bench(sizes: &[u32], slot: &mut Option<Cluster>) -> Result<()> {
+    if let Some(reason) = skip_reason() {
+        bail!("this machine cannot run the benchmark: {reason}");
+    }
+    let binaries = Binaries::beside_current_exe()?;
+    let mut options = ClusterOptions::new(binaries);
+    options.verbose = false;
+    let largest = sizes.iter().copied().max().unwrap_or(0);
+    options.archive_wait = Duration::from_secs(300 + u64::from(largest) / 5);
+    options.checkpoint_timeout = Duration::from_secs(300 + u64::from(largest) / 5);
+    options.clone_timeout = Duration::from_secs(300 + u64::from(largest) / 5);
+    let cluster = slot.insert(
+        Cluster::start(options)
+            .await
+            .context("bringing up the two nodes")?,
+    );
+    note(&format!("two nodes up; share {}", cluster.share.display()));
+    for &mib in sizes {
+        let result = measure(cluster, mib)
+            .await
+            .with_context(|| format!("migrating the {mib} MiB counter"))?;
+        println!("{result}");
+    }
+    let cluster = slot.take().expect("started above");
+    cluster.shutdown().await;
+    Ok(())
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> ExitCode {
+    let sizes: Result<Vec<u32>, _> = std::env::args().skip(1).map(|a| a.parse()).collect();
+    let sizes = match sizes {
+        Ok(s) if !s.is_empty() => s,
+        _ => {
+            eprintln!("usage: bench-downtime <MiB>...");
+            return ExitCode::from(2);
+        }
+    };
+    let mut cluster = None;
+    let result = tokio::select! {
+        r = bench(&sizes, &mut cluster) => r,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if let Some(cluster) = &cluster {
+                eprintln!("{}", cluster.diagnostics(30));
+            }
+            eprintln!("bench-downtime: {e:#}");
+            if let Some(cluster) = cluster.take() {
+                let _ = tokio::task::spawn_blocking(move || drop(cluster)).await;
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
