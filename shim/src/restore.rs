@@ -89,7 +89,10 @@ pub fn prepare(
         info!(container = %identity.describe(), archive = %archive_display, waited_s = waited.as_secs(), "still waiting for the source's archive");
         Ok(())
     })
-    .map_err(|e| fail(&archive_display, e.to_string()))?;
+    .map_err(|e| match e {
+        share::ShareError::Timeout { .. } => fail(&archive_display, format!("{e} ({})", crate::config::ENV_ARCHIVE_WAIT)),
+        e => fail(&archive_display, e.to_string()),
+    })?;
 
     let dir = local_dir(config, identity);
     let result = (|| {

@@ -33,12 +33,21 @@ pub enum ContainerdError {
         target: String,
         status: String,
     },
-    #[error("containerd {call} for {target} did not answer within {timeout:?}")]
+    #[error("containerd {call} for {target} did not answer within {timeout:?} ({})", timeout_setting(.call))]
     Timeout {
         call: &'static str,
         target: String,
         timeout: Duration,
     },
+}
+
+/// Which setting bounds a containerd call, for its timeout error.
+fn timeout_setting(call: &str) -> &'static str {
+    if call == "Checkpoint" {
+        "agent --checkpoint-timeout"
+    } else {
+        "the agent's 30s bound on quick containerd calls"
+    }
 }
 
 /// A pod's app container as containerd knows it.

@@ -256,12 +256,25 @@ impl Agent {
                 let source = source.expect("a checkpoint decision has a source");
                 let Ok(permit) = Arc::clone(&self.slots).try_acquire_owned() else {
                     drop(claim_guard);
-                    self.patch_clone(
-                        clone,
-                        json!({ REASON: format!("queued: {} outbound migrations already run on node {}", self.config.max_outbound, self.config.node_name) }),
-                    )
-                    .await?;
-                    return Ok(Some(Duration::from_secs(5)));
+                    let queued = policy::queued(
+                        self.config.max_outbound,
+                        &self.config.node_name,
+                        annotation(clone, REASON),
+                    );
+                    if queued.announce {
+                        info!(clone = %pod_name(clone), reason = %queued.reason, "queued");
+                        self.patch_clone(clone, json!({ REASON: queued.reason }))
+                            .await?;
+                        self.event(
+                            clone,
+                            EventType::Normal,
+                            "Queued",
+                            "Checkpoint",
+                            &queued.reason,
+                        )
+                        .await;
+                    }
+                    return Ok(Some(Duration::from_secs(2)));
                 };
                 let _permit = permit;
                 self.migrate(clone, &source, &containers, mode, claim_guard)
@@ -679,7 +692,7 @@ impl Agent {
             }
             if Instant::now() >= deadline {
                 return Ok(Ending::Failed(format!(
-                    "the clone did not run within {:?}",
+                    "the clone did not run within {:?} (agent --clone-timeout)",
                     self.config.clone_timeout
                 )));
             }
