@@ -136,7 +136,14 @@ fn unpack_checked(bytes: &[u8]) -> Result<(), TestCaseError> {
     fs::write(&zip, bytes).unwrap();
     let dest = tmp.path().join("dest");
     let before = snapshot(tmp.path(), &dest);
-    let result = archive::unpack(&zip, &dest, &UnpackOptions { threads: 1 });
+    let result = archive::unpack(
+        &zip,
+        &dest,
+        &UnpackOptions {
+            threads: 1,
+            ..UnpackOptions::default()
+        },
+    );
     let after = snapshot(tmp.path(), &dest);
     prop_assert!(
         after == before,

@@ -36,6 +36,8 @@ fn node() -> Node {
         archive_wait: Duration::from_secs(1),
         delegate: PathBuf::from("containerd-shim-runc-v2"),
         node_name: "node-b".to_string(),
+        bandwidth: Ok(podmigrate_checkpoint::bandwidth::Bandwidth::UNLIMITED),
+        key_file: None,
     };
     let identity = ContainerIdentity {
         id: "c0ffee".to_string(),
@@ -47,6 +49,7 @@ fn node() -> Node {
         is_sandbox: false,
         clone_of: Some(SOURCE_POD.to_string()),
         fallback_fresh: false,
+        bandwidth: None,
     };
     let mounts = vec![Mount {
         type_: "overlay".to_string(),
