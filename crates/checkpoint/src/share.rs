@@ -22,8 +22,9 @@ pub enum ShareError {
         waited: Duration,
         timeout: Duration,
     },
-    #[error("checking {path}: {source}")]
+    #[error("{op} {path}: {source}")]
     Io {
+        op: &'static str,
         path: PathBuf,
         source: std::io::Error,
     },
@@ -69,13 +70,18 @@ pub fn archive_path(
 /// Creates the directories between the share root and `archive` (namespace, then pod), mode
 /// 0700: archives are 0600 and only root on the nodes reads them, so other users need not
 /// even see which pods were checkpointed. Directories that exist are left as they are.
-pub fn create_archive_dir(share_root: &Path, archive: &Path) -> std::io::Result<()> {
+pub fn create_archive_dir(share_root: &Path, archive: &Path) -> Result<(), ShareError> {
     use std::os::unix::fs::DirBuilderExt;
     let parent = archive.parent().unwrap_or(share_root);
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(parent)
+        .map_err(|source| ShareError::Io {
+            op: "creating",
+            path: parent.to_path_buf(),
+            source,
+        })
 }
 
 /// Waits until `path` exists, polling, for at most `timeout`. `progress` is called about every
@@ -95,6 +101,7 @@ pub fn wait_for_archive(
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(source) => {
                 return Err(ShareError::Io {
+                    op: "checking",
                     path: path.to_path_buf(),
                     source,
                 })
