@@ -149,6 +149,29 @@ pub fn build_workspace_bins(profile: &str, what: &str) -> Result<()> {
     let mut cmd = Command::new(cargo);
     cmd.current_dir(oci::workspace_root())
         .args(["build", "-q", "--workspace", "--bins"]);
+    // cargo sets these for the running test, not for a build: a build script that watches one
+    // (ring's watches CARGO_MANIFEST_DIR) would see it change and rebuild half the tree here,
+    // and again at the next plain `cargo build`.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        let for_the_test = [
+            "CARGO_MANIFEST_",
+            "CARGO_PKG_",
+            "CARGO_BIN_",
+            "CARGO_CRATE_",
+        ]
+        .iter()
+        .any(|prefix| name.starts_with(prefix))
+            || [
+                "CARGO_PRIMARY_PACKAGE",
+                "CARGO_TARGET_TMPDIR",
+                "CARGO_RUSTC_CURRENT_DIR",
+            ]
+            .contains(&name.as_ref());
+        if for_the_test {
+            cmd.env_remove(name.as_ref());
+        }
+    }
     match profile {
         "debug" => {}
         "release" => {
