@@ -14,15 +14,13 @@ use super::zipwriter::ZipStreamWriter;
 use super::*;
 use crate::layout::MANIFEST_ENTRY;
 
-/// A small checkpoint-like directory: nested dirs, an empty file, a multi-chunk file.
-fn sample_checkpoint(root: &Path) -> PathBuf {
-    let dir = root.join("ck");
-    fs::create_dir_all(dir.join("checkpoint")).unwrap();
-    fs::create_dir_all(dir.join("empty-dir")).unwrap();
-    let mut pages = Vec::with_capacity(600_000);
+/// `len` bytes like CRIU page images of a real process: the first `random` pseudo-random
+/// (incompressible), the rest repeated text.
+pub(super) fn sample_pages(len: usize, random: usize) -> Vec<u8> {
+    let mut pages = Vec::with_capacity(len);
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    for i in 0..600_000 {
-        if i < 200_000 {
+    for i in 0..len {
+        if i < random {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
@@ -31,6 +29,15 @@ fn sample_checkpoint(root: &Path) -> PathBuf {
             pages.push(b"the quick brown fox jumps "[i % 26]);
         }
     }
+    pages
+}
+
+/// A small checkpoint-like directory: nested dirs, an empty file, a multi-chunk file.
+fn sample_checkpoint(root: &Path) -> PathBuf {
+    let dir = root.join("ck");
+    fs::create_dir_all(dir.join("checkpoint")).unwrap();
+    fs::create_dir_all(dir.join("empty-dir")).unwrap();
+    let pages = sample_pages(600_000, 200_000);
     fs::write(dir.join("checkpoint/pages-1.img"), &pages).unwrap();
     fs::write(dir.join("checkpoint/inventory.img"), b"inventory").unwrap();
     fs::write(dir.join("deleted.files"), b"").unwrap();

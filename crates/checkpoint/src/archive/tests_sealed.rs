@@ -31,18 +31,7 @@ fn sample_checkpoint(root: &Path) -> PathBuf {
     let dir = root.join("ck");
     fs::create_dir_all(dir.join("checkpoint")).unwrap();
     fs::create_dir_all(dir.join("empty-dir")).unwrap();
-    let mut pages = Vec::with_capacity(600_000);
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    for i in 0..600_000 {
-        if i < 300_000 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            pages.push(x as u8);
-        } else {
-            pages.push(b"the quick brown fox jumps "[i % 26]);
-        }
-    }
+    let pages = super::tests::sample_pages(600_000, 300_000);
     fs::write(dir.join("checkpoint/pages-1.img"), &pages).unwrap();
     fs::write(dir.join("checkpoint/core-1.img"), b"core one").unwrap();
     fs::write(dir.join("checkpoint/core-2.img"), b"core two").unwrap();
