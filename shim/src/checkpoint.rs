@@ -22,7 +22,7 @@ use containerd_shim::protos::types::task::Status;
 use podmigrate_checkpoint::archive::{self, ArchiveKey, PackOptions, Source, Versions};
 use podmigrate_checkpoint::bandwidth::Bandwidth;
 use podmigrate_checkpoint::layout::{ContainerConfig, CHECKPOINT_DIR, SPEC_DUMP};
-use podmigrate_checkpoint::{criu, rootfs, runc, share};
+use podmigrate_checkpoint::{criu, rootfs, runc, share, workspace};
 use tracing::{info, warn};
 
 use crate::config::ShimConfig;
@@ -46,8 +46,9 @@ pub struct Committed {
     pub archive: PathBuf,
     pub manifest_sha256: String,
     pub archive_bytes: u64,
-    /// The local checkpoint directory, kept for an in-place restore should the clone fail.
-    pub local_dir: PathBuf,
+    /// The local checkpoint directory, when it is kept: one in the caller's image path stays;
+    /// one in memory-backed work space is removed once the archive is committed.
+    pub local_dir: Option<PathBuf>,
 }
 
 /// The container's overlay upper directory, where all of its own writes are.
@@ -119,7 +120,6 @@ impl Checkpointer<'_> {
         let exit = options.exit;
         // A malformed cap fails before anything is frozen.
         self.bandwidth()?;
-        let (local_dir, created_local) = self.local_dir(req)?;
         let criu_work = self
             .config
             .work_dir
@@ -136,6 +136,14 @@ impl Checkpointer<'_> {
                 },
             ),
         )?;
+        // The dump goes to memory-backed work space when the container's memory fits there.
+        let space = self
+            .config
+            .workspace()
+            .choose(workspace::cgroup_memory(state.pid));
+        info!(container = %self.identity.describe(), in_memory = space.in_memory, root = %space.root.display(), why = %space.why, "checkpoint work space");
+        let (local_dir, created_local) =
+            self.local_dir(req, space.in_memory.then_some(&space.root))?;
         let paused_by_us = match state.status.enum_value_or_default() {
             Status::RUNNING => {
                 self.call(
@@ -161,7 +169,11 @@ impl Checkpointer<'_> {
         let result = self.dump_and_commit(req, &mut options, &local_dir, &criu_work);
         let _ = fs::remove_dir_all(&criu_work);
         match result {
-            Ok(committed) => {
+            Ok(mut committed) => {
+                if space.in_memory {
+                    let _ = fs::remove_dir_all(&local_dir);
+                    committed.local_dir = None;
+                }
                 if exit {
                     // Killed while frozen, the processes die as they thaw, without running.
                     self.call(
@@ -228,12 +240,17 @@ impl Checkpointer<'_> {
         }
     }
 
-    /// The caller's image path (which then holds the whole checkpoint directory, not just
-    /// CRIU's images), or a fresh directory in the work space.
-    fn local_dir(&self, req: &CheckpointTaskRequest) -> Result<(PathBuf, bool), CheckpointError> {
-        let dir = if req.path.is_empty() {
-            self.config
-                .work_dir
+    /// A fresh directory in memory-backed work space `memory` when the checkpoint fits there;
+    /// otherwise the caller's image path (which then holds the whole checkpoint directory, not
+    /// just CRIU's images), or a fresh directory in the disk work space.
+    fn local_dir(
+        &self,
+        req: &CheckpointTaskRequest,
+        memory: Option<&PathBuf>,
+    ) -> Result<(PathBuf, bool), CheckpointError> {
+        let dir = if memory.is_some() || req.path.is_empty() {
+            memory
+                .unwrap_or(&self.config.work_dir)
                 .join("checkpoints")
                 .join(&self.identity.namespace)
                 .join(&self.identity.pod)
@@ -396,7 +413,7 @@ impl Checkpointer<'_> {
             archive: summary.archive,
             manifest_sha256: summary.manifest_sha256,
             archive_bytes: summary.archive_bytes,
-            local_dir: local_dir.to_path_buf(),
+            local_dir: Some(local_dir.to_path_buf()),
         })
     }
 }

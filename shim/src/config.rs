@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use podmigrate_checkpoint::bandwidth::{Bandwidth, BandwidthError};
 use podmigrate_checkpoint::share::{DEFAULT_SHARE_ROOT, DEFAULT_WORK_DIR};
+use podmigrate_checkpoint::workspace::{WorkSpace, DEFAULT_MEMORY_DIR};
 
 /// Where the share is mounted.
 pub const ENV_SHARE_ROOT: &str = "PODMIGRATE_SHARE_ROOT";
@@ -23,6 +24,9 @@ pub const ENV_DELEGATE: &str = "PODMIGRATE_DELEGATE_SHIM";
 pub const ENV_BANDWIDTH: &str = "PODMIGRATE_BANDWIDTH_PER_MIGRATION";
 /// This node's name, recorded in archives (the agent's DaemonSet sets it from the downward API).
 pub const ENV_NODE_NAME: &str = "NODE_NAME";
+/// Memory-backed (tmpfs) work space, used when a checkpoint fits there with room to spare;
+/// `off` keeps everything in `PODMIGRATE_WORK_DIR`.
+pub const ENV_MEMORY_DIR: &str = "PODMIGRATE_MEMORY_DIR";
 /// The cluster's archive key: when set, archives are sealed, and only sealed ones restore.
 pub const ENV_KEY_FILE: &str = "PODMIGRATE_KEY_FILE";
 
@@ -35,6 +39,8 @@ pub const DEFAULT_DELEGATE: &str = "containerd-shim-runc-v2";
 pub struct ShimConfig {
     pub share_root: PathBuf,
     pub work_dir: PathBuf,
+    /// `None`: memory-backed work space is off.
+    pub memory_dir: Option<PathBuf>,
     pub archive_wait: Duration,
     pub delegate: PathBuf,
     pub node_name: String,
@@ -54,6 +60,11 @@ impl ShimConfig {
             work_dir: var(ENV_WORK_DIR)
                 .unwrap_or_else(|| DEFAULT_WORK_DIR.into())
                 .into(),
+            memory_dir: match var(ENV_MEMORY_DIR).as_deref() {
+                Some("off") => None,
+                Some(dir) => Some(dir.into()),
+                None => Some(DEFAULT_MEMORY_DIR.into()),
+            },
             archive_wait: var(ENV_ARCHIVE_WAIT)
                 .and_then(|v| v.parse::<f64>().ok())
                 .filter(|s| s.is_finite() && *s >= 0.0)
@@ -70,6 +81,16 @@ impl ShimConfig {
             bandwidth: var(ENV_BANDWIDTH)
                 .map_or(Ok(Bandwidth::UNLIMITED), |v| Bandwidth::parse(&v)),
             key_file: var(ENV_KEY_FILE).map(PathBuf::from),
+        }
+    }
+}
+
+impl ShimConfig {
+    /// Where checkpoints are dumped and unpacked.
+    pub fn workspace(&self) -> WorkSpace {
+        WorkSpace {
+            disk: self.work_dir.clone(),
+            memory: self.memory_dir.clone(),
         }
     }
 }

@@ -38,10 +38,9 @@ pub struct Prepared {
     pub archive: PathBuf,
 }
 
-pub fn local_dir(config: &ShimConfig, identity: &ContainerIdentity) -> PathBuf {
-    config
-        .work_dir
-        .join("restore")
+/// A clone container's unpacked checkpoint under work space `root`.
+pub fn local_dir(root: &Path, identity: &ContainerIdentity) -> PathBuf {
+    root.join("restore")
         .join(&identity.namespace)
         .join(&identity.id)
 }
@@ -94,7 +93,19 @@ pub fn prepare(
         e => fail(&archive_display, e.to_string()),
     })?;
 
-    let dir = local_dir(config, identity);
+    let key = match &config.key_file {
+        Some(path) => Some(std::sync::Arc::new(
+            archive::ArchiveKey::load(path).map_err(|e| fail(&archive_display, e.to_string()))?,
+        )),
+        None => None,
+    };
+    let opened = archive::open_with_key(&archive, key.as_deref())
+        .map_err(|e| fail(&archive_display, e.to_string()))?;
+    // The unpacked checkpoint is as large as the archive's content: in memory if it fits.
+    let content_bytes = opened.manifest.entries.iter().map(|e| e.size).sum();
+    let space = config.workspace().choose(Some(content_bytes));
+    info!(container = %identity.describe(), in_memory = space.in_memory, root = %space.root.display(), why = %space.why, "restore work space");
+    let dir = local_dir(&space.root, identity);
     let result = (|| {
         if dir.exists() {
             fs::remove_dir_all(&dir).map_err(|e| format!("clearing {}: {e}", dir.display()))?;
@@ -104,17 +115,11 @@ pub fn prepare(
                 .map_err(|e| format!("creating {}: {e}", parent.display()))?;
         }
         let unpack_started = Instant::now();
-        let key = match &config.key_file {
-            Some(path) => Some(std::sync::Arc::new(
-                archive::ArchiveKey::load(path).map_err(|e| e.to_string())?,
-            )),
-            None => None,
-        };
         let options = UnpackOptions {
             key,
             ..UnpackOptions::default()
         };
-        let verified = archive::unpack(&archive, &dir, &options).map_err(|e| e.to_string())?;
+        let verified = archive::unpack_opened(opened, &dir, &options).map_err(|e| e.to_string())?;
         let made_by = verified.manifest.versions.clone().unwrap_or_default().criu;
         if let Some(refusal) = criu::restore_refusal(&made_by, local_criu_version()) {
             return Err(refusal);

@@ -9,3 +9,4 @@ pub mod layout;
 pub mod rootfs;
 pub mod runc;
 pub mod share;
+pub mod workspace;

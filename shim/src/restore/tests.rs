@@ -33,6 +33,7 @@ fn node() -> Node {
     let config = ShimConfig {
         share_root: tmp.path().join("share"),
         work_dir: tmp.path().join("work"),
+        memory_dir: None,
         archive_wait: Duration::from_secs(1),
         delegate: PathBuf::from("containerd-shim-runc-v2"),
         node_name: "node-b".to_string(),
@@ -121,7 +122,7 @@ impl Node {
         }
         assert!(!err.contains('\n'), "one line: {err}");
         assert!(
-            !local_dir(&self.config, &self.identity).exists(),
+            !local_dir(&self.config.work_dir, &self.identity).exists(),
             "work dir left behind: {err}"
         );
         assert_eq!(

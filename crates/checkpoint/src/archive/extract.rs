@@ -59,6 +59,25 @@ pub fn unpack(
 ) -> Result<Verified, ArchiveError> {
     let started = Instant::now();
     let opened = open_with_key(archive, options.key.as_deref())?;
+    unpack_from(opened, dest, options, started)
+}
+
+/// [`unpack`] for an archive already opened (with the key in `options`), for a caller that
+/// looked at its manifest first.
+pub fn unpack_opened(
+    opened: OpenArchive,
+    dest: &Path,
+    options: &UnpackOptions,
+) -> Result<Verified, ArchiveError> {
+    unpack_from(opened, dest, options, Instant::now())
+}
+
+fn unpack_from(
+    opened: OpenArchive,
+    dest: &Path,
+    options: &UnpackOptions,
+    started: Instant,
+) -> Result<Verified, ArchiveError> {
     let created_dest = prepare_destination(dest)?;
     let staging = dest.join(format!(".podmigrate-unpack-{}", std::process::id()));
     let mut guard = Cleanup {

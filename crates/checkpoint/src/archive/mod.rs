@@ -19,7 +19,7 @@ mod zipwriter;
 
 pub use codec::Compression;
 pub use error::ArchiveError;
-pub use extract::{unpack, verify, UnpackOptions, Verified};
+pub use extract::{unpack, unpack_opened, verify, UnpackOptions, Verified};
 pub use key::{ArchiveKey, KeyError, KEY_LEN};
 pub use pack::{pack, PackOptions, PackSummary};
 pub use podmigrate_proto::v1::{ArchiveManifest, Entry, EntryKind, Source, Versions};
