@@ -6,12 +6,9 @@ use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
-use crossbeam_channel::bounded;
 use podmigrate_proto::v1::{ArchiveManifest, Entry, EntryKind};
-use sha2::{Digest, Sha256};
 use tracing::info;
 
 use super::codec::decompress_chunk;
@@ -19,7 +16,7 @@ use super::error::ArchiveError;
 use super::key::ArchiveKey;
 use super::pipeline::{self, BufferPool};
 use super::read::{open_with_key, OpenArchive};
-use super::worker_threads;
+use super::{worker_threads, EntryDigest};
 
 #[derive(Debug, Clone, Default)]
 pub struct UnpackOptions {
@@ -199,17 +196,17 @@ struct Compressed {
 
 struct Decompressed {
     entry: usize,
-    data: Arc<Vec<u8>>,
+    data: Vec<u8>,
     crc32: u32,
+    /// SHA-256 of the decompressed chunk.
+    sha256: [u8; 32],
     last: bool,
 }
 
-enum HashJob {
-    Data(Arc<Vec<u8>>),
-    End(usize),
-}
-
 /// Reads, decompresses and checks every file entry; writes each under `staging` when given.
+///
+/// Workers decompress, CRC and hash chunks in parallel; the caller's thread writes them in
+/// order and folds the chunk digests into each entry's digest.
 fn stream(
     opened: &OpenArchive,
     options: &UnpackOptions,
@@ -231,157 +228,125 @@ fn stream(
 
     let in_flight = 2 * workers + 2;
     let compressed_buffers = &BufferPool::new(in_flight + 2);
-    let plain_buffers = BufferPool::new(in_flight + 2);
-    // SHA-256 is sequential per entry; it runs on its own thread beside the writer.
-    let (hash_tx, hash_rx) = bounded::<HashJob>(in_flight);
-    thread::scope(|scope| {
-        let plain_buffers = &plain_buffers;
-        let hasher = scope.spawn(move || {
-            let mut digests = Vec::new();
-            let mut sha = Sha256::new();
-            for job in hash_rx {
-                match job {
-                    HashJob::Data(data) => {
-                        sha.update(&data[..]);
-                        recycle(plain_buffers, data);
+    let plain_buffers = &BufferPool::new(in_flight + 2);
+    let mut current: Option<(usize, Option<File>, crc32fast::Hasher, EntryDigest)> = None;
+    pipeline::run(
+        workers,
+        in_flight,
+        |submit| {
+            for location in &opened.data {
+                let entry = &manifest.entries[location.entry];
+                let mut offset = location.data_start;
+                let chunks = entry.chunk_compressed_sizes.len();
+                for (k, &compressed_len) in entry.chunk_compressed_sizes.iter().enumerate() {
+                    let expected_len =
+                        (entry.size - k as u64 * chunk_size).min(chunk_size) as usize;
+                    let mut data = compressed_buffers.get(compressed_len as usize);
+                    data.resize(compressed_len as usize, 0);
+                    opened.file.read_exact_at(&mut data, offset).map_err(|e| {
+                        ArchiveError::bad_entry(path, &entry.name, format!("reading its data: {e}"))
+                    })?;
+                    offset += compressed_len;
+                    let job = Compressed {
+                        entry: location.entry,
+                        index: k,
+                        data,
+                        expected_len,
+                        last: k + 1 == chunks,
+                    };
+                    if !submit(job) {
+                        return Ok(());
                     }
-                    HashJob::End(entry) => digests.push((entry, sha.finalize_reset())),
                 }
             }
-            digests
-        });
-
-        let mut current: Option<(usize, Option<File>, crc32fast::Hasher)> = None;
-        let streamed = pipeline::run(
-            workers,
-            in_flight,
-            |submit| {
-                for location in &opened.data {
-                    let entry = &manifest.entries[location.entry];
-                    let mut offset = location.data_start;
-                    let chunks = entry.chunk_compressed_sizes.len();
-                    for (k, &compressed_len) in entry.chunk_compressed_sizes.iter().enumerate() {
-                        let expected_len =
-                            (entry.size - k as u64 * chunk_size).min(chunk_size) as usize;
-                        let mut data = compressed_buffers.get(compressed_len as usize);
-                        data.resize(compressed_len as usize, 0);
-                        opened.file.read_exact_at(&mut data, offset).map_err(|e| {
-                            ArchiveError::bad_entry(
+            Ok(())
+        },
+        || {
+            |mut job: Compressed| {
+                if let Some(sealer) = &opened.sealer {
+                    let name = &manifest.entries[job.entry].name;
+                    sealer
+                        .open_chunk(job.entry, job.index, job.last, name, &mut job.data)
+                        .map_err(|problem| {
+                            ArchiveError::unauthentic(
                                 path,
-                                &entry.name,
-                                format!("reading its data: {e}"),
+                                format!("entry {name:?} chunk {}", job.index),
+                                problem,
                             )
                         })?;
-                        offset += compressed_len;
-                        let job = Compressed {
-                            entry: location.entry,
-                            index: k,
-                            data,
-                            expected_len,
-                            last: k + 1 == chunks,
-                        };
-                        if !submit(job) {
-                            return Ok(());
-                        }
-                    }
                 }
-                Ok(())
-            },
-            || {
-                |mut job: Compressed| {
-                    if let Some(sealer) = &opened.sealer {
-                        let name = &manifest.entries[job.entry].name;
-                        sealer
-                            .open_chunk(job.entry, job.index, job.last, name, &mut job.data)
-                            .map_err(|problem| {
-                                ArchiveError::unauthentic(
-                                    path,
-                                    format!("entry {name:?} chunk {}", job.index),
-                                    problem,
-                                )
-                            })?;
-                    }
-                    let mut data = plain_buffers.get(0);
-                    decompress_chunk(
-                        compression,
-                        &job.data,
-                        job.expected_len,
-                        job.last,
-                        &mut data,
-                    )
-                    .map_err(|reason| {
-                        ArchiveError::bad_entry(path, &manifest.entries[job.entry].name, reason)
-                    })?;
-                    compressed_buffers.put(job.data);
-                    Ok(Decompressed {
-                        entry: job.entry,
-                        crc32: crc32fast::hash(&data),
-                        data: Arc::new(data),
-                        last: job.last,
-                    })
-                }
-            },
-            |chunk| {
-                let entry = &manifest.entries[chunk.entry];
-                if current.is_none() {
-                    let file = match staging {
-                        Some(staging) => Some(create_file(&staging.join(&entry.name))?),
-                        None => None,
-                    };
-                    current = Some((chunk.entry, file, crc32fast::Hasher::new()));
-                }
-                let (_, file, crc) = current.as_mut().expect("entry is open");
-                crc.combine(&crc32fast::Hasher::new_with_initial_len(
-                    chunk.crc32,
-                    chunk.data.len() as u64,
-                ));
-                let _ = hash_tx.send(HashJob::Data(Arc::clone(&chunk.data)));
-                if let (Some(file), Some(staging)) = (file.as_mut(), staging) {
-                    file.write_all(&chunk.data)
-                        .map_err(ArchiveError::io("writing", staging.join(&entry.name)))?;
-                }
-                recycle(plain_buffers, chunk.data);
-                if chunk.last {
-                    let (index, file, crc) = current.take().expect("entry is open");
-                    if opened.sealer.is_none() && Some(crc.finalize()) != expected_crc[index] {
-                        return Err(ArchiveError::bad_entry(
-                            path,
-                            &entry.name,
-                            "CRC-32 mismatch",
-                        ));
-                    }
-                    let _ = hash_tx.send(HashJob::End(index));
-                    if let (Some(file), Some(staging)) = (file, staging) {
-                        drop(file);
-                        apply_metadata(&staging.join(&entry.name), entry)?;
-                    }
-                }
-                Ok(())
-            },
-        );
-        drop(hash_tx);
-        let digests = hasher.join().expect("archive hasher thread panicked");
-        streamed?;
-        for (index, digest) in digests {
-            let entry = &manifest.entries[index];
-            if digest.as_slice() != entry.sha256.as_slice() {
-                return Err(ArchiveError::DigestMismatch {
-                    path: path.to_path_buf(),
-                    name: entry.name.clone(),
-                    expected: hex::encode(&entry.sha256),
-                    actual: hex::encode(digest),
-                });
+                let mut data = plain_buffers.get(0);
+                decompress_chunk(
+                    compression,
+                    &job.data,
+                    job.expected_len,
+                    job.last,
+                    &mut data,
+                )
+                .map_err(|reason| {
+                    ArchiveError::bad_entry(path, &manifest.entries[job.entry].name, reason)
+                })?;
+                compressed_buffers.put(job.data);
+                Ok(Decompressed {
+                    entry: job.entry,
+                    crc32: crc32fast::hash(&data),
+                    sha256: EntryDigest::chunk(&data),
+                    data,
+                    last: job.last,
+                })
             }
-        }
-        Ok(())
-    })
-}
-
-/// Returns a shared chunk buffer to the pool once its last user is done with it.
-fn recycle(pool: &BufferPool, data: Arc<Vec<u8>>) {
-    if let Ok(buf) = Arc::try_unwrap(data) {
-        pool.put(buf);
-    }
+        },
+        |chunk| {
+            let entry = &manifest.entries[chunk.entry];
+            if current.is_none() {
+                let file = match staging {
+                    Some(staging) => Some(create_file(&staging.join(&entry.name))?),
+                    None => None,
+                };
+                current = Some((
+                    chunk.entry,
+                    file,
+                    crc32fast::Hasher::new(),
+                    EntryDigest::default(),
+                ));
+            }
+            let (_, file, crc, digest) = current.as_mut().expect("entry is open");
+            crc.combine(&crc32fast::Hasher::new_with_initial_len(
+                chunk.crc32,
+                chunk.data.len() as u64,
+            ));
+            digest.add(&chunk.sha256);
+            if let (Some(file), Some(staging)) = (file.as_mut(), staging) {
+                file.write_all(&chunk.data)
+                    .map_err(ArchiveError::io("writing", staging.join(&entry.name)))?;
+            }
+            plain_buffers.put(chunk.data);
+            if chunk.last {
+                let (index, file, crc, digest) = current.take().expect("entry is open");
+                if opened.sealer.is_none() && Some(crc.finalize()) != expected_crc[index] {
+                    return Err(ArchiveError::bad_entry(
+                        path,
+                        &entry.name,
+                        "CRC-32 mismatch",
+                    ));
+                }
+                let digest = digest.finish();
+                if digest.as_slice() != entry.sha256.as_slice() {
+                    return Err(ArchiveError::DigestMismatch {
+                        path: path.to_path_buf(),
+                        name: entry.name.clone(),
+                        expected: hex::encode(&entry.sha256),
+                        actual: hex::encode(digest),
+                    });
+                }
+                if let (Some(file), Some(staging)) = (file, staging) {
+                    drop(file);
+                    apply_metadata(&staging.join(&entry.name), entry)?;
+                }
+            }
+            Ok(())
+        },
+    )
 }
 
 /// Creates a new file; never follows or replaces anything already there.

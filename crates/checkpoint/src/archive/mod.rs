@@ -26,8 +26,41 @@ pub use podmigrate_proto::v1::{ArchiveManifest, Entry, EntryKind, Source, Versio
 pub use read::{open, open_with_key, OpenArchive};
 pub use seal::{ENVELOPE_ENTRY, SEALED_MANIFEST_ENTRY};
 
-/// The manifest format this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The manifest format this build writes and reads. 2: entry digests are over chunk digests.
+pub const FORMAT_VERSION: u32 = 2;
+
+/// An entry's digest in format 2: SHA-256 over its chunks' SHA-256 digests, fed in order.
+#[derive(Default)]
+pub struct EntryDigest(sha2::Sha256);
+
+impl EntryDigest {
+    pub(crate) fn chunk(data: &[u8]) -> [u8; 32] {
+        use sha2::Digest;
+        sha2::Sha256::digest(data).into()
+    }
+
+    pub(crate) fn add(&mut self, chunk_digest: &[u8; 32]) {
+        use sha2::Digest;
+        self.0.update(chunk_digest);
+    }
+
+    pub(crate) fn finish(self) -> [u8; 32] {
+        use sha2::Digest;
+        self.0.finalize().into()
+    }
+
+    /// The digest of a whole entry held in memory, chunked as `chunk_size`.
+    pub fn of(content: &[u8], chunk_size: usize) -> [u8; 32] {
+        let mut digest = EntryDigest::default();
+        if content.is_empty() {
+            digest.add(&Self::chunk(content));
+        }
+        for chunk in content.chunks(chunk_size.max(1)) {
+            digest.add(&Self::chunk(chunk));
+        }
+        digest.finish()
+    }
+}
 /// 4 MiB: large enough for zstd to find its matches, small enough to keep every core busy
 /// and memory low.
 pub const DEFAULT_CHUNK_SIZE: usize = 4 << 20;

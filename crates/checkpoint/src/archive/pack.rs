@@ -18,7 +18,7 @@ use super::manifest::{self, entry_name_problem};
 use super::pipeline::{self, BufferPool};
 use super::seal::{Sealer, ENVELOPE_ENTRY, SEALED_MANIFEST_ENTRY};
 use super::zipwriter::{OpenEntry, ZipStreamWriter};
-use super::{worker_threads, ARCHIVE_COMMENT, DEFAULT_CHUNK_SIZE, FORMAT_VERSION};
+use super::{worker_threads, EntryDigest, ARCHIVE_COMMENT, DEFAULT_CHUNK_SIZE, FORMAT_VERSION};
 use crate::bandwidth::{Bandwidth, TokenBucket};
 use crate::layout::MANIFEST_ENTRY;
 
@@ -90,7 +90,6 @@ enum Job {
         index: usize,
         data: Vec<u8>,
         last: bool,
-        sha256: Option<[u8; 32]>,
     },
 }
 
@@ -104,7 +103,8 @@ enum Packed {
         crc_len: u64,
         len: u64,
         last: bool,
-        sha256: Option<[u8; 32]>,
+        /// SHA-256 of the uncompressed chunk.
+        sha256: [u8; 32],
     },
 }
 
@@ -213,8 +213,8 @@ pub fn pack(
             .map_err(io_err("writing"))?;
     }
 
-    // The entry being written, with its running CRC and chunk sizes.
-    let mut open: Option<(OpenEntry, crc32fast::Hasher, Entry)> = None;
+    // The entry being written, with its running CRC, digest and chunk sizes.
+    let mut open: Option<(OpenEntry, crc32fast::Hasher, EntryDigest, Entry)> = None;
     let workers = worker_threads(options.threads);
     let in_flight = 2 * workers + 2;
     let raw_buffers = &BufferPool::new(in_flight + 2);
@@ -233,8 +233,8 @@ pub fn pack(
                         index,
                         data,
                         last,
-                        sha256,
                     } => {
+                        let sha256 = EntryDigest::chunk(&data);
                         let compressor = compressor.as_mut().map_err(|e| ArchiveError::Io {
                             op: "starting the compressor for",
                             path: planned[entry].path.clone(),
@@ -304,7 +304,7 @@ pub fn pack(
                 last,
                 sha256,
             } => {
-                let (_, crc, record) = match &mut open {
+                let (_, crc, digest, record) = match &mut open {
                     Some(current) => current,
                     None => {
                         let p = &planned[i];
@@ -325,7 +325,12 @@ pub fn pack(
                             mtime_unix_nanos: p.mtime_nanos,
                             ..Entry::default()
                         };
-                        open.insert((zip_entry, crc32fast::Hasher::new(), record))
+                        open.insert((
+                            zip_entry,
+                            crc32fast::Hasher::new(),
+                            EntryDigest::default(),
+                            record,
+                        ))
                     }
                 };
                 if let Some(throttle) = throttle.as_mut() {
@@ -335,12 +340,13 @@ pub fn pack(
                 let compressed_len = compressed.len() as u64;
                 packed_buffers.put(compressed);
                 crc.combine(&crc32fast::Hasher::new_with_initial_len(crc32, crc_len));
+                digest.add(&sha256);
                 record.size += len;
                 record.compressed_size += compressed_len;
                 record.chunk_compressed_sizes.push(compressed_len);
                 if last {
-                    let (zip_entry, crc, mut record) = open.take().expect("entry is open");
-                    record.sha256 = sha256.expect("last chunk carries the digest").to_vec();
+                    let (zip_entry, crc, digest, mut record) = open.take().expect("entry is open");
+                    record.sha256 = digest.finish().to_vec();
                     // A stored entry's size is what it stores.
                     let zip_size = if sealer.is_some() {
                         record.compressed_size
@@ -420,7 +426,7 @@ pub fn pack(
     Ok(summary)
 }
 
-/// Reads every file in order, chunk by chunk, hashing as it goes: the one sequential pass.
+/// Reads every file in order, chunk by chunk: the one sequential pass (hashing is the workers').
 fn produce(
     planned: &[Planned],
     chunk_size: usize,
@@ -435,7 +441,6 @@ fn produce(
             continue;
         }
         let mut file = File::open(&p.path).map_err(ArchiveError::io("opening", &p.path))?;
-        let mut hasher = Sha256::new();
         let mut index = 0;
         let mut current = read_chunk(&mut file, buffers.get(chunk_size), chunk_size, &p.path)?;
         loop {
@@ -445,14 +450,11 @@ fn produce(
                 Vec::new()
             };
             let last = next.is_empty();
-            hasher.update(&current);
-            let sha256 = last.then(|| hasher.finalize_reset().into());
             if !submit(Job::Chunk {
                 entry: i,
                 index,
                 data: current,
                 last,
-                sha256,
             }) {
                 return Ok(());
             }

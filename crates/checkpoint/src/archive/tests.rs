@@ -158,7 +158,9 @@ fn the_manifest_records_sources_versions_digests_and_compression() {
     assert_eq!(pages.size, 600_000);
     assert_eq!(pages.chunk_compressed_sizes.len(), 10);
     let content = fs::read(src.join("checkpoint/pages-1.img")).unwrap();
-    assert_eq!(pages.sha256, Sha256::digest(&content).to_vec());
+    // Format 2: the digest of the chunks' digests, so both ends hash chunks in parallel.
+    assert_eq!(pages.sha256, EntryDigest::of(&content, 64 << 10).to_vec());
+    assert_ne!(pages.sha256, Sha256::digest(&content).to_vec());
     let spec = m.entries.iter().find(|e| e.name == "spec.dump").unwrap();
     assert_eq!(spec.mode, 0o640);
 }
@@ -387,9 +389,10 @@ fn craft(path: &Path, entries: &[Crafted<'_>]) {
             kind: EntryKind::File as i32,
             mode: 0o644,
             size,
-            sha256: e
-                .claimed_sha256
-                .map_or_else(|| Sha256::digest(e.content).to_vec(), |d| d.to_vec()),
+            sha256: e.claimed_sha256.map_or_else(
+                || EntryDigest::of(e.content, DEFAULT_CHUNK_SIZE).to_vec(),
+                |d| d.to_vec(),
+            ),
             compressed_size: compressed.len() as u64,
             chunk_compressed_sizes: vec![compressed.len() as u64],
             ..Entry::default()
