@@ -7,8 +7,9 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use containerd_shim::protos::api::{
     CheckpointTaskRequest, KillRequest, PauseRequest, ResumeRequest, StateRequest,
@@ -19,7 +20,7 @@ use containerd_shim::protos::shim::oci::CheckpointOptions;
 use containerd_shim::protos::ttrpc::context::Context;
 use containerd_shim::protos::types::mount::Mount;
 use containerd_shim::protos::types::task::Status;
-use podmigrate_checkpoint::archive::{self, ArchiveKey, PackOptions, Source, Versions};
+use podmigrate_checkpoint::archive::{self, ArchiveKey, Follow, PackOptions, Source, Versions};
 use podmigrate_checkpoint::bandwidth::Bandwidth;
 use podmigrate_checkpoint::layout::{ContainerConfig, CHECKPOINT_DIR, SPEC_DUMP};
 use podmigrate_checkpoint::{criu, rootfs, runc, share, workspace};
@@ -28,6 +29,12 @@ use tracing::{info, warn};
 use crate::config::ShimConfig;
 use crate::delegate::Delegate;
 use crate::identity::ContainerIdentity;
+
+/// CRIU names the pages image of the first task it dumps so; a container's main process.
+const FIRST_PAGES_IMAGE: &str = "pages-1.img";
+/// The packer gives up on a dump that has not finished by then (containerd's own checkpoint
+/// calls are bounded well below it).
+const FOLLOW_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
@@ -330,10 +337,93 @@ impl Checkpointer<'_> {
         // runc creates CRIU's work directory with a plain mkdir, so its parent must exist.
         fs::create_dir_all(criu_work)
             .map_err(|e| step(format!("creating {}", criu_work.display()))(e.to_string()))?;
+
+        let archive_path = share::archive_path(
+            &self.config.share_root,
+            &self.identity.namespace,
+            &self.identity.pod,
+            &self.identity.container,
+        )
+        .map_err(|e| step("naming the archive")(e.to_string()))?;
+        share::create_archive_dir(&self.config.share_root, &archive_path)
+            .map_err(|e| step("creating the archive's directory")(e.to_string()))?;
+        let pack_options = PackOptions {
+            source: Source {
+                node: self.config.node_name.clone(),
+                namespace: self.identity.namespace.clone(),
+                pod: self.identity.pod.clone(),
+                pod_uid: self.identity.pod_uid.clone(),
+                container: self.identity.container.clone(),
+                image: self.identity.image.clone(),
+                container_id: id.into(),
+            },
+            versions: stack_versions().clone(),
+            bandwidth: self.bandwidth()?,
+            key,
+            ..PackOptions::default()
+        };
+
+        // CRIU's pages image is packed onto the share while CRIU still writes it; the rest of
+        // the checkpoint directory follows once the dump and the extras are done.
+        let (done, failed) = (AtomicBool::new(false), AtomicBool::new(false));
+        let follow = Follow {
+            name: format!("{CHECKPOINT_DIR}/{FIRST_PAGES_IMAGE}"),
+            done: &done,
+            failed: &failed,
+            poll: Duration::from_millis(2),
+            timeout: FOLLOW_TIMEOUT,
+        };
+        let pack_started = Instant::now();
+        let (dumped, packed) = std::thread::scope(|scope| {
+            let packer = scope.spawn(|| {
+                archive::pack_following(local_dir, &archive_path, &pack_options, &follow)
+            });
+            let dumped = self.dump_and_extras(&dump, local_dir);
+            match &dumped {
+                Ok(_) => done.store(true, Ordering::Release),
+                Err(_) => failed.store(true, Ordering::Release),
+            }
+            let packed = packer
+                .join()
+                .unwrap_or_else(|_| panic!("the packer of {id} panicked"));
+            (dumped, packed)
+        });
+        let (dumped_in, extras_in) = dumped?;
+        let summary = packed.map_err(|e| step("packing onto the share")(e.to_string()))?;
+        let pack_total = pack_started.elapsed();
+        // What packing added after the dump and the extras: the rest overlapped the dump.
+        let pack_after = pack_total.saturating_sub(dumped_in + extras_in);
+        info!(
+            container = %self.identity.describe(),
+            dump_ms = dumped_in.as_millis() as u64,
+            diff_ms = extras_in.as_millis() as u64,
+            pack_ms = pack_after.as_millis() as u64,
+            pack_total_ms = pack_total.as_millis() as u64,
+            throttled_ms = summary.throttled.as_millis() as u64,
+            bandwidth = %pack_options.bandwidth,
+            sealed_with = summary.sealed_with.as_deref().unwrap_or("-"),
+            "dumped and packed"
+        );
+        Ok(Committed {
+            archive: summary.archive,
+            manifest_sha256: summary.manifest_sha256,
+            archive_bytes: summary.archive_bytes,
+            local_dir: Some(local_dir.to_path_buf()),
+        })
+    }
+
+    /// The CRIU dump through the runc shim, then what CRIU does not save (the spec, the
+    /// container's config, its rootfs changes). Returns how long each took.
+    fn dump_and_extras(
+        &self,
+        dump: &CheckpointTaskRequest,
+        local_dir: &Path,
+    ) -> Result<(Duration, Duration), CheckpointError> {
+        let id = self.identity.id.as_str();
         let dump_started = Instant::now();
         self.call(
             "dumping with CRIU",
-            self.delegate.client().checkpoint(self.ctx.clone(), &dump),
+            self.delegate.client().checkpoint(self.ctx.clone(), dump),
         )?;
         let dumped_in = dump_started.elapsed();
         let extras_started = Instant::now();
@@ -366,54 +456,6 @@ impl Checkpointer<'_> {
                 warn!(container = %self.identity.describe(), "rootfs is not an overlay: its changes are not carried")
             }
         }
-
-        let archive_path = share::archive_path(
-            &self.config.share_root,
-            &self.identity.namespace,
-            &self.identity.pod,
-            &self.identity.container,
-        )
-        .map_err(|e| step("naming the archive")(e.to_string()))?;
-        share::create_archive_dir(&self.config.share_root, &archive_path)
-            .map_err(|e| step("creating the archive's directory")(e.to_string()))?;
-        let bandwidth = self.bandwidth()?;
-        let extras_in = extras_started.elapsed();
-        let pack_started = Instant::now();
-        let summary = archive::pack(
-            local_dir,
-            &archive_path,
-            &PackOptions {
-                source: Source {
-                    node: self.config.node_name.clone(),
-                    namespace: self.identity.namespace.clone(),
-                    pod: self.identity.pod.clone(),
-                    pod_uid: self.identity.pod_uid.clone(),
-                    container: self.identity.container.clone(),
-                    image: self.identity.image.clone(),
-                    container_id: id.into(),
-                },
-                versions: stack_versions().clone(),
-                bandwidth,
-                key,
-                ..PackOptions::default()
-            },
-        )
-        .map_err(|e| step("packing onto the share")(e.to_string()))?;
-        info!(
-            container = %self.identity.describe(),
-            dump_ms = dumped_in.as_millis() as u64,
-            diff_ms = extras_in.as_millis() as u64,
-            pack_ms = pack_started.elapsed().as_millis() as u64,
-            throttled_ms = summary.throttled.as_millis() as u64,
-            %bandwidth,
-            sealed_with = summary.sealed_with.as_deref().unwrap_or("-"),
-            "dumped and packed"
-        );
-        Ok(Committed {
-            archive: summary.archive,
-            manifest_sha256: summary.manifest_sha256,
-            archive_bytes: summary.archive_bytes,
-            local_dir: Some(local_dir.to_path_buf()),
-        })
+        Ok((dumped_in, extras_started.elapsed()))
     }
 }

@@ -185,5 +185,7 @@ pub fn discard(dir: &Path) {
     let _ = fs::remove_dir_all(dir);
 }
 
+pub mod dedup;
+
 #[cfg(test)]
 mod tests;

@@ -6,7 +6,7 @@
 //! and exit events are all the runc shim's.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use containerd_shim::{
@@ -153,6 +153,19 @@ impl Task for TaskService {
                 Ok(prepared) => {
                     info!(container = %identity.describe(), archive = %prepared.archive.display(), "creating from checkpoint");
                     req.checkpoint = prepared.images.display().to_string();
+                    // An optimisation only: a restore without it is slower, not wrong.
+                    match restore::dedup::enable(
+                        Path::new(&req.bundle),
+                        &self.config.work_dir,
+                        Path::new(restore::dedup::RUNC_CRIU_CONFIG),
+                    ) {
+                        Ok(done) => {
+                            info!(container = %identity.describe(), ?done, "CRIU auto-dedup for the restore")
+                        }
+                        Err(e) => {
+                            warn!(container = %identity.describe(), error = %e, "restoring without CRIU auto-dedup")
+                        }
+                    }
                     restore_dir = Some(prepared.dir);
                 }
                 Err(err) if identity.fallback_fresh => {

@@ -170,6 +170,21 @@ impl Scratch {
         Ok(Scratch { dir: Some(dir) })
     }
 
+    /// A scratch directory on tmpfs (`/dev/shm`), for a node's memory-backed work space.
+    pub fn in_memory(prefix: &str) -> Result<Scratch> {
+        let dir = tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir_in("/dev/shm")
+            .context("creating a scratch directory in /dev/shm")?;
+        // The shim accepts only a private memory work space.
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .context("restricting the memory scratch directory")?;
+        Ok(Scratch { dir: Some(dir) })
+    }
+
     pub fn path(&self) -> &Path {
         self.dir.as_ref().expect("present until drop").path()
     }

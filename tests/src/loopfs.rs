@@ -118,3 +118,32 @@ impl Drop for LoopFs {
         let _ = fs::remove_file(&self.image);
     }
 }
+
+/// A small tmpfs mounted over a directory (a node's memory work space), so that a checkpoint
+/// does not fit there. Unmounted (lazily) on drop.
+pub struct SmallTmpfs {
+    pub mountpoint: PathBuf,
+}
+
+impl SmallTmpfs {
+    pub fn mount_over(mountpoint: &Path, size_mib: u64) -> Result<SmallTmpfs> {
+        run(Command::new("mount")
+            .args(["-t", "tmpfs", "-o"])
+            .arg(format!("size={size_mib}m,mode=0700"))
+            .arg("tmpfs")
+            .arg(mountpoint))?;
+        Ok(SmallTmpfs {
+            mountpoint: mountpoint.to_owned(),
+        })
+    }
+}
+
+impl Drop for SmallTmpfs {
+    fn drop(&mut self) {
+        if let Err(e) = run(Command::new("umount").arg("-l").arg(&self.mountpoint)) {
+            eprintln!("tmpfs cleanup: {e:#}");
+        }
+        // The directory it covered may belong to a scratch directory dropped before us.
+        let _ = fs::remove_dir(&self.mountpoint);
+    }
+}

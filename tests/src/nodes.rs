@@ -448,6 +448,8 @@ pub struct Node {
     pub ip: Ipv4Addr,
     /// Node-local work space of its agent and shims.
     pub work: PathBuf,
+    /// Its shims' memory-backed work space (`PODMIGRATE_MEMORY_DIR`, on tmpfs).
+    pub memory: Scratch,
     /// How its kubelet runs (for [`Cluster::start_kubelet`]).
     pub kubelet_options: KubeletOptions,
 }
@@ -683,6 +685,8 @@ pub struct Cluster {
     pub tag: String,
     /// Loop filesystems mounted over the share or a work space ([`Cluster::mount_loop`]).
     pub loops: Vec<LoopFs>,
+    /// Small tmpfs mounts over nodes' memory work spaces ([`Cluster::mount_small_tmpfs`]).
+    tmpfs: Vec<crate::loopfs::SmallTmpfs>,
     scratch: Scratch,
 }
 
@@ -744,6 +748,7 @@ impl Cluster {
             binaries: opts.binaries.clone(),
             tag,
             loops: Vec::new(),
+            tmpfs: Vec::new(),
             scratch,
         };
         for (name, netns) in opts.nodes.iter().zip(namespaces) {
@@ -775,6 +780,7 @@ impl Cluster {
         let dir = self.scratch.path().join(name);
         let work = dir.join("work");
         fs::create_dir_all(&work)?;
+        let memory = Scratch::in_memory(&format!("podmigrate-{name}-"))?;
         let ip = netns.node_ip;
         say(&format!(
             "network namespace {} with IP {ip} (veth {} on the host, {})",
@@ -810,6 +816,10 @@ impl Cluster {
             ("PATH".into(), path),
             ("PODMIGRATE_SHARE_ROOT".into(), share.display().to_string()),
             ("PODMIGRATE_WORK_DIR".into(), work.display().to_string()),
+            (
+                "PODMIGRATE_MEMORY_DIR".into(),
+                memory.path().display().to_string(),
+            ),
             (
                 "PODMIGRATE_ARCHIVE_WAIT_SECONDS".into(),
                 opts.archive_wait.as_secs().to_string(),
@@ -896,6 +906,7 @@ impl Cluster {
             name: name.to_owned(),
             ip,
             work,
+            memory,
         })
     }
 
@@ -946,6 +957,14 @@ impl Cluster {
             .with_context(|| format!("mounting a {size_mib} MiB ext4 over {}", dir.display()))?;
         self.loops.push(fs);
         Ok(self.loops.last().expect("just pushed"))
+    }
+
+    /// A `size_mib` tmpfs over `dir` until the cluster shuts down.
+    pub fn mount_small_tmpfs(&mut self, dir: &Path, size_mib: u64) -> Result<()> {
+        let fs = crate::loopfs::SmallTmpfs::mount_over(dir, size_mib)
+            .with_context(|| format!("mounting a {size_mib} MiB tmpfs over {}", dir.display()))?;
+        self.tmpfs.push(fs);
+        Ok(())
     }
 
     pub fn scratch(&self) -> &Path {

@@ -421,6 +421,9 @@ async fn a_full_work_disk_fails_the_dump_and_rolls_back() {
     let mut cluster = start_cluster().await;
     let work = cluster.node(NODE_A).work.clone();
     cluster.mount_loop(&work, 24).unwrap();
+    // Nor does the checkpoint fit in memory-backed work space, so the shim takes the disk.
+    let memory = cluster.node(NODE_A).memory.path().to_path_buf();
+    cluster.mount_small_tmpfs(&memory, 16).unwrap();
     run_counter(
         &cluster,
         "cramped",
@@ -431,7 +434,7 @@ async fn a_full_work_disk_fails_the_dump_and_rolls_back() {
     .await;
     step(
         t0,
-        "counter at 2 on node-a; node-a's work space is a 24 MiB ext4",
+        "counter at 2 on node-a; node-a's work space is a 24 MiB ext4 (and 16 MiB of tmpfs)",
     );
     let run = spawn_migrate(&cluster, "cramped")
         .finish(CLI_TIMEOUT)

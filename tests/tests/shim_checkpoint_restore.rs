@@ -43,6 +43,7 @@ const IMPORT_TIMEOUT: Duration = Duration::from_secs(60);
 /// (shim/src/identity.rs).
 const ENV_SHARE_ROOT: &str = "PODMIGRATE_SHARE_ROOT";
 const ENV_WORK_DIR: &str = "PODMIGRATE_WORK_DIR";
+const ENV_MEMORY_DIR: &str = "PODMIGRATE_MEMORY_DIR";
 const ENV_ARCHIVE_WAIT: &str = "PODMIGRATE_ARCHIVE_WAIT_SECONDS";
 const CLONE_POD: &str = "podmigrate.io/clone-pod";
 const FALLBACK: &str = "podmigrate.io/fallback";
@@ -62,6 +63,8 @@ struct Node {
     share: PathBuf,
     work: PathBuf,
     scratch: Scratch,
+    /// The node's memory-backed work space (tmpfs).
+    memory: Scratch,
 }
 
 /// How the node's share looks.
@@ -103,6 +106,8 @@ async fn start_node(label: &str, archive_wait_seconds: u32, share_kind: Share) -
         Share::RegularFile => fs::write(&share, "not a directory\n").unwrap(),
     }
     fs::create_dir(&work).unwrap();
+    let memory =
+        Scratch::in_memory(&format!("podmigrate-e2e-{label}-")).expect("memory work space");
     // Built (or found) before containerd starts: the first build may take a while.
     let image = oci::counter_image().expect("building the counter image");
     let mut opts = ContainerdOptions::named(label);
@@ -116,6 +121,7 @@ async fn start_node(label: &str, archive_wait_seconds: u32, share_kind: Share) -
         ("PATH".into(), path),
         (ENV_SHARE_ROOT.into(), share.display().to_string()),
         (ENV_WORK_DIR.into(), work.display().to_string()),
+        (ENV_MEMORY_DIR.into(), memory.path().display().to_string()),
         (ENV_ARCHIVE_WAIT.into(), archive_wait_seconds.to_string()),
         ("NODE_NAME".into(), NODE_NAME.into()),
     ];
@@ -133,6 +139,7 @@ async fn start_node(label: &str, archive_wait_seconds: u32, share_kind: Share) -
         share,
         work,
         scratch,
+        memory,
     }
 }
 
@@ -355,7 +362,31 @@ async fn checkpoint_through_containerds_tasks_api_commits_an_archive_and_keeps_t
     }
     step(t0, "archive verified and inspected");
 
-    // The image path holds the whole checkpoint directory, not just CRIU's images.
+    // The counter fits in memory-backed work space: it was dumped there, the archive is the
+    // only copy left, and the caller's image path stays empty.
+    assert_eq!(
+        list_tree(&image_path),
+        Vec::<PathBuf>::new(),
+        "the image path should stay empty when the dump fits in memory"
+    );
+    let in_memory = node.memory.path().join("checkpoints");
+    let left: Vec<PathBuf> = list_tree(&in_memory)
+        .into_iter()
+        .filter(|p| !in_memory.join(p).is_dir())
+        .collect();
+    assert_eq!(
+        left,
+        Vec::<PathBuf>::new(),
+        "the in-memory dump should be gone once the archive is committed"
+    );
+    // The archive holds the whole checkpoint directory, not just CRIU's images.
+    let image_path = node.scratch("ck-1-unpacked");
+    let unpack = podmigrate(&cli, &["unpack", archive_arg, image_path.to_str().unwrap()]).unwrap();
+    assert!(
+        unpack.status.success(),
+        "podmigrate unpack: {}",
+        String::from_utf8_lossy(&unpack.stderr)
+    );
     let images = image_path.join(CHECKPOINT_DIR);
     assert!(
         images.join("inventory.img").is_file(),

@@ -21,7 +21,7 @@ pub use codec::Compression;
 pub use error::ArchiveError;
 pub use extract::{unpack, unpack_opened, verify, UnpackOptions, Verified};
 pub use key::{ArchiveKey, KeyError, KEY_LEN};
-pub use pack::{pack, PackOptions, PackSummary};
+pub use pack::{pack, pack_following, Follow, PackOptions, PackSummary};
 pub use podmigrate_proto::v1::{ArchiveManifest, Entry, EntryKind, Source, Versions};
 pub use read::{open, open_with_key, OpenArchive};
 pub use seal::{ENVELOPE_ENTRY, SEALED_MANIFEST_ENTRY};
@@ -79,5 +79,7 @@ pub(crate) fn worker_threads(requested: usize) -> usize {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_follow;
 #[cfg(test)]
 mod tests_sealed;

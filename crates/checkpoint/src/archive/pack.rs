@@ -2,9 +2,10 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use podmigrate_proto::v1::{ArchiveManifest, Entry, EntryKind, Source, Versions};
@@ -123,6 +124,24 @@ impl Drop for TempArchive {
     }
 }
 
+/// A file of the checkpoint directory that is still being written while packing starts (CRIU's
+/// pages image during the dump): it is packed as it grows, so compression and the share's
+/// writes overlap the dump instead of following it.
+///
+/// The file must only ever be appended to. The writer sets `done` once the file and every other
+/// file of the directory are complete (the rest of the directory is packed after that), or
+/// `failed` if it gave up, which abandons the archive.
+pub struct Follow<'a> {
+    /// The file's name relative to the checkpoint directory, e.g. `checkpoint/pages-1.img`.
+    pub name: String,
+    pub done: &'a AtomicBool,
+    pub failed: &'a AtomicBool,
+    /// How long to wait for the file to appear or grow before looking again.
+    pub poll: Duration,
+    /// Gives up (and fails the pack) when the writer has set neither flag by then.
+    pub timeout: Duration,
+}
+
 /// Packs `dir` into the zip archive `archive`.
 ///
 /// The archive is written under a temporary name beside its final one, fsynced, and renamed:
@@ -132,6 +151,26 @@ pub fn pack(
     dir: &Path,
     archive: &Path,
     options: &PackOptions,
+) -> Result<PackSummary, ArchiveError> {
+    pack_impl(dir, archive, options, None)
+}
+
+/// [`pack`], started while `follow.name` is still being written; see [`Follow`]. Once the
+/// followed file is complete, the rest of `dir` is packed as `pack` would.
+pub fn pack_following(
+    dir: &Path,
+    archive: &Path,
+    options: &PackOptions,
+    follow: &Follow<'_>,
+) -> Result<PackSummary, ArchiveError> {
+    pack_impl(dir, archive, options, Some(follow))
+}
+
+fn pack_impl(
+    dir: &Path,
+    archive: &Path,
+    options: &PackOptions,
+    follow: Option<&Follow<'_>>,
 ) -> Result<PackSummary, ArchiveError> {
     let started = Instant::now();
     let compression = options.compression;
@@ -152,8 +191,29 @@ pub fn pack(
             reason: format!("chunk size {chunk_size} is out of range"),
         });
     }
-    let planned = plan(dir, archive)?;
-    let planned = planned.as_slice();
+    // Entry 0 is the followed file, if any; the rest of the directory is planned once the
+    // writer is done (at once without a followed file).
+    check_archive_outside(dir, archive)?;
+    let followed = follow.map(|f| Planned {
+        name: f.name.clone(),
+        path: dir.join(&f.name),
+        is_dir: false,
+        mode: 0o600,
+        mtime_nanos: 0,
+        // Unknown until complete: the zip entry takes the zip64 layout.
+        size: u64::MAX,
+    });
+    let base = usize::from(followed.is_some());
+    let rest: OnceLock<Vec<Planned>> = OnceLock::new();
+    if follow.is_none() {
+        let _ = rest.set(plan(dir, archive)?);
+    }
+    let planned = |i: usize| -> &Planned {
+        match (&followed, i) {
+            (Some(f), 0) => f,
+            _ => &rest.get().expect("planned before any job names it")[i - base],
+        }
+    };
     let sealer = match options.key.as_deref() {
         Some(key) => Some(Sealer::new(key).map_err(|_| ArchiveError::Io {
             op: "drawing a random salt for",
@@ -190,7 +250,7 @@ pub fn pack(
         chunk_size,
         versions: Some(options.versions.clone()),
         source: Some(options.source.clone()),
-        entries: Vec::with_capacity(planned.len()),
+        entries: Vec::new(),
     };
     let mut writer = ZipStreamWriter::new(file);
     let mut throttle = TokenBucket::for_bandwidth(options.bandwidth);
@@ -222,7 +282,18 @@ pub fn pack(
     pipeline::run(
         workers,
         in_flight,
-        |submit| produce(planned, options.chunk_size, raw_buffers, submit),
+        |submit| {
+            if let Some(follow) = follow {
+                if !produce_followed(follow, dir, options.chunk_size, raw_buffers, submit)? {
+                    return Ok(());
+                }
+                let mut all = plan(dir, archive)?;
+                all.retain(|p| p.name != follow.name);
+                let _ = rest.set(all);
+            }
+            let rest = rest.get().expect("planned above");
+            produce(rest, base, options.chunk_size, raw_buffers, submit)
+        },
         || {
             let mut compressor = ChunkCompressor::new(compression, level);
             move |job: Job| -> Result<Packed, ArchiveError> {
@@ -237,20 +308,20 @@ pub fn pack(
                         let sha256 = EntryDigest::chunk(&data);
                         let compressor = compressor.as_mut().map_err(|e| ArchiveError::Io {
                             op: "starting the compressor for",
-                            path: planned[entry].path.clone(),
+                            path: planned(entry).path.clone(),
                             source: io::Error::new(e.kind(), e.to_string()),
                         })?;
                         let mut compressed = packed_buffers.get(0);
                         compressor
                             .compress_into(&data, last, &mut compressed)
-                            .map_err(ArchiveError::io("compressing", &planned[entry].path))?;
+                            .map_err(ArchiveError::io("compressing", &planned(entry).path))?;
                         let (crc32, crc_len) = match sealer {
                             Some(sealer) => {
                                 sealer.seal_chunk(
                                     entry,
                                     index,
                                     last,
-                                    &planned[entry].name,
+                                    &planned(entry).name,
                                     &mut compressed,
                                 );
                                 (crc32fast::hash(&compressed), compressed.len() as u64)
@@ -274,7 +345,7 @@ pub fn pack(
         },
         |packed| match packed {
             Packed::Dir(i) => {
-                let p = &planned[i];
+                let p = planned(i);
                 let entry = writer
                     .begin_entry(
                         &p.name,
@@ -307,7 +378,7 @@ pub fn pack(
                 let (_, crc, digest, record) = match &mut open {
                     Some(current) => current,
                     None => {
-                        let p = &planned[i];
+                        let p = planned(i);
                         let zip_entry = writer
                             .begin_entry(
                                 &p.name,
@@ -347,6 +418,14 @@ pub fn pack(
                 if last {
                     let (zip_entry, crc, digest, mut record) = open.take().expect("entry is open");
                     record.sha256 = digest.finish().to_vec();
+                    if followed.is_some() && i == 0 {
+                        // Complete now: its final mode and mtime.
+                        let path = &planned(0).path;
+                        let meta = fs::metadata(path)
+                            .map_err(ArchiveError::io("reading metadata of", path))?;
+                        record.mode = meta.permissions().mode() & 0o777;
+                        record.mtime_unix_nanos = meta.mtime() * 1_000_000_000 + meta.mtime_nsec();
+                    }
                     // A stored entry's size is what it stores.
                     let zip_size = if sealer.is_some() {
                         record.compressed_size
@@ -429,11 +508,13 @@ pub fn pack(
 /// Reads every file in order, chunk by chunk: the one sequential pass (hashing is the workers').
 fn produce(
     planned: &[Planned],
+    base: usize,
     chunk_size: usize,
     buffers: &BufferPool,
     submit: &mut dyn FnMut(Job) -> bool,
 ) -> Result<(), ArchiveError> {
     for (i, p) in planned.iter().enumerate() {
+        let i = base + i;
         if p.is_dir {
             if !submit(Job::Dir(i)) {
                 return Ok(());
@@ -468,6 +549,100 @@ fn produce(
     Ok(())
 }
 
+/// Reads the followed file (entry 0) as it grows, a whole chunk at a time, until the writer is
+/// done and the file is read to its end. `Ok(false)`: the pipeline stopped early.
+fn produce_followed(
+    follow: &Follow<'_>,
+    dir: &Path,
+    chunk_size: usize,
+    buffers: &BufferPool,
+    submit: &mut dyn FnMut(Job) -> bool,
+) -> Result<bool, ArchiveError> {
+    let path = dir.join(&follow.name);
+    let started = Instant::now();
+    let stopped = |why: String| ArchiveError::BadInput {
+        path: path.clone(),
+        reason: why,
+    };
+    // Ordering: a `done` seen before a size is read guarantees that size is final.
+    let state = || -> Result<bool, ArchiveError> {
+        if follow.failed.load(Ordering::Acquire) {
+            return Err(stopped("the writer failed; packing stopped".into()));
+        }
+        if started.elapsed() > follow.timeout {
+            return Err(stopped(format!(
+                "still being written after {:?}; packing stopped",
+                follow.timeout
+            )));
+        }
+        Ok(follow.done.load(Ordering::Acquire))
+    };
+    let file = loop {
+        let finished = state()?;
+        match File::open(&path) {
+            Ok(file) => break file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !finished => {
+                std::thread::sleep(follow.poll)
+            }
+            Err(e) => return Err(ArchiveError::io("opening", &path)(e)),
+        }
+    };
+    let chunk = chunk_size as u64;
+    let mut offset = 0u64;
+    let mut index = 0usize;
+    // One full chunk is held back until it is known whether it is the last.
+    let mut held: Option<Vec<u8>> = None;
+    let mut submit_chunk = |data: Vec<u8>, last: bool, index: &mut usize| -> bool {
+        let ok = submit(Job::Chunk {
+            entry: 0,
+            index: *index,
+            data,
+            last,
+        });
+        *index += 1;
+        ok
+    };
+    loop {
+        let finished = state()?;
+        let len = file
+            .metadata()
+            .map_err(ArchiveError::io("reading metadata of", &path))?
+            .len();
+        while len - offset >= chunk {
+            let mut data = buffers.get(chunk_size);
+            data.resize(chunk_size, 0);
+            file.read_exact_at(&mut data, offset)
+                .map_err(ArchiveError::io("reading", &path))?;
+            offset += chunk;
+            if let Some(previous) = held.replace(data) {
+                if !submit_chunk(previous, false, &mut index) {
+                    return Ok(false);
+                }
+            }
+        }
+        if finished {
+            let tail_len = (len - offset) as usize;
+            if tail_len > 0 || held.is_none() {
+                let mut tail = buffers.get(tail_len);
+                tail.resize(tail_len, 0);
+                file.read_exact_at(&mut tail, offset)
+                    .map_err(ArchiveError::io("reading", &path))?;
+                if let Some(previous) = held.take() {
+                    if !submit_chunk(previous, false, &mut index) {
+                        return Ok(false);
+                    }
+                }
+                return Ok(submit_chunk(tail, true, &mut index));
+            }
+            let last = held
+                .take()
+                .expect("a held chunk when the file ends on a chunk boundary");
+            return Ok(submit_chunk(last, true, &mut index));
+        }
+        std::thread::sleep(follow.poll);
+    }
+}
+
 fn read_chunk(
     file: &mut File,
     mut buf: Vec<u8>,
@@ -490,20 +665,7 @@ fn plan(dir: &Path, archive: &Path) -> Result<Vec<Planned>, ArchiveError> {
             reason: "not a directory".to_string(),
         });
     }
-    // An archive written inside the directory it packs would read itself.
-    let dir_real = fs::canonicalize(dir).map_err(ArchiveError::io("resolving", dir))?;
-    let archive_parent = parent_dir(archive);
-    let parent_real = fs::canonicalize(&archive_parent)
-        .map_err(ArchiveError::io("resolving", &archive_parent))?;
-    if parent_real.starts_with(&dir_real) {
-        return Err(ArchiveError::BadInput {
-            path: archive.to_path_buf(),
-            reason: format!(
-                "the archive may not be written inside the directory it packs ({})",
-                dir.display()
-            ),
-        });
-    }
+    check_archive_outside(dir, archive)?;
 
     let mut planned = Vec::new();
     for item in walkdir::WalkDir::new(dir)
@@ -571,6 +733,24 @@ fn plan(dir: &Path, archive: &Path) -> Result<Vec<Planned>, ArchiveError> {
     }
     debug!(dir = %dir.display(), entries = planned.len(), "planned archive");
     Ok(planned)
+}
+
+/// An archive written inside the directory it packs would read itself.
+fn check_archive_outside(dir: &Path, archive: &Path) -> Result<(), ArchiveError> {
+    let dir_real = fs::canonicalize(dir).map_err(ArchiveError::io("resolving", dir))?;
+    let archive_parent = parent_dir(archive);
+    let parent_real = fs::canonicalize(&archive_parent)
+        .map_err(ArchiveError::io("resolving", &archive_parent))?;
+    if parent_real.starts_with(&dir_real) {
+        return Err(ArchiveError::BadInput {
+            path: archive.to_path_buf(),
+            reason: format!(
+                "the archive may not be written inside the directory it packs ({})",
+                dir.display()
+            ),
+        });
+    }
+    Ok(())
 }
 
 fn parent_dir(path: &Path) -> PathBuf {

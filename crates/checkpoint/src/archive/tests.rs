@@ -33,7 +33,7 @@ pub(super) fn sample_pages(len: usize, random: usize) -> Vec<u8> {
 }
 
 /// A small checkpoint-like directory: nested dirs, an empty file, a multi-chunk file.
-fn sample_checkpoint(root: &Path) -> PathBuf {
+pub(super) fn sample_checkpoint(root: &Path) -> PathBuf {
     let dir = root.join("ck");
     fs::create_dir_all(dir.join("checkpoint")).unwrap();
     fs::create_dir_all(dir.join("empty-dir")).unwrap();
@@ -54,7 +54,7 @@ fn small_chunks(compression: Compression) -> PackOptions {
     }
 }
 
-fn assert_same_tree(a: &Path, b: &Path) {
+pub(super) fn assert_same_tree(a: &Path, b: &Path) {
     let list = |root: &Path| -> Vec<(String, Option<Vec<u8>>, u32)> {
         walkdir::WalkDir::new(root)
             .min_depth(1)

@@ -1,0 +1,201 @@
+//! Restoring with CRIU's `auto-dedup`: CRIU punches each page out of the unpacked image as it
+//! restores it, so memory-backed work space hands its pages straight to the restored process.
+//! Without it a restore briefly needs the checkpoint's size twice (the image in tmpfs and the
+//! process), and on a VM every page of the second copy is a fresh one from the host.
+//!
+//! runc passes CRIU no such option, but it hands CRIU the configuration file named by the
+//! container's `org.criu.config` annotation (instead of `/etc/criu/runc.conf`), and CRIU's
+//! file settings override runc's. So the clone's bundle gets that annotation, pointing to a
+//! file holding the node's `runc.conf` (if any) plus `auto-dedup`. The unpacked images are a
+//! private throwaway copy, removed after Start, so consuming them costs nothing.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// The annotation runc reads for a container's own CRIU configuration file.
+pub const CRIU_CONFIG_ANNOTATION: &str = "org.criu.config";
+/// The node-wide file runc names when the annotation is absent.
+pub const RUNC_CRIU_CONFIG: &str = "/etc/criu/runc.conf";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DedupError {
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("reading the bundle spec {path}: {reason}")]
+    Spec { path: PathBuf, reason: String },
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> DedupError + 'a {
+    move |source| DedupError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// What `enable` did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Dedup {
+    Enabled {
+        config: PathBuf,
+    },
+    /// The spec already names a CRIU configuration, which is left alone.
+    SpecHasOwnConfig(String),
+}
+
+/// Writes the restore configuration under `work_dir` and points the bundle's spec at it.
+pub fn enable(bundle: &Path, work_dir: &Path, node_config: &Path) -> Result<Dedup, DedupError> {
+    let spec_path = bundle.join("config.json");
+    let text = fs::read_to_string(&spec_path).map_err(io_err("reading", &spec_path))?;
+    let mut spec: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| DedupError::Spec {
+            path: spec_path.clone(),
+            reason: e.to_string(),
+        })?;
+    let Some(object) = spec.as_object_mut() else {
+        return Err(DedupError::Spec {
+            path: spec_path,
+            reason: "not a JSON object".into(),
+        });
+    };
+    let annotations = object
+        .entry("annotations")
+        .or_insert_with(|| serde_json::json!({}));
+    let Some(annotations) = annotations.as_object_mut() else {
+        return Err(DedupError::Spec {
+            path: spec_path,
+            reason: "annotations is not an object".into(),
+        });
+    };
+    if let Some(own) = annotations.get(CRIU_CONFIG_ANNOTATION) {
+        return Ok(Dedup::SpecHasOwnConfig(own.to_string()));
+    }
+    let config = write_config(work_dir, node_config)?;
+    annotations.insert(
+        CRIU_CONFIG_ANNOTATION.into(),
+        serde_json::Value::String(config.display().to_string()),
+    );
+    let bytes = serde_json::to_vec(&spec).map_err(|e| DedupError::Spec {
+        path: spec_path.clone(),
+        reason: e.to_string(),
+    })?;
+    replace_file(&spec_path, &bytes)?;
+    Ok(Dedup::Enabled { config })
+}
+
+/// `<work_dir>/criu/restore.conf`: the node's runc CRIU settings, then `auto-dedup`. A stable
+/// path, rewritten whole each time, because the clone keeps the annotation for its lifetime
+/// and its own checkpoints read the file too (auto-dedup only acts on a dump with a parent
+/// image, which runc's checkpoints here never have).
+fn write_config(work_dir: &Path, node_config: &Path) -> Result<PathBuf, DedupError> {
+    let dir = work_dir.join("criu");
+    fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
+    let mut text = match fs::read_to_string(node_config) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(io_err("reading", node_config)(e)),
+    };
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
+    }
+    text.push_str(
+        "# podmigrate: free each restored page from the unpacked image at once\nauto-dedup\n",
+    );
+    let path = dir.join("restore.conf");
+    replace_file(&path, text.as_bytes())?;
+    Ok(path)
+}
+
+/// Replaces `path` atomically, so a concurrent reader sees the old or the new file, whole.
+fn replace_file(path: &Path, bytes: &[u8]) -> Result<(), DedupError> {
+    let temp = path.with_extension(format!("tmp-{}", std::process::id()));
+    let mut file = fs::File::create(&temp).map_err(io_err("creating", &temp))?;
+    file.write_all(bytes).map_err(io_err("writing", &temp))?;
+    drop(file);
+    fs::rename(&temp, path).map_err(|e| {
+        let _ = fs::remove_file(&temp);
+        io_err("replacing", path)(e)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bundle(spec: &str) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("config.json"), spec).unwrap();
+        dir
+    }
+
+    #[test]
+    fn adds_the_annotation_and_keeps_the_nodes_settings() {
+        let b = bundle(
+            r#"{"ociVersion":"1.0.2","annotations":{"io.kubernetes.cri.container-name":"app"},"process":{"args":["x"]}}"#,
+        );
+        let work = tempfile::tempdir().unwrap();
+        let node = work.path().join("runc.conf");
+        fs::write(&node, "tcp-established").unwrap();
+        let done = enable(b.path(), work.path(), &node).unwrap();
+        let config = work.path().join("criu/restore.conf");
+        assert_eq!(
+            done,
+            Dedup::Enabled {
+                config: config.clone()
+            }
+        );
+        assert_eq!(
+            fs::read_to_string(&config).unwrap(),
+            "tcp-established\n# podmigrate: free each restored page from the unpacked image at once\nauto-dedup\n"
+        );
+        let spec: serde_json::Value =
+            serde_json::from_slice(&fs::read(b.path().join("config.json")).unwrap()).unwrap();
+        assert_eq!(
+            spec["annotations"][CRIU_CONFIG_ANNOTATION],
+            config.display().to_string()
+        );
+        assert_eq!(
+            spec["annotations"]["io.kubernetes.cri.container-name"],
+            "app"
+        );
+        assert_eq!(spec["process"]["args"][0], "x");
+    }
+
+    #[test]
+    fn without_a_node_config_or_annotations() {
+        let b = bundle(r#"{"ociVersion":"1.0.2"}"#);
+        let work = tempfile::tempdir().unwrap();
+        enable(b.path(), work.path(), &work.path().join("absent.conf")).unwrap();
+        let text = fs::read_to_string(work.path().join("criu/restore.conf")).unwrap();
+        assert!(
+            text.ends_with("auto-dedup\n") && !text.starts_with('\n'),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_spec_with_its_own_criu_config_is_left_alone() {
+        let spec = r#"{"annotations":{"org.criu.config":"/etc/mine.conf"}}"#;
+        let b = bundle(spec);
+        let work = tempfile::tempdir().unwrap();
+        let done = enable(b.path(), work.path(), Path::new(RUNC_CRIU_CONFIG)).unwrap();
+        assert_eq!(done, Dedup::SpecHasOwnConfig("\"/etc/mine.conf\"".into()));
+        assert_eq!(
+            fs::read_to_string(b.path().join("config.json")).unwrap(),
+            spec
+        );
+    }
+
+    #[test]
+    fn a_broken_spec_is_an_error_naming_it() {
+        let b = bundle("{not json");
+        let work = tempfile::tempdir().unwrap();
+        let err = enable(b.path(), work.path(), Path::new(RUNC_CRIU_CONFIG)).unwrap_err();
+        assert!(err.to_string().contains("config.json"), "{err}");
+    }
+}
