@@ -2,7 +2,6 @@
 //! manifest's SHA-256 and the zip's CRC-32, in one pass.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -229,7 +228,16 @@ fn stream(
     let in_flight = 2 * workers + 2;
     let compressed_buffers = &BufferPool::new(in_flight + 2);
     let plain_buffers = &BufferPool::new(in_flight + 2);
-    let mut current: Option<(usize, Option<File>, crc32fast::Hasher, EntryDigest)> = None;
+    // Every file is created up front, so that workers write their chunks in place, in parallel.
+    let mut files: Vec<Option<File>> = (0..manifest.entries.len()).map(|_| None).collect();
+    if let Some(staging) = staging {
+        for location in &opened.data {
+            let name = &manifest.entries[location.entry].name;
+            files[location.entry] = Some(create_file(&staging.join(name))?);
+        }
+    }
+    let files = &files;
+    let mut current: Option<(usize, crc32fast::Hasher, EntryDigest)> = None;
     pipeline::run(
         workers,
         in_flight,
@@ -287,6 +295,11 @@ fn stream(
                     ArchiveError::bad_entry(path, &manifest.entries[job.entry].name, reason)
                 })?;
                 compressed_buffers.put(job.data);
+                if let (Some(file), Some(staging)) = (&files[job.entry], staging) {
+                    let name = &manifest.entries[job.entry].name;
+                    file.write_all_at(&data, job.index as u64 * chunk_size)
+                        .map_err(ArchiveError::io("writing", staging.join(name)))?;
+                }
                 Ok(Decompressed {
                     entry: job.entry,
                     crc32: crc32fast::hash(&data),
@@ -298,31 +311,22 @@ fn stream(
         },
         |chunk| {
             let entry = &manifest.entries[chunk.entry];
-            if current.is_none() {
-                let file = match staging {
-                    Some(staging) => Some(create_file(&staging.join(&entry.name))?),
-                    None => None,
-                };
-                current = Some((
+            let (_, crc, digest) = current.get_or_insert_with(|| {
+                (
                     chunk.entry,
-                    file,
                     crc32fast::Hasher::new(),
                     EntryDigest::default(),
-                ));
-            }
-            let (_, file, crc, digest) = current.as_mut().expect("entry is open");
+                )
+            });
             crc.combine(&crc32fast::Hasher::new_with_initial_len(
                 chunk.crc32,
                 chunk.data.len() as u64,
             ));
             digest.add(&chunk.sha256);
-            if let (Some(file), Some(staging)) = (file.as_mut(), staging) {
-                file.write_all(&chunk.data)
-                    .map_err(ArchiveError::io("writing", staging.join(&entry.name)))?;
-            }
             plain_buffers.put(chunk.data);
             if chunk.last {
-                let (index, file, crc, digest) = current.take().expect("entry is open");
+                // Every chunk of this entry was written by the worker that returned it.
+                let (index, crc, digest) = current.take().expect("entry is open");
                 if opened.sealer.is_none() && Some(crc.finalize()) != expected_crc[index] {
                     return Err(ArchiveError::bad_entry(
                         path,
@@ -339,8 +343,7 @@ fn stream(
                         actual: hex::encode(digest),
                     });
                 }
-                if let (Some(file), Some(staging)) = (file, staging) {
-                    drop(file);
+                if let Some(staging) = staging {
                     apply_metadata(&staging.join(&entry.name), entry)?;
                 }
             }
