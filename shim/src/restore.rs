@@ -129,6 +129,8 @@ pub fn prepare(
                 source.namespace, source.pod, source.container, identity.namespace, source_pod, identity.container
             ));
         }
+        podmigrate_checkpoint::binding::check_restore(&source.clone_pod_uid, &identity.pod_uid)
+            .map_err(|e| e.to_string())?;
         match upperdir(rootfs_mounts) {
             Some(upper) => {
                 rootfs::apply_diff(&dir, &upper, &lowerdirs(rootfs_mounts))

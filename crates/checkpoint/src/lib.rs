@@ -3,6 +3,7 @@
 
 pub mod archive;
 pub mod bandwidth;
+pub mod binding;
 pub mod criu;
 pub mod gc;
 pub mod layout;

@@ -77,6 +77,17 @@ impl Node {
     /// Packs a checkpoint onto the share where the clone looks for it; `tweak` edits the
     /// checkpoint directory first.
     fn archive(&self, source: (&str, &str, &str), criu: &str, tweak: impl FnOnce(&Path)) {
+        self.archive_for("", source, criu, tweak)
+    }
+
+    /// [`Node::archive`], recording that it is made for the clone pod with uid `clone_uid`.
+    fn archive_for(
+        &self,
+        clone_uid: &str,
+        source: (&str, &str, &str),
+        criu: &str,
+        tweak: impl FnOnce(&Path),
+    ) {
         let ck = self.p("ck");
         let _ = fs::remove_dir_all(&ck);
         fs::create_dir_all(ck.join(CHECKPOINT_DIR)).unwrap();
@@ -89,6 +100,7 @@ impl Node {
                 namespace: source.0.to_string(),
                 pod: source.1.to_string(),
                 container: source.2.to_string(),
+                clone_pod_uid: clone_uid.to_string(),
                 ..Default::default()
             },
             versions: Versions {
@@ -169,6 +181,25 @@ fn an_archive_of_another_pod_namespace_or_container_is_refused() {
             source.0, source.1, source.2
         ));
         assert!(!err.is_empty());
+    }
+}
+
+#[test]
+fn an_archive_made_for_another_clone_is_refused_and_one_for_this_clone_or_none_is_not() {
+    let criu = local_criu();
+    let other = node();
+    other.archive_for("uid-2", (NS, SOURCE_POD, CONTAINER), &criu, |_| {});
+    other.refused(
+        "the archive was made for clone pod uid uid-2, not for this pod (uid uid-1): \
+         it belongs to another migration of the same source",
+    );
+    for made_for in ["uid-1", ""] {
+        let node = node();
+        node.archive_for(made_for, (NS, SOURCE_POD, CONTAINER), &criu, |_| {});
+        let prepared = node
+            .prepare()
+            .unwrap_or_else(|e| panic!("archive made for {made_for:?}: {e}"));
+        discard(&prepared.dir);
     }
 }
 
