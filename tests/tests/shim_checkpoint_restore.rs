@@ -1191,3 +1191,120 @@ async fn with_a_key_the_shim_seals_archives_restores_them_and_refuses_plain_ones
     }
     step(t0, "the key appears in neither the archive nor the logs");
 }
+
+// ---------------------------------------------------------------------------------------------
+// 8. CRIU's credentials vs the clone's spec
+
+/// CreateContainer of the counter in `pod` with a tightened security context: every
+/// capability dropped, and `run_as_user` if given.
+async fn create_tightened_counter(node: &Node, pod: &Pod, port: u16, user: Option<i64>) -> String {
+    use k8s_cri::v1 as api;
+    let spec = counter_spec(port);
+    let image = node
+        .cri
+        .image_status(&spec.image)
+        .await
+        .unwrap()
+        .expect("the counter image is imported");
+    let mut config = node.cri.container_config(pod, &spec, &image.id);
+    let security = config
+        .linux
+        .as_mut()
+        .and_then(|l| l.security_context.as_mut())
+        .expect("a security context");
+    security.capabilities = Some(api::Capability {
+        drop_capabilities: vec!["ALL".into()],
+        ..Default::default()
+    });
+    security.run_as_user = user.map(|value| api::Int64Value { value });
+    node.cri
+        .create_container_with_config(pod, config)
+        .await
+        .unwrap_or_else(|e| panic!("CreateContainer in pod {}: {e:?}", pod.name()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clone_whose_spec_is_tighter_than_the_checkpoints_credentials_is_refused() {
+    if !can_run() {
+        return;
+    }
+    let t0 = Instant::now();
+    let node = start_node("creds", 30, Share::Dir).await;
+    let port = free_port();
+    let (_source, source_id) = node.run_counter("counter", port).await;
+    for expected in 1..=3 {
+        assert_eq!(counter_hit(port).unwrap(), expected);
+    }
+    let source_caps = cap_eff(&node.exec_cat(&source_id, "/proc/1/status").await.unwrap());
+    node.tasks
+        .checkpoint(&source_id, &checkpoint_options(&node.scratch("ck-c"), true))
+        .await
+        .unwrap_or_else(|e| panic!("Tasks.Checkpoint (exit=true) failed: {e:?}"));
+    node.cri
+        .wait_container_state(&source_id, ContainerState::ContainerExited, WAIT)
+        .await
+        .unwrap();
+    let archive_path = node.archive("counter");
+    step(t0, &format!("source (root, {source_caps}) checkpointed"));
+
+    // (a) Every capability dropped: the root task's capabilities exceed the clone's.
+    let no_caps = node.pod("counter-nocaps", &[(CLONE_POD, "counter")]).await;
+    let id = create_tightened_counter(&node, &no_caps, port, None).await;
+    let err = node
+        .cri
+        .start_container(&id)
+        .await
+        .expect_err("a clone without capabilities must refuse the root task's");
+    let message = grpc_message(&err);
+    eprintln!("(a) {message}");
+    for part in [
+        format!("restoring {CONTAINER} of clone pod {NAMESPACE}/counter-nocaps"),
+        archive_path.display().to_string(),
+        "has credentials the clone's spec".to_string(),
+        "bounding capabilities CAP_CHOWN".to_string(),
+        "effective capabilities CAP_CHOWN".to_string(),
+    ] {
+        assert!(message.contains(&part), "expected {part:?} in: {message}");
+    }
+    node.assert_no_restore_residue(&id);
+    assert!(counter_hit(port).is_err(), "nothing restored on {port}");
+    step(t0, "(a) capabilities dropped: refused");
+
+    // (b) Also another user: the task's uid 0 is named.
+    let user = node.pod("counter-user", &[(CLONE_POD, "counter")]).await;
+    let id = create_tightened_counter(&node, &user, port, Some(1000)).await;
+    let err = node
+        .cri
+        .start_container(&id)
+        .await
+        .expect_err("a clone running as 1000 must refuse a root task");
+    let message = grpc_message(&err);
+    eprintln!("(b) {message}");
+    assert!(
+        message.contains("uid 0, not the spec's user 1000 (and no CAP_SETUID)"),
+        "{message}"
+    );
+    node.assert_no_restore_residue(&id);
+    step(t0, "(b) run as 1000: refused");
+
+    // (c) The clone with the source's own spec restores the same archive.
+    let clone = node.pod("counter-clone", &[(CLONE_POD, "counter")]).await;
+    let clone_id = node.create_counter(&clone, port).await;
+    node.cri
+        .start_container(&clone_id)
+        .await
+        .unwrap_or_else(|e| panic!("StartContainer of the clone with the source's spec: {e:?}"));
+    node.cri
+        .wait_container_state(&clone_id, ContainerState::ContainerRunning, WAIT)
+        .await
+        .unwrap();
+    assert_eq!(counter_hit(port).unwrap(), 4, "the clone continues the count");
+    assert!(
+        node.ctrd
+            .log_text()
+            .contains("the checkpoint's credentials are within the clone's spec"),
+        "the shim checked the credentials"
+    );
+    step(t0, "(c) the source's own spec: restored, 4");
+    node.teardown().await;
+}

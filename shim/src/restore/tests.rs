@@ -50,6 +50,7 @@ fn node() -> Node {
         clone_of: Some(SOURCE_POD.to_string()),
         fallback_fresh: false,
         bandwidth: None,
+        spec: None,
     };
     let mounts = vec![Mount {
         type_: "overlay".to_string(),
@@ -201,6 +202,32 @@ fn an_archive_made_for_another_clone_is_refused_and_one_for_this_clone_or_none_i
             .unwrap_or_else(|e| panic!("archive made for {made_for:?}: {e}"));
         discard(&prepared.dir);
     }
+}
+
+#[test]
+fn credentials_are_checked_against_the_clone_spec_before_the_diff_is_applied() {
+    let criu = local_criu();
+    let mut node = node();
+    let spec = node.p("config.json");
+    fs::write(
+        &spec,
+        br#"{"process":{"user":{"uid":0,"gid":0},"capabilities":{"bounding":[]}}}"#,
+    )
+    .unwrap();
+    node.identity.spec = Some(spec);
+    // A diff that would write into the upper directory, and images without any task: refused
+    // before the diff is applied.
+    node.archive((NS, SOURCE_POD, CONTAINER), &criu, |ck| {
+        let mut b = tar::Builder::new(fs::File::create(ck.join(ROOTFS_DIFF_TAR)).unwrap());
+        let mut f = tar::Header::new_gnu();
+        f.set_entry_type(tar::EntryType::Regular);
+        f.set_mode(0o644);
+        f.set_mtime(0);
+        f.set_size(2);
+        b.append_data(&mut f, "tmp/count", &b"5\n"[..]).unwrap();
+        b.finish().unwrap();
+    });
+    node.refused("no task credentials (core-*.img) in");
 }
 
 #[test]
