@@ -14,7 +14,9 @@
 //!   the same source and restored by its own;
 //! * with `PODMIGRATE_KEY_FILE` the archive is sealed (refused without the key, by the library
 //!   and `podmigrate verify`), a clone restores it, a plain archive is refused, and the key is
-//!   in neither the archive nor the logs.
+//!   in neither the archive nor the logs;
+//! * a clone whose spec drops every capability, or runs as another user, refuses the root
+//!   task's credentials in CRIU's images; the clone with the source's own spec restores.
 //!
 //! Each test runs its own containerd (host-network pods: every counter gets its own port).
 //! Needs root, containerd, ctr, runc, CRIU, gcc and busybox-static; skips otherwise, unless
