@@ -648,10 +648,7 @@ async fn assert_migrated(
 ) {
     eprint!("{}{}", run.stdout, run.stderr);
     assert!(run.success, "kubectl migrate failed: {}", run.stderr);
-    assert_eq!(
-        cluster.annotation(clone, PHASE).as_deref(),
-        Some("Running")
-    );
+    assert_eq!(cluster.annotation(clone, PHASE).as_deref(), Some("Running"));
     assert_eq!(cluster.events(clone, "Checkpointing").len(), 1);
     assert_eq!(cluster.events(clone, "Migrated").len(), 1);
     assert_eq!(checkpoint_attempts(cluster, source), 1);
@@ -884,10 +881,7 @@ async fn two_clones_of_one_source_at_once_only_one_proceeds() {
         .iter()
         .map(|c| c.metadata.name.clone().unwrap())
         .collect();
-    let phases: Vec<Option<String>> = names
-        .iter()
-        .map(|n| cluster.annotation(n, PHASE))
-        .collect();
+    let phases: Vec<Option<String>> = names.iter().map(|n| cluster.annotation(n, PHASE)).collect();
     step(t0, &format!("clones {names:?} ended {phases:?}"));
     let winner = phases
         .iter()
@@ -895,7 +889,9 @@ async fn two_clones_of_one_source_at_once_only_one_proceeds() {
         .expect("one clone runs");
     let loser = 1 - winner;
     assert_eq!(phases[loser].as_deref(), Some("Failed"));
-    let reason = cluster.annotation(&names[loser], REASON).unwrap_or_default();
+    let reason = cluster
+        .annotation(&names[loser], REASON)
+        .unwrap_or_default();
     assert!(
         reason.contains(&format!(
             "clone default/{} of the same source pod default/twice is already in progress",

@@ -969,11 +969,15 @@ async fn an_archive_made_for_another_clone_is_refused_and_its_own_clone_restores
     assert!(inspect.status.success(), "{inspect:?}");
     let manifest: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
     assert_eq!(
-        manifest["source"]["clonePodUid"], clone_uid.as_str(),
+        manifest["source"]["clonePodUid"],
+        clone_uid.as_str(),
         "the manifest names the clone of the lease: {}",
         manifest["source"]
     );
-    step(t0, "checkpointed with a lease: the archive is made for that clone");
+    step(
+        t0,
+        "checkpointed with a lease: the archive is made for that clone",
+    );
 
     // A later clone of the same source (another uid) is refused, and nothing is left.
     let other_uid = unique_id("other-uid");
@@ -991,7 +995,10 @@ async fn an_archive_made_for_another_clone_is_refused_and_its_own_clone_restores
     }
     assert!(!message.contains('\n'), "one line: {message}");
     node.assert_no_restore_residue(&other_id);
-    assert!(archive_path.is_file(), "the refused archive stays for its clone");
+    assert!(
+        archive_path.is_file(),
+        "the refused archive stays for its clone"
+    );
     step(t0, "another clone's restore refused");
 
     // The clone it was made for restores it and counts on.
@@ -1007,7 +1014,11 @@ async fn an_archive_made_for_another_clone_is_refused_and_its_own_clone_restores
         .wait_container_state(&own_id, ContainerState::ContainerRunning, WAIT)
         .await
         .unwrap();
-    assert_eq!(counter_hit(port).unwrap(), 4, "the clone continues the count");
+    assert_eq!(
+        counter_hit(port).unwrap(),
+        4,
+        "the clone continues the count"
+    );
     node.assert_no_restore_residue(&own_id);
     step(t0, "its own clone restored: 4");
     node.teardown().await;
@@ -1024,7 +1035,10 @@ fn key_forms(raw: &[u8]) -> Vec<(&'static str, Vec<u8>)> {
         ("base64", base64ct::Base64::encode_string(raw).into_bytes()),
         (
             "hex",
-            raw.iter().map(|b| format!("{b:02x}")).collect::<String>().into_bytes(),
+            raw.iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+                .into_bytes(),
         ),
     ]
 }
@@ -1058,11 +1072,8 @@ async fn with_a_key_the_shim_seals_archives_restores_them_and_refuses_plain_ones
             .mode(0o600)
             .open(&secret)
             .unwrap();
-        std::io::Write::write_all(
-            &mut f,
-            base64ct::Base64::encode_string(&raw).as_bytes(),
-        )
-        .unwrap();
+        std::io::Write::write_all(&mut f, base64ct::Base64::encode_string(&raw).as_bytes())
+            .unwrap();
     }
     let key_file = keys.path().join("keys/archive.key");
     let install = podmigrate(
@@ -1077,7 +1088,10 @@ async fn with_a_key_the_shim_seals_archives_restores_them_and_refuses_plain_ones
         ],
     )
     .unwrap();
-    assert!(install.status.success(), "podmigrate key install: {install:?}");
+    assert!(
+        install.status.success(),
+        "podmigrate key install: {install:?}"
+    );
     assert_eq!(fs::read(&key_file).unwrap(), raw, "installed raw");
     let key = archive::ArchiveKey::load(&key_file).unwrap();
     let node = start_node_with_env(
@@ -1122,14 +1136,22 @@ async fn with_a_key_the_shim_seals_archives_restores_them_and_refuses_plain_ones
     );
     let verify = podmigrate(
         &cli,
-        &["verify", "--key-file", key_file.to_str().unwrap(), archive_arg],
+        &[
+            "verify",
+            "--key-file",
+            key_file.to_str().unwrap(),
+            archive_arg,
+        ],
     )
     .unwrap();
     assert!(
         verify.status.success() && String::from_utf8_lossy(&verify.stdout).starts_with("ok "),
         "verify with the key: {verify:?}"
     );
-    step(t0, "sealed: verify refuses it without the key, accepts it with it");
+    step(
+        t0,
+        "sealed: verify refuses it without the key, accepts it with it",
+    );
 
     // The clone restores it and counts on.
     let clone = node.pod("counter-clone", &[(CLONE_POD, "counter")]).await;
@@ -1142,7 +1164,11 @@ async fn with_a_key_the_shim_seals_archives_restores_them_and_refuses_plain_ones
         .wait_container_state(&clone_id, ContainerState::ContainerRunning, WAIT)
         .await
         .unwrap();
-    assert_eq!(counter_hit(port).unwrap(), 4, "the clone continues the count");
+    assert_eq!(
+        counter_hit(port).unwrap(),
+        4,
+        "the clone continues the count"
+    );
     node.assert_no_restore_residue(&clone_id);
     step(t0, "clone restored from the sealed archive: 4");
 
@@ -1188,8 +1214,14 @@ async fn with_a_key_the_shim_seals_archives_restores_them_and_refuses_plain_ones
         "containerd's log holds the shims' lines"
     );
     for (form, bytes) in key_forms(&raw) {
-        assert!(!contains(&archive_bytes, &bytes), "the key ({form}) is in the archive");
-        assert!(!contains(&logs, &bytes), "the key ({form}) is in containerd's log");
+        assert!(
+            !contains(&archive_bytes, &bytes),
+            "the key ({form}) is in the archive"
+        );
+        assert!(
+            !contains(&logs, &bytes),
+            "the key ({form}) is in containerd's log"
+        );
     }
     step(t0, "the key appears in neither the archive nor the logs");
 }
@@ -1300,7 +1332,11 @@ async fn a_clone_whose_spec_is_tighter_than_the_checkpoints_credentials_is_refus
         .wait_container_state(&clone_id, ContainerState::ContainerRunning, WAIT)
         .await
         .unwrap();
-    assert_eq!(counter_hit(port).unwrap(), 4, "the clone continues the count");
+    assert_eq!(
+        counter_hit(port).unwrap(),
+        4,
+        "the clone continues the count"
+    );
     assert!(
         node.ctrd
             .log_text()

@@ -537,7 +537,10 @@ async fn at_max_outbound_one_a_second_migration_is_queued_until_the_first_ends()
             assert_eq!(counter_hit(a, port).await.unwrap(), expected);
         }
     }
-    step(t0, "first at 2 and second at 3 on node-a (agent --max-outbound 1)");
+    step(
+        t0,
+        "first at 2 and second at 3 on node-a (agent --max-outbound 1)",
+    );
 
     let runs = sources.map(|(name, _, _)| {
         cluster
@@ -545,9 +548,8 @@ async fn at_max_outbound_one_a_second_migration_is_queued_until_the_first_ends()
             .unwrap()
     });
     // Watch both clones' phases and reasons until both CLIs have returned.
-    let queued_reason = format!(
-        "queued: 1 outbound migration(s) already run on node {NODE_A} (--max-outbound)"
-    );
+    let queued_reason =
+        format!("queued: 1 outbound migration(s) already run on node {NODE_A} (--max-outbound)");
     let mut clones: [Option<String>; 2] = [None, None];
     // (clone queued, the other clone's phase) whenever that pair changed while a queued
     // reason was shown.

@@ -40,7 +40,10 @@ pub fn clone_for_pack(pod_dir: &Path, now: SystemTime) -> Result<Option<String>,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(err(e)),
     };
-    let now_ms = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
+    let now_ms = now
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64;
     let mut live: Vec<(SystemTime, String)> = Vec::new();
     for entry in entries {
         let entry = entry.map_err(err)?;
@@ -62,10 +65,9 @@ pub fn clone_for_pack(pod_dir: &Path, now: SystemTime) -> Result<Option<String>,
             .ok()
             .and_then(|bytes| serde_json::from_slice::<Lease>(&bytes).ok());
         match lease {
-            Some(lease) if lease.deadline_unix_ms > now_ms => live.push((
-                meta.modified().unwrap_or(UNIX_EPOCH),
-                uid.to_string(),
-            )),
+            Some(lease) if lease.deadline_unix_ms > now_ms => {
+                live.push((meta.modified().unwrap_or(UNIX_EPOCH), uid.to_string()))
+            }
             Some(_) => {}
             None => {
                 warn!(lease = %path.display(), "unreadable lease ignored when naming the clone an archive is made for")
@@ -139,7 +141,10 @@ mod tests {
     fn no_directory_or_no_lease_records_no_clone() {
         let tmp = tempfile::tempdir().unwrap();
         let now = SystemTime::now();
-        assert_eq!(clone_for_pack(&tmp.path().join("absent"), now).unwrap(), None);
+        assert_eq!(
+            clone_for_pack(&tmp.path().join("absent"), now).unwrap(),
+            None
+        );
         fs::write(tmp.path().join("counter.zip"), b"x").unwrap();
         fs::write(tmp.path().join("..lease-tmp.json.tmp"), b"{").unwrap();
         assert_eq!(clone_for_pack(tmp.path(), now).unwrap(), None);
@@ -166,7 +171,10 @@ mod tests {
         let later = now + Duration::from_secs(600);
         write_lease(tmp.path(), "uid-new", &lease(later)).unwrap();
         write_lease(tmp.path(), "uid-old", &lease(later)).unwrap();
-        set_mtime(&lease_path(tmp.path(), "uid-old"), now - Duration::from_secs(60));
+        set_mtime(
+            &lease_path(tmp.path(), "uid-old"),
+            now - Duration::from_secs(60),
+        );
         set_mtime(&lease_path(tmp.path(), "uid-new"), now);
         assert_eq!(
             clone_for_pack(tmp.path(), now).unwrap().as_deref(),
@@ -195,7 +203,9 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let file = tmp.path().join("share-is-a-file");
         fs::write(&file, b"x").unwrap();
-        let err = clone_for_pack(&file, SystemTime::now()).unwrap_err().to_string();
+        let err = clone_for_pack(&file, SystemTime::now())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains(&file.display().to_string()), "{err}");
     }
 

@@ -125,7 +125,10 @@ fn capabilities_beyond_the_spec_are_refused_naming_them() {
     );
     let err = check(images.path(), &default).unwrap_err().to_string();
     assert!(err.contains("task 2 (counter)"), "{err}");
-    assert!(err.contains("permitted capabilities CAP_SYS_ADMIN"), "{err}");
+    assert!(
+        err.contains("permitted capabilities CAP_SYS_ADMIN"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -175,7 +178,10 @@ fn a_user_that_may_regain_cap_setuid_may_hold_other_uids_unless_no_new_privilege
             "noNewPrivileges": nnp,
         })
     };
-    assert_eq!(check(images.path(), &spec(tmp.path(), process(false))).unwrap(), 1);
+    assert_eq!(
+        check(images.path(), &spec(tmp.path(), process(false))).unwrap(),
+        1
+    );
     // ... but not with noNewPrivileges.
     let err = check(images.path(), &spec(tmp.path(), process(true)))
         .unwrap_err()
@@ -197,7 +203,10 @@ fn a_user_that_may_regain_cap_setuid_may_hold_other_uids_unless_no_new_privilege
 fn a_spec_without_capabilities_allows_none() {
     let tmp = tempfile::tempdir().unwrap();
     let images = images_with(&[root_creds()]);
-    let bare = spec(tmp.path(), serde_json::json!({ "user": { "uid": 0, "gid": 0 } }));
+    let bare = spec(
+        tmp.path(),
+        serde_json::json!({ "user": { "uid": 0, "gid": 0 } }),
+    );
     let err = check(images.path(), &bare).unwrap_err().to_string();
     assert!(err.contains("bounding capabilities CAP_CHOWN"), "{err}");
 }
