@@ -2,7 +2,11 @@
 //! needs no system `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["podmigrate/v1/manifest.proto", "podmigrate/v1/runc.proto"];
+    let protos = [
+        "podmigrate/v1/manifest.proto",
+        "podmigrate/v1/runc.proto",
+        "criu/core.proto",
+    ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }

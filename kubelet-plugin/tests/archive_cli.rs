@@ -78,6 +78,8 @@ fn pack_verify_inspect_unpack_round_trip() {
         "counter",
         "--namespace",
         "default",
+        "--clone-pod-uid",
+        "uid-of-the-clone",
     ]);
     assert!(
         out.status.success(),
@@ -103,6 +105,7 @@ fn pack_verify_inspect_unpack_round_trip() {
         "counter",
         "default/counter",
         "localhost/counter:1",
+        "Made for clone: pod uid uid-of-the-clone",
     ] {
         assert!(text.contains(column), "inspect lacks {column:?}:\n{text}");
     }
@@ -111,6 +114,7 @@ fn pack_verify_inspect_unpack_round_trip() {
     let json: serde_json::Value =
         serde_json::from_slice(&out.stdout).expect("inspect --json is JSON");
     assert_eq!(json["source"]["pod"], "counter");
+    assert_eq!(json["source"]["clonePodUid"], "uid-of-the-clone");
     assert_eq!(json["compression"], "zstd");
     assert_eq!(json["checkpointSize"], 300_009);
     let pages = json["entries"]

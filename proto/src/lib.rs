@@ -8,3 +8,8 @@ pub mod v1 {
     /// [`RuncCheckpointOptions`].
     pub const RUNC_CHECKPOINT_OPTIONS_TYPE_URL: &str = "containerd.runc.v1.CheckpointOptions";
 }
+
+/// `criu`: the part of CRIU's image messages podmigrate reads (each task's credentials).
+pub mod criu {
+    include!(concat!(env!("OUT_DIR"), "/criu.rs"));
+}

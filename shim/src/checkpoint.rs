@@ -295,6 +295,16 @@ impl Checkpointer<'_> {
         Ok(node.stricter(pod))
     }
 
+    /// The clone this checkpoint is for, named by the agent's lease beside the archive
+    /// (`None` for a checkpoint taken without one, e.g. by `ctr`).
+    fn clone_made_for(&self, archive: &Path) -> Result<Option<String>, CheckpointError> {
+        let pod_dir = archive.parent().unwrap_or(archive);
+        let uid = podmigrate_checkpoint::binding::clone_for_pack(pod_dir, SystemTime::now())
+            .map_err(|e| step("naming the clone the archive is for")(e.to_string()))?;
+        info!(container = %self.identity.describe(), clone_pod_uid = uid.as_deref().unwrap_or("-"), "archive made for clone");
+        Ok(uid)
+    }
+
     fn dump_and_commit(
         &self,
         req: &CheckpointTaskRequest,
@@ -347,6 +357,7 @@ impl Checkpointer<'_> {
         .map_err(|e| step("naming the archive")(e.to_string()))?;
         share::create_archive_dir(&self.config.share_root, &archive_path)
             .map_err(|e| step("creating the archive's directory")(e.to_string()))?;
+        let clone_pod_uid = self.clone_made_for(&archive_path)?;
         let pack_options = PackOptions {
             source: Source {
                 node: self.config.node_name.clone(),
@@ -356,6 +367,7 @@ impl Checkpointer<'_> {
                 container: self.identity.container.clone(),
                 image: self.identity.image.clone(),
                 container_id: id.into(),
+                clone_pod_uid: clone_pod_uid.unwrap_or_default(),
             },
             versions: stack_versions().clone(),
             bandwidth: self.bandwidth()?,

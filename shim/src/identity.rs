@@ -1,7 +1,7 @@
 //! Who a container is, read from the annotations the CRI plugin writes into its OCI spec.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::{Error, Result};
 
@@ -38,6 +38,9 @@ pub struct ContainerIdentity {
     pub fallback_fresh: bool,
     /// The pod's [`BANDWIDTH`] annotation, unparsed.
     pub bandwidth: Option<String>,
+    /// The OCI spec the container runs with (its bundle's `config.json`), when read from one:
+    /// a restore checks the checkpoint's credentials against it.
+    pub spec: Option<PathBuf>,
 }
 
 impl ContainerIdentity {
@@ -57,11 +60,10 @@ impl ContainerIdentity {
             path: spec_path,
             source,
         })?;
-        Ok(Self::from_annotations(
-            &spec.annotations,
-            id,
-            containerd_namespace,
-        ))
+        Ok(ContainerIdentity {
+            spec: Some(bundle.join("config.json")),
+            ..Self::from_annotations(&spec.annotations, id, containerd_namespace)
+        })
     }
 
     pub fn from_annotations(
@@ -81,6 +83,7 @@ impl ContainerIdentity {
             clone_of: get(CLONE_POD),
             fallback_fresh: get(FALLBACK).as_deref() == Some("fresh"),
             bandwidth: get(BANDWIDTH),
+            spec: None,
         }
     }
 

@@ -134,6 +134,13 @@ pub fn prepare(
                 source.namespace, source.pod, source.container, identity.namespace, source_pod, identity.container
             ));
         }
+        podmigrate_checkpoint::binding::check_restore(&source.clone_pod_uid, &identity.pod_uid)
+            .map_err(|e| e.to_string())?;
+        if let Some(spec) = &identity.spec {
+            let tasks = podmigrate_checkpoint::creds::check(&dir.join(CHECKPOINT_DIR), spec)
+                .map_err(|e| e.to_string())?;
+            info!(container = %identity.describe(), tasks, "the checkpoint's credentials are within the clone's spec");
+        }
         match upperdir(rootfs_mounts) {
             Some(upper) => {
                 rootfs::apply_diff(&dir, &upper, &lowerdirs(rootfs_mounts))

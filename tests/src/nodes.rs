@@ -483,6 +483,8 @@ pub struct ClusterOptions {
     pub echo_kubelet: bool,
     /// Print each step of the bring-up on stdout (`    <node>: <step>`).
     pub verbose: bool,
+    /// More arguments for every agent's `agent` subcommand (e.g. `--max-outbound 1`).
+    pub agent_args: Vec<String>,
 }
 
 impl ClusterOptions {
@@ -497,6 +499,7 @@ impl ClusterOptions {
             containerd_log_level: "debug".into(),
             echo_kubelet: false,
             verbose: true,
+            agent_args: Vec::new(),
         }
     }
 }
@@ -877,7 +880,10 @@ impl Cluster {
                 format!("{}s", opts.checkpoint_timeout.as_secs()),
                 "--clone-timeout".into(),
                 format!("{}s", opts.clone_timeout.as_secs()),
-            ],
+            ]
+            .into_iter()
+            .chain(opts.agent_args.iter().cloned())
+            .collect(),
             child: None,
             starts: 0,
         };
@@ -988,6 +994,35 @@ impl Cluster {
             .create(&PostParams::default(), pod)
             .await
             .context("creating the pod")
+    }
+
+    /// Annotation `key` of pod `pod` in `default`, as stored.
+    pub fn annotation(&self, pod: &str, key: &str) -> Option<String> {
+        self.api
+            .get_pod(NAMESPACE, pod)?
+            .pointer(&format!(
+                "/metadata/annotations/{}",
+                key.replace('~', "~0").replace('/', "~1")
+            ))?
+            .as_str()
+            .map(str::to_owned)
+    }
+
+    /// The notes of the Events (core/v1 and events.k8s.io/v1) about pod `pod` with `reason`.
+    pub fn events(&self, pod: &str, reason: &str) -> Vec<String> {
+        self.api
+            .events()
+            .into_iter()
+            .filter(|e| e["reason"] == reason)
+            .filter(|e| e["regarding"]["name"] == pod || e["involvedObject"]["name"] == pod)
+            .map(|e| {
+                e["note"]
+                    .as_str()
+                    .or(e["message"].as_str())
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+            .collect()
     }
 
     /// The pod as stored, typed.

@@ -60,18 +60,6 @@ async fn start_cluster() -> Cluster {
     Cluster::start(opts).await.expect("starting two nodes")
 }
 
-fn annotation(cluster: &Cluster, pod: &str, key: &str) -> Option<String> {
-    cluster
-        .api
-        .get_pod("default", pod)?
-        .pointer(&format!(
-            "/metadata/annotations/{}",
-            key.replace('~', "~0").replace('/', "~1")
-        ))?
-        .as_str()
-        .map(str::to_owned)
-}
-
 /// Starts a one-counter pod on `node` and counts it up to `count`.
 async fn run_counter(cluster: &Cluster, name: &str, node: &str, counter: Counter, count: u64) {
     let port = counter.port;
@@ -127,32 +115,14 @@ async fn wait_phase(cluster: &Cluster, clone: &str, phases: &[&str], timeout: Du
         })
         .await;
     match found {
-        Ok(Some(_)) => annotation(cluster, clone, PHASE).unwrap_or_default(),
+        Ok(Some(_)) => cluster.annotation(clone, PHASE).unwrap_or_default(),
         _ => panic!(
             "clone {clone} did not reach {phases:?} within {timeout:?}: phase {:?}, reason {:?}\n{}",
-            annotation(cluster, clone, PHASE),
-            annotation(cluster, clone, REASON),
+            cluster.annotation(clone, PHASE),
+            cluster.annotation(clone, REASON),
             cluster.diagnostics(40)
         ),
     }
-}
-
-/// The clone's Events with `reason`.
-fn events(cluster: &Cluster, pod: &str, reason: &str) -> Vec<String> {
-    cluster
-        .api
-        .events()
-        .into_iter()
-        .filter(|e| e["reason"] == reason)
-        .filter(|e| e["regarding"]["name"] == pod || e["involvedObject"]["name"] == pod)
-        .map(|e| {
-            e["note"]
-                .as_str()
-                .or(e["message"].as_str())
-                .unwrap_or_default()
-                .to_owned()
-        })
-        .collect()
 }
 
 /// Checkpoint attempts node-a's shim made for `pod`: committed or failed.
@@ -232,8 +202,8 @@ async fn assert_rolled_back(
     expect_in_reason: &str,
 ) {
     eprint!("{}{}", run.stdout, run.stderr);
-    let phase = annotation(cluster, clone, PHASE);
-    let reason = annotation(cluster, clone, REASON).unwrap_or_default();
+    let phase = cluster.annotation(clone, PHASE);
+    let reason = cluster.annotation(clone, REASON).unwrap_or_default();
     assert_eq!(phase.as_deref(), Some("RolledBack"), "reason: {reason}");
     assert!(
         reason.contains(expect_in_reason),
@@ -246,13 +216,13 @@ async fn assert_rolled_back(
         run.stderr
     );
     for pod in [clone, source] {
-        let warned = events(cluster, pod, "RolledBack");
+        let warned = cluster.events(pod, "RolledBack");
         assert!(
             warned.iter().any(|n| n.contains(expect_in_reason)),
             "RolledBack events of {pod}: {warned:?}"
         );
     }
-    assert_eq!(events(cluster, clone, "Checkpointing").len(), 1);
+    assert_eq!(cluster.events(clone, "Checkpointing").len(), 1);
     assert!(checkpoint_attempts(cluster, source) <= 1);
     let a = cluster.node(NODE_A).ip;
     assert_eq!(counter_hit(a, port).await.unwrap(), next);
@@ -627,10 +597,10 @@ async fn the_source_deleted_mid_checkpoint_ends_the_migration_cleanly() {
     let run = cli.finish(CLI_TIMEOUT).await.unwrap();
     eprint!("{}{}", run.stdout, run.stderr);
     let phase = wait_phase(&cluster, &clone, &["Running", "Failed", "RolledBack"], WAIT).await;
-    let reason = annotation(&cluster, &clone, REASON).unwrap_or_default();
+    let reason = cluster.annotation(&clone, REASON).unwrap_or_default();
     step(t0, &format!("migration ended {phase}: {reason}"));
     assert!(checkpoint_attempts(&cluster, "doomed") <= 1);
-    assert_eq!(events(&cluster, &clone, "Checkpointing").len(), 1);
+    assert_eq!(cluster.events(&clone, "Checkpointing").len(), 1);
     // The source pod goes as asked, its containers with it.
     cluster.wait_gone("doomed", WAIT).await.unwrap();
     wait_no_containers(&cluster, NODE_A, "doomed").await;
@@ -681,12 +651,9 @@ async fn assert_migrated(
 ) {
     eprint!("{}{}", run.stdout, run.stderr);
     assert!(run.success, "kubectl migrate failed: {}", run.stderr);
-    assert_eq!(
-        annotation(cluster, clone, PHASE).as_deref(),
-        Some("Running")
-    );
-    assert_eq!(events(cluster, clone, "Checkpointing").len(), 1);
-    assert_eq!(events(cluster, clone, "Migrated").len(), 1);
+    assert_eq!(cluster.annotation(clone, PHASE).as_deref(), Some("Running"));
+    assert_eq!(cluster.events(clone, "Checkpointing").len(), 1);
+    assert_eq!(cluster.events(clone, "Migrated").len(), 1);
     assert_eq!(checkpoint_attempts(cluster, source), 1);
     assert_eq!(
         counter_hit(cluster.node(NODE_B).ip, port).await.unwrap(),
@@ -718,7 +685,7 @@ async fn the_source_agent_killed_at_each_phase_loses_nothing() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     // `kubectl migrate` creates the clone Pending; no agent has moved it on.
     assert_eq!(
-        annotation(&cluster, &clone, PHASE).as_deref(),
+        cluster.annotation(&clone, PHASE).as_deref(),
         Some("Pending"),
         "nobody acted yet"
     );
@@ -848,12 +815,12 @@ async fn containerd_restarted_while_the_clone_waits_leaks_nothing() {
     agent.wait_healthy(WAIT).await.unwrap();
     let run = cli.finish(CLI_TIMEOUT).await.unwrap();
     eprint!("{}{}", run.stdout, run.stderr);
-    let phase = annotation(&cluster, &clone, PHASE).unwrap_or_default();
+    let phase = cluster.annotation(&clone, PHASE).unwrap_or_default();
     step(
         t0,
         &format!(
             "migration ended {phase}: {:?}",
-            annotation(&cluster, &clone, REASON)
+            cluster.annotation(&clone, REASON)
         ),
     );
     assert!(checkpoint_attempts(&cluster, "waiter") <= 1);
@@ -917,10 +884,7 @@ async fn two_clones_of_one_source_at_once_only_one_proceeds() {
         .iter()
         .map(|c| c.metadata.name.clone().unwrap())
         .collect();
-    let phases: Vec<Option<String>> = names
-        .iter()
-        .map(|n| annotation(&cluster, n, PHASE))
-        .collect();
+    let phases: Vec<Option<String>> = names.iter().map(|n| cluster.annotation(n, PHASE)).collect();
     step(t0, &format!("clones {names:?} ended {phases:?}"));
     let winner = phases
         .iter()
@@ -928,7 +892,9 @@ async fn two_clones_of_one_source_at_once_only_one_proceeds() {
         .expect("one clone runs");
     let loser = 1 - winner;
     assert_eq!(phases[loser].as_deref(), Some("Failed"));
-    let reason = annotation(&cluster, &names[loser], REASON).unwrap_or_default();
+    let reason = cluster
+        .annotation(&names[loser], REASON)
+        .unwrap_or_default();
     assert!(
         reason.contains(&format!(
             "clone default/{} of the same source pod default/twice is already in progress",
@@ -936,8 +902,8 @@ async fn two_clones_of_one_source_at_once_only_one_proceeds() {
         )),
         "{reason}"
     );
-    assert_eq!(events(&cluster, &names[loser], "CloneInProgress").len(), 1);
-    assert!(events(&cluster, &names[loser], "Checkpointing").is_empty());
+    assert_eq!(cluster.events(&names[loser], "CloneInProgress").len(), 1);
+    assert!(cluster.events(&names[loser], "Checkpointing").is_empty());
     assert_eq!(runs.iter().filter(|r| r.success).count(), 1);
     assert_eq!(checkpoint_attempts(&cluster, "twice"), 1);
     assert_eq!(counter_hit(cluster.node(NODE_B).ip, 8102).await.unwrap(), 4);

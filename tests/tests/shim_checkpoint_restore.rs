@@ -9,7 +9,14 @@
 //! * restore failures (missing archive, corrupt archive) fail StartContainer with a message
 //!   naming pod, container, archive and reason, and leave nothing behind; `fallback: fresh`
 //!   starts the container anew instead;
-//! * a failed checkpoint leaves the source running, thawed, untouched.
+//! * a failed checkpoint leaves the source running, thawed, untouched;
+//! * an archive made for one clone (the agent's lease names it) is refused by another clone of
+//!   the same source and restored by its own;
+//! * with `PODMIGRATE_KEY_FILE` the archive is sealed (refused without the key, by the library
+//!   and `podmigrate verify`), a clone restores it, a plain archive is refused, and the key is
+//!   in neither the archive nor the logs;
+//! * a clone whose spec drops every capability, or runs as another user, refuses the root
+//!   task's credentials in CRIU's images; the clone with the source's own spec restores.
 //!
 //! Each test runs its own containerd (host-network pods: every counter gets its own port).
 //! Needs root, containerd, ctr, runc, CRIU, gcc and busybox-static; skips otherwise, unless
@@ -98,6 +105,16 @@ fn can_run() -> bool {
 }
 
 async fn start_node(label: &str, archive_wait_seconds: u32, share_kind: Share) -> Node {
+    start_node_with_env(label, archive_wait_seconds, share_kind, &[]).await
+}
+
+/// [`start_node`], with more of the shim's settings in containerd's environment.
+async fn start_node_with_env(
+    label: &str,
+    archive_wait_seconds: u32,
+    share_kind: Share,
+    env: &[(&str, &str)],
+) -> Node {
     let scratch = Scratch::new(&format!("podmigrate-e2e-{label}-")).expect("scratch directory");
     let share = scratch.path().join("share");
     let work = scratch.path().join("work");
@@ -125,6 +142,8 @@ async fn start_node(label: &str, archive_wait_seconds: u32, share_kind: Share) -
         (ENV_ARCHIVE_WAIT.into(), archive_wait_seconds.to_string()),
         ("NODE_NAME".into(), NODE_NAME.into()),
     ];
+    opts.extra_env
+        .extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     let ctrd = Containerd::start(opts).await.expect("starting containerd");
     ctrd.import(&image, IMPORT_TIMEOUT)
         .expect("importing the counter image");
@@ -163,14 +182,14 @@ impl Node {
 
     /// A `migrate` pod sandbox named `name` in `default`, with pod `annotations`.
     async fn pod(&self, name: &str, annotations: &[(&str, &str)]) -> Pod {
+        self.pod_with_uid(name, &unique_id("uid"), annotations)
+            .await
+    }
+
+    /// [`Node::pod`] with the pod uid `uid` (the shim's `io.kubernetes.cri.sandbox-uid`).
+    async fn pod_with_uid(&self, name: &str, uid: &str, annotations: &[(&str, &str)]) -> Pod {
         self.cri
-            .run_pod_sandbox(
-                name,
-                NAMESPACE,
-                &unique_id("uid"),
-                annotations,
-                MIGRATE_HANDLER,
-            )
+            .run_pod_sandbox(name, NAMESPACE, uid, annotations, MIGRATE_HANDLER)
             .await
             .unwrap_or_else(|e| panic!("RunPodSandbox {name}: {e:?}"))
     }
@@ -929,4 +948,432 @@ async fn a_tampered_spec_in_the_archive_changes_nothing_the_clone_gets() {
 
     node.teardown().await;
     node.assert_no_restore_residue(&clone_id);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. The clone an archive is made for
+
+/// The agent's lease for clone `clone_uid` on the source pod's share directory, as the agent
+/// writes it before it freezes the source.
+fn write_lease(node: &Node, source_pod: &str, clone_uid: &str) {
+    let deadline = std::time::SystemTime::now() + Duration::from_secs(600);
+    podmigrate_checkpoint::gc::write_lease(
+        &node.share.join(NAMESPACE).join(source_pod),
+        clone_uid,
+        &podmigrate_checkpoint::gc::Lease {
+            holder: format!("the test, for clone uid {clone_uid}"),
+            deadline_unix_ms: deadline
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as u64,
+            work_units: Vec::new(),
+        },
+    )
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_archive_made_for_another_clone_is_refused_and_its_own_clone_restores_it() {
+    if !can_run() {
+        return;
+    }
+    let t0 = Instant::now();
+    let cli = build_cli().expect("building the podmigrate CLI");
+    let node = start_node("bound", 30, Share::Dir).await;
+    let port = free_port();
+    let (_source, source_id) = node.run_counter("counter", port).await;
+    for expected in 1..=3 {
+        assert_eq!(counter_hit(port).unwrap(), expected);
+    }
+    let clone_uid = unique_id("clone-uid");
+    write_lease(&node, "counter", &clone_uid);
+    node.tasks
+        .checkpoint(&source_id, &checkpoint_options(&node.scratch("ck-b"), true))
+        .await
+        .unwrap_or_else(|e| panic!("Tasks.Checkpoint (exit=true) failed: {e:?}"));
+    node.cri
+        .wait_container_state(&source_id, ContainerState::ContainerExited, WAIT)
+        .await
+        .unwrap();
+    let archive_path = node.archive("counter");
+    let inspect = podmigrate(&cli, &["inspect", "--json", archive_path.to_str().unwrap()]).unwrap();
+    assert!(inspect.status.success(), "{inspect:?}");
+    let manifest: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    assert_eq!(
+        manifest["source"]["clonePodUid"],
+        clone_uid.as_str(),
+        "the manifest names the clone of the lease: {}",
+        manifest["source"]
+    );
+    step(
+        t0,
+        "checkpointed with a lease: the archive is made for that clone",
+    );
+
+    // A later clone of the same source (another uid) is refused, and nothing is left.
+    let other_uid = unique_id("other-uid");
+    let other = node
+        .pod_with_uid("counter-late", &other_uid, &[(CLONE_POD, "counter")])
+        .await;
+    let (other_id, message) = expect_start_failure(&node, &other, port).await;
+    for part in [
+        format!("restoring {CONTAINER} of clone pod {NAMESPACE}/counter-late"),
+        archive_path.display().to_string(),
+        format!("made for clone pod uid {clone_uid}"),
+        format!("(uid {other_uid})"),
+    ] {
+        assert!(message.contains(&part), "expected {part:?} in: {message}");
+    }
+    assert!(!message.contains('\n'), "one line: {message}");
+    node.assert_no_restore_residue(&other_id);
+    assert!(
+        archive_path.is_file(),
+        "the refused archive stays for its clone"
+    );
+    step(t0, "another clone's restore refused");
+
+    // The clone it was made for restores it and counts on.
+    let own = node
+        .pod_with_uid("counter-clone", &clone_uid, &[(CLONE_POD, "counter")])
+        .await;
+    let own_id = node.create_counter(&own, port).await;
+    node.cri
+        .start_container(&own_id)
+        .await
+        .unwrap_or_else(|e| panic!("StartContainer of the clone the archive is for: {e:?}"));
+    node.cri
+        .wait_container_state(&own_id, ContainerState::ContainerRunning, WAIT)
+        .await
+        .unwrap();
+    assert_eq!(
+        counter_hit(port).unwrap(),
+        4,
+        "the clone continues the count"
+    );
+    node.assert_no_restore_residue(&own_id);
+    step(t0, "its own clone restored: 4");
+    node.teardown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. A cluster key
+
+/// The forms a key's bytes could leak in: raw, base64, hex.
+fn key_forms(raw: &[u8]) -> Vec<(&'static str, Vec<u8>)> {
+    use base64ct::Encoding as _;
+    vec![
+        ("raw", raw.to_vec()),
+        ("base64", base64ct::Base64::encode_string(raw).into_bytes()),
+        (
+            "hex",
+            raw.iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+                .into_bytes(),
+        ),
+    ]
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_key_the_shim_seals_archives_restores_them_and_refuses_plain_ones() {
+    if !can_run() {
+        return;
+    }
+    let t0 = Instant::now();
+    let cli = build_cli().expect("building the podmigrate CLI");
+    // The key as an operator makes it: base64 from a Secret, installed raw with `podmigrate key
+    // install`, outside the share.
+    let keys = Scratch::new("podmigrate-e2e-keys-").unwrap();
+    let mut raw = [0u8; 32];
+    fs::File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(&mut raw)
+        .unwrap();
+    let secret = keys.path().join("secret-key");
+    {
+        use base64ct::Encoding as _;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&secret)
+            .unwrap();
+        std::io::Write::write_all(&mut f, base64ct::Base64::encode_string(&raw).as_bytes())
+            .unwrap();
+    }
+    let key_file = keys.path().join("keys/archive.key");
+    let install = podmigrate(
+        &cli,
+        &[
+            "key",
+            "install",
+            "--from",
+            secret.to_str().unwrap(),
+            "--to",
+            key_file.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    assert!(
+        install.status.success(),
+        "podmigrate key install: {install:?}"
+    );
+    assert_eq!(fs::read(&key_file).unwrap(), raw, "installed raw");
+    let key = archive::ArchiveKey::load(&key_file).unwrap();
+    let node = start_node_with_env(
+        "sealed",
+        30,
+        Share::Dir,
+        &[("PODMIGRATE_KEY_FILE", key_file.to_str().unwrap())],
+    )
+    .await;
+    let port = free_port();
+    let (_source, source_id) = node.run_counter("counter", port).await;
+    for expected in 1..=3 {
+        assert_eq!(counter_hit(port).unwrap(), expected);
+    }
+    let image_path = node.scratch("ck-s");
+    node.tasks
+        .checkpoint(&source_id, &checkpoint_options(&image_path, true))
+        .await
+        .unwrap_or_else(|e| panic!("Tasks.Checkpoint (exit=true) failed: {e:?}"));
+    node.cri
+        .wait_container_state(&source_id, ContainerState::ContainerExited, WAIT)
+        .await
+        .unwrap();
+    let archive_path = node.archive("counter");
+    let archive_arg = archive_path.to_str().unwrap();
+    step(t0, "checkpointed on a node with a key");
+
+    // Sealed: refused without the key, by the library and the CLI; accepted with it.
+    let plain_err = match archive::open(&archive_path) {
+        Ok(_) => panic!("the plain reader opened a sealed archive"),
+        Err(e) => e.to_string(),
+    };
+    assert!(plain_err.contains("no archive key"), "{plain_err}");
+    let opened = archive::open_with_key(&archive_path, Some(&key)).unwrap();
+    assert_eq!(opened.sealed_with(), Some(key.id()));
+    let verify = podmigrate(&cli, &["verify", archive_arg]).unwrap();
+    let stderr = String::from_utf8_lossy(&verify.stderr);
+    assert!(
+        !verify.status.success() && stderr.contains("no archive key"),
+        "verify without the key: {} {stderr}",
+        verify.status
+    );
+    let verify = podmigrate(
+        &cli,
+        &[
+            "verify",
+            "--key-file",
+            key_file.to_str().unwrap(),
+            archive_arg,
+        ],
+    )
+    .unwrap();
+    assert!(
+        verify.status.success() && String::from_utf8_lossy(&verify.stdout).starts_with("ok "),
+        "verify with the key: {verify:?}"
+    );
+    step(
+        t0,
+        "sealed: verify refuses it without the key, accepts it with it",
+    );
+
+    // The clone restores it and counts on.
+    let clone = node.pod("counter-clone", &[(CLONE_POD, "counter")]).await;
+    let clone_id = node.create_counter(&clone, port).await;
+    node.cri
+        .start_container(&clone_id)
+        .await
+        .unwrap_or_else(|e| panic!("StartContainer of the clone on the keyed node: {e:?}"));
+    node.cri
+        .wait_container_state(&clone_id, ContainerState::ContainerRunning, WAIT)
+        .await
+        .unwrap();
+    assert_eq!(
+        counter_hit(port).unwrap(),
+        4,
+        "the clone continues the count"
+    );
+    node.assert_no_restore_residue(&clone_id);
+    step(t0, "clone restored from the sealed archive: 4");
+
+    // A plain archive of the same checkpoint, as anyone who can write to the share could
+    // leave it, is refused by the keyed node.
+    let plain_path = node.archive("forged");
+    fs::create_dir_all(plain_path.parent().unwrap()).unwrap();
+    let packed = archive::pack(
+        &image_path,
+        &plain_path,
+        &archive::PackOptions {
+            source: archive::Source {
+                namespace: NAMESPACE.into(),
+                pod: "forged".into(),
+                container: CONTAINER.into(),
+                ..Default::default()
+            },
+            threads: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(packed.sealed_with, None);
+    let port2 = free_port();
+    let forged = node.pod("forged-clone", &[(CLONE_POD, "forged")]).await;
+    let (forged_id, message) = expect_start_failure(&node, &forged, port2).await;
+    for part in [
+        format!("restoring {CONTAINER} of clone pod {NAMESPACE}/forged-clone"),
+        plain_path.display().to_string(),
+        "is not sealed".to_string(),
+    ] {
+        assert!(message.contains(&part), "expected {part:?} in: {message}");
+    }
+    node.assert_no_restore_residue(&forged_id);
+    step(t0, "a plain archive is refused on the keyed node");
+
+    // The key never shows: not in the archive, not in containerd's or the shims' logs.
+    node.teardown().await;
+    let archive_bytes = fs::read(&archive_path).unwrap();
+    let logs = node.ctrd.log_text().into_bytes();
+    assert!(
+        contains(&logs, b"dumped and packed"),
+        "containerd's log holds the shims' lines"
+    );
+    for (form, bytes) in key_forms(&raw) {
+        assert!(
+            !contains(&archive_bytes, &bytes),
+            "the key ({form}) is in the archive"
+        );
+        assert!(
+            !contains(&logs, &bytes),
+            "the key ({form}) is in containerd's log"
+        );
+    }
+    step(t0, "the key appears in neither the archive nor the logs");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. CRIU's credentials vs the clone's spec
+
+/// CreateContainer of the counter in `pod` with a tightened security context: every
+/// capability dropped, and `run_as_user` if given.
+async fn create_tightened_counter(node: &Node, pod: &Pod, port: u16, user: Option<i64>) -> String {
+    use k8s_cri::v1 as api;
+    let spec = counter_spec(port);
+    let image = node
+        .cri
+        .image_status(&spec.image)
+        .await
+        .unwrap()
+        .expect("the counter image is imported");
+    let mut config = node.cri.container_config(pod, &spec, &image.id);
+    let security = config
+        .linux
+        .as_mut()
+        .and_then(|l| l.security_context.as_mut())
+        .expect("a security context");
+    security.capabilities = Some(api::Capability {
+        drop_capabilities: vec!["ALL".into()],
+        ..Default::default()
+    });
+    security.run_as_user = user.map(|value| api::Int64Value { value });
+    node.cri
+        .create_container_with_config(pod, config)
+        .await
+        .unwrap_or_else(|e| panic!("CreateContainer in pod {}: {e:?}", pod.name()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clone_whose_spec_is_tighter_than_the_checkpoints_credentials_is_refused() {
+    if !can_run() {
+        return;
+    }
+    let t0 = Instant::now();
+    let node = start_node("creds", 30, Share::Dir).await;
+    let port = free_port();
+    let (_source, source_id) = node.run_counter("counter", port).await;
+    for expected in 1..=3 {
+        assert_eq!(counter_hit(port).unwrap(), expected);
+    }
+    let source_caps = cap_eff(&node.exec_cat(&source_id, "/proc/1/status").await.unwrap());
+    node.tasks
+        .checkpoint(&source_id, &checkpoint_options(&node.scratch("ck-c"), true))
+        .await
+        .unwrap_or_else(|e| panic!("Tasks.Checkpoint (exit=true) failed: {e:?}"));
+    node.cri
+        .wait_container_state(&source_id, ContainerState::ContainerExited, WAIT)
+        .await
+        .unwrap();
+    let archive_path = node.archive("counter");
+    step(t0, &format!("source (root, {source_caps}) checkpointed"));
+
+    // (a) Every capability dropped: the root task's capabilities exceed the clone's.
+    let no_caps = node.pod("counter-nocaps", &[(CLONE_POD, "counter")]).await;
+    let id = create_tightened_counter(&node, &no_caps, port, None).await;
+    let err = node
+        .cri
+        .start_container(&id)
+        .await
+        .expect_err("a clone without capabilities must refuse the root task's");
+    let message = grpc_message(&err);
+    eprintln!("(a) {message}");
+    for part in [
+        format!("restoring {CONTAINER} of clone pod {NAMESPACE}/counter-nocaps"),
+        archive_path.display().to_string(),
+        "has credentials the clone's spec".to_string(),
+        "bounding capabilities CAP_CHOWN".to_string(),
+        "effective capabilities CAP_CHOWN".to_string(),
+    ] {
+        assert!(message.contains(&part), "expected {part:?} in: {message}");
+    }
+    node.assert_no_restore_residue(&id);
+    assert!(counter_hit(port).is_err(), "nothing restored on {port}");
+    step(t0, "(a) capabilities dropped: refused");
+
+    // (b) Also another user: the task's uid 0 is named.
+    let user = node.pod("counter-user", &[(CLONE_POD, "counter")]).await;
+    let id = create_tightened_counter(&node, &user, port, Some(1000)).await;
+    let err = node
+        .cri
+        .start_container(&id)
+        .await
+        .expect_err("a clone running as 1000 must refuse a root task");
+    let message = grpc_message(&err);
+    eprintln!("(b) {message}");
+    assert!(
+        message.contains("uid 0, not the spec's user 1000 (and no CAP_SETUID)"),
+        "{message}"
+    );
+    node.assert_no_restore_residue(&id);
+    step(t0, "(b) run as 1000: refused");
+
+    // (c) The clone with the source's own spec restores the same archive.
+    let clone = node.pod("counter-clone", &[(CLONE_POD, "counter")]).await;
+    let clone_id = node.create_counter(&clone, port).await;
+    node.cri
+        .start_container(&clone_id)
+        .await
+        .unwrap_or_else(|e| panic!("StartContainer of the clone with the source's spec: {e:?}"));
+    node.cri
+        .wait_container_state(&clone_id, ContainerState::ContainerRunning, WAIT)
+        .await
+        .unwrap();
+    assert_eq!(
+        counter_hit(port).unwrap(),
+        4,
+        "the clone continues the count"
+    );
+    assert!(
+        node.ctrd
+            .log_text()
+            .contains("the checkpoint's credentials are within the clone's spec"),
+        "the shim checked the credentials"
+    );
+    step(t0, "(c) the source's own spec: restored, 4");
+    node.teardown().await;
 }

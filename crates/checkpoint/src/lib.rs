@@ -3,6 +3,8 @@
 
 pub mod archive;
 pub mod bandwidth;
+pub mod binding;
+pub mod creds;
 pub mod criu;
 pub mod gc;
 pub mod layout;

@@ -47,6 +47,9 @@ pub struct PackArgs {
     pub pod: String,
     #[arg(long, default_value = "")]
     pub pod_uid: String,
+    /// Uid of the only clone pod allowed to restore the archive (default: any clone).
+    #[arg(long, default_value = "")]
+    pub clone_pod_uid: String,
     /// Container name (default: from config.dump).
     #[arg(long)]
     pub container: Option<String>,
@@ -118,6 +121,7 @@ pub fn pack(args: PackArgs) -> anyhow::Result<()> {
             container: args.container.unwrap_or(config.name),
             container_id: args.container_id.unwrap_or(config.id),
             image: args.image.unwrap_or(image),
+            clone_pod_uid: args.clone_pod_uid,
         },
         versions: Versions {
             criu: args.criu_version.unwrap_or_else(local_criu_version),
@@ -257,6 +261,14 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
             None => "no".to_string(),
         }
     );
+    println!(
+        "Made for clone: {}",
+        if source.clone_pod_uid.is_empty() {
+            "any (no clone recorded)".to_string()
+        } else {
+            format!("pod uid {}", source.clone_pod_uid)
+        }
+    );
     println!("Manifest SHA-256: {}\n", opened.manifest_sha256);
     let mut entries = Table::new();
     entries
@@ -351,6 +363,7 @@ fn manifest_json(
             "container": source.container,
             "containerId": source.container_id,
             "image": source.image,
+            "clonePodUid": source.clone_pod_uid,
         },
         "checkpointSize": sizes.checkpoint,
         "rootfsDiffSize": sizes.rootfs_diff,

@@ -51,6 +51,7 @@ fn node() -> Node {
         clone_of: Some(SOURCE_POD.to_string()),
         fallback_fresh: false,
         bandwidth: None,
+        spec: None,
     };
     let mounts = vec![Mount {
         type_: "overlay".to_string(),
@@ -78,6 +79,17 @@ impl Node {
     /// Packs a checkpoint onto the share where the clone looks for it; `tweak` edits the
     /// checkpoint directory first.
     fn archive(&self, source: (&str, &str, &str), criu: &str, tweak: impl FnOnce(&Path)) {
+        self.archive_for("", source, criu, tweak)
+    }
+
+    /// [`Node::archive`], recording that it is made for the clone pod with uid `clone_uid`.
+    fn archive_for(
+        &self,
+        clone_uid: &str,
+        source: (&str, &str, &str),
+        criu: &str,
+        tweak: impl FnOnce(&Path),
+    ) {
         let ck = self.p("ck");
         let _ = fs::remove_dir_all(&ck);
         fs::create_dir_all(ck.join(CHECKPOINT_DIR)).unwrap();
@@ -90,6 +102,7 @@ impl Node {
                 namespace: source.0.to_string(),
                 pod: source.1.to_string(),
                 container: source.2.to_string(),
+                clone_pod_uid: clone_uid.to_string(),
                 ..Default::default()
             },
             versions: Versions {
@@ -171,6 +184,51 @@ fn an_archive_of_another_pod_namespace_or_container_is_refused() {
         ));
         assert!(!err.is_empty());
     }
+}
+
+#[test]
+fn an_archive_made_for_another_clone_is_refused_and_one_for_this_clone_or_none_is_not() {
+    let criu = local_criu();
+    let other = node();
+    other.archive_for("uid-2", (NS, SOURCE_POD, CONTAINER), &criu, |_| {});
+    other.refused(
+        "the archive was made for clone pod uid uid-2, not for this pod (uid uid-1): \
+         it belongs to another migration of the same source",
+    );
+    for made_for in ["uid-1", ""] {
+        let node = node();
+        node.archive_for(made_for, (NS, SOURCE_POD, CONTAINER), &criu, |_| {});
+        let prepared = node
+            .prepare()
+            .unwrap_or_else(|e| panic!("archive made for {made_for:?}: {e}"));
+        discard(&prepared.dir);
+    }
+}
+
+#[test]
+fn credentials_are_checked_against_the_clone_spec_before_the_diff_is_applied() {
+    let criu = local_criu();
+    let mut node = node();
+    let spec = node.p("config.json");
+    fs::write(
+        &spec,
+        br#"{"process":{"user":{"uid":0,"gid":0},"capabilities":{"bounding":[]}}}"#,
+    )
+    .unwrap();
+    node.identity.spec = Some(spec);
+    // A diff that would write into the upper directory, and images without any task: refused
+    // before the diff is applied.
+    node.archive((NS, SOURCE_POD, CONTAINER), &criu, |ck| {
+        let mut b = tar::Builder::new(fs::File::create(ck.join(ROOTFS_DIFF_TAR)).unwrap());
+        let mut f = tar::Header::new_gnu();
+        f.set_entry_type(tar::EntryType::Regular);
+        f.set_mode(0o644);
+        f.set_mtime(0);
+        f.set_size(2);
+        b.append_data(&mut f, "tmp/count", &b"5\n"[..]).unwrap();
+        b.finish().unwrap();
+    });
+    node.refused("no task credentials (core-*.img) in");
 }
 
 #[test]
