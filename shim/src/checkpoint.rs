@@ -253,11 +253,10 @@ impl Checkpointer<'_> {
     /// `image_path`, else the request's path, else a fresh directory in the work space.
     ///
     /// The options come first because containerd's request path is not always the caller's:
-    /// for a runtime it does not know as runc (containerd 1.6 runs us as
-    /// `io.containerd.migrate.v2`), Tasks.Checkpoint ignores `image_path`, passes a temp dir
-    /// of its own and tars whatever ends up there into its content store. Left empty, that
-    /// costs nothing. Where containerd honours `image_path` (a runc-typed runtime), the two
-    /// are the same.
+    /// for a runtime name outside `io.containerd.runc` (e.g. `io.containerd.migrate.v2`),
+    /// Tasks.Checkpoint ignores `image_path`, passes a temp dir of its own and tars whatever
+    /// ends up there into its content store; left empty, that costs little. Where containerd
+    /// honours `image_path` (names under `io.containerd.runc`), the two are the same.
     fn local_dir(
         &self,
         req: &CheckpointTaskRequest,

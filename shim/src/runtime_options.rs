@@ -6,9 +6,10 @@
 //! - `io.containerd.runc.v2` (with `runtime_path` naming our binary, containerd 1.7+): the CRI
 //!   plugin decodes the `options` table into runc's `Options` (`containerd.runc.v1.Options`).
 //!   They are the runc shim's own and go to it unchanged.
-//! - `io.containerd.migrate.v2` (containerd 1.6, whose CRI does not apply `runtime_path`): any
-//!   other type gets `runtimeoptions.v1.Options`, which carries only a `ConfigPath`, or nothing
-//!   when the handler has no `options` table. The runc shim cannot read that (1.6's fails
+//! - any other type, e.g. `io.containerd.runc.migrate.v2` (containerd 1.6.20, whose CRI does
+//!   not apply `runtime_path`, see docs/containerd.md): the CRI plugin sends
+//!   `runtimeoptions.v1.Options`, which carries only a `ConfigPath`, or nothing when the
+//!   handler has no `options` table. The runc shim cannot read that (1.6's fails
 //!   `start` on an Any type it does not know and panics in `Create`), so the runc options are
 //!   read from the TOML file at `ConfigPath`, whose keys are those of the runc `options` table
 //!   (`BinaryName`, `Root`, `SystemdCgroup`, ...), and sent to the runc shim as runc `Options`.

@@ -7,7 +7,7 @@
 //! two runtime handlers: `runc` (stock `io.containerd.runc.v2`) and `migrate` (our shim, with
 //! `pod_annotations = ["podmigrate.io/*"]`), written as docs/containerd.md tells operators for
 //! the containerd being started (see [`MigrateStanza`]): on 1.7.1 and later the runc type with
-//! `runtime_path` = our shim; on older ones (1.6) `runtime_type = "io.containerd.migrate.v2"`
+//! `runtime_path` = our shim; on older ones (1.6) `runtime_type = "io.containerd.runc.migrate.v2"`
 //! with our shim on containerd's `PATH` and the runc options in a file named by `ConfigPath`.
 //! CNI points at empty dirs: host-network pods need none.
 //!
@@ -57,8 +57,13 @@ pub const CONTAINERD_BIN_DIR_ENV: &str = "PODMIGRATE_CONTAINERD_BIN_DIR";
 pub const RUNC_SHIM_BINARY: &str = "containerd-shim-runc-v2";
 /// The shim's setting naming its delegate (`shim/src/config.rs`).
 const DELEGATE_ENV: &str = "PODMIGRATE_DELEGATE_SHIM";
-/// Our shim's runtime name, which containerd maps to the binary [`SHIM_BINARY`] on its `PATH`.
-pub const MIGRATE_RUNTIME_TYPE: &str = "io.containerd.migrate.v2";
+/// Our shim's runtime name for containerd 1.6's CRI. containerd maps a name to the binary
+/// `containerd-shim-<last two parts>` ([`SHIM_BINARY`], looked up on its `PATH`), and treats
+/// every name under `io.containerd.runc` as runc for Tasks.Checkpoint: it then takes the image
+/// path from the runc checkpoint options instead of tarring a temp dir into its content store,
+/// which fails with "already exists" when two checkpoints store the same bytes (measured:
+/// two containers of one pod checkpointed at once under `io.containerd.migrate.v2`).
+pub const MIGRATE_RUNTIME_TYPE: &str = "io.containerd.runc.migrate.v2";
 
 /// How the `migrate` handler reaches our shim (docs/containerd.md has both stanzas).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,9 +72,10 @@ pub enum MigrateStanza {
     /// the `options` table. containerd's client sends `runtime_path` along only from 1.6.21 and
     /// 1.7.1 on (before, CRI starts the plain runc shim); used from 1.7.1 on.
     RuntimePath,
-    /// `runtime_type = "io.containerd.migrate.v2"` (our shim found on containerd's `PATH`), the
-    /// `options` table holding only `ConfigPath`, a TOML file of the runc options that the shim
-    /// reads and hands its runc shim. Used before 1.7.1 (containerd 1.6).
+    /// `runtime_type = "io.containerd.runc.migrate.v2"` ([`MIGRATE_RUNTIME_TYPE`]: our shim
+    /// found on containerd's `PATH`), the `options` table holding only `ConfigPath`, a TOML
+    /// file of the runc options that the shim reads and hands its runc shim. Used before 1.7.1
+    /// (containerd 1.6).
     RuntimeType,
 }
 
@@ -1127,7 +1133,7 @@ mod tests {
 
         let text = Containerd::config_toml(Path::new("/tmp/d"), &opts, MigrateStanza::RuntimeType);
         assert!(
-            text.contains(r#"runtime_type = "io.containerd.migrate.v2""#),
+            text.contains(r#"runtime_type = "io.containerd.runc.migrate.v2""#),
             "{text}"
         );
         assert!(
@@ -1202,7 +1208,7 @@ mod tests {
             expected.push(match stanza {
                 MigrateStanza::RuntimePath => r#"runtime_path = "/x/shim""#.to_owned(),
                 MigrateStanza::RuntimeType => {
-                    r#"runtime_type = "io.containerd.migrate.v2""#.to_owned()
+                    r#"runtime_type = "io.containerd.runc.migrate.v2""#.to_owned()
                 }
             });
             if stanza == MigrateStanza::RuntimeType {

@@ -318,25 +318,19 @@ async fn checkpoint_through_containerds_tasks_api_commits_an_archive_and_keeps_t
         .await
         .unwrap_or_else(|e| panic!("Tasks.Checkpoint (exit=false) failed: {e:?}"));
     step(t0, "checkpointed");
-    // No copy of the checkpoint in containerd's content store: a runc-typed runtime stores
-    // nothing when given an image path; containerd 1.6 (our own runtime type) tars the temp
-    // dir it passed as the request path, which the shim leaves empty, and stores the spec.
+    // No copy of the checkpoint in containerd's content store: for a runtime name under
+    // `io.containerd.runc` (both stanzas the harness writes), containerd takes the image path
+    // from the options and stores nothing. (Another name would make it tar a temp dir of its
+    // own into the store, which fails when two checkpoints store the same bytes.)
     let new_blobs: Vec<(String, u64)> = node
         .content_blobs()
         .into_iter()
         .filter(|(digest, _)| !blobs_before.iter().any(|(d, _)| d == digest))
         .collect();
     assert!(
-        new_blobs.iter().all(|(_, size)| *size < 64 * 1024),
+        new_blobs.is_empty(),
         "containerd {} stored checkpoint data in its content store: {new_blobs:?}",
         node.ctrd.version()
-    );
-    step(
-        t0,
-        &format!(
-            "containerd {}: new content blobs {new_blobs:?}",
-            node.ctrd.version()
-        ),
     );
 
     // The archive is committed under its final name, and only that.
