@@ -119,8 +119,10 @@ fn assert_cli_ok(run: &CliRun, verb: &str, pod: &str) {
         "{summary:?} vs {:?}",
         run.elapsed
     );
+    // The CLI prints the total with one decimal and the frozen time with two: allow the
+    // total's rounding (seen: total 0.6 s, frozen 0.61 s for a 606 ms migration).
     assert!(
-        summary.frozen_seconds <= summary.total_seconds,
+        summary.frozen_seconds <= summary.total_seconds + 0.05,
         "{summary:?}"
     );
     assert!(!summary.moved.starts_with("0 "), "{summary:?}");
