@@ -3,7 +3,8 @@
 #   1. scripts/setup.sh  (idempotent: runc, CRIU 4.x, containerd, busybox-static, ...)
 #   2. cargo build --release --workspace
 #   3. cargo test --release --workspace  (includes the runc + CRIU end-to-end suites)
-#   4. the shim suite again against containerd 1.6 (PODMIGRATE_CONTAINERD_BIN_DIR)
+#   4. the suites that drive containerd again against containerd 1.6 (PODMIGRATE_CONTAINERD_BIN_DIR):
+#      the shim's, the CRI lifecycle, the shim's checkpoint/restore and the two-node migration
 # Extra arguments are passed to `cargo test` (e.g. `scripts/test.sh -- --nocapture`).
 set -euo pipefail
 
@@ -34,16 +35,16 @@ export PODMIGRATE_E2E_REQUIRE=${PODMIGRATE_E2E_REQUIRE:-1}
 export PODMIGRATE_PROPTEST_CASES=${PODMIGRATE_PROPTEST_CASES:-48}
 cargo test --release --workspace "$@"
 
-# The shim's own suite once more against containerd 1.6 (extracted by setup.sh; the harness
-# takes containerd, ctr and the runc shim from PODMIGRATE_CONTAINERD_BIN_DIR). Only this one:
-# 1.6's CRI plugin runs a `migrate` pod with containerd-shim-runc-v2 itself, never with the
-# binary our stanza names in `runtime_path`, so the CRI suites cannot pass there
-# (docs/containerd.md).
+# The suites that drive containerd, once more against containerd 1.6 (extracted by setup.sh; the
+# harness takes containerd, ctr and the runc shim from PODMIGRATE_CONTAINERD_BIN_DIR and writes
+# the 1.6 stanza of docs/containerd.md: runtime_type io.containerd.runc.migrate.v2, our shim on
+# containerd's PATH, runc options in a ConfigPath file). Built above: they only run here (about a
+# minute).
 containerd16=${CONTAINERD16_ROOT:-/var/cache/podmigrate/containerd-1.6}/root/usr/bin
 if [ -x "${containerd16}/containerd" ]; then
-  section "containerd $("${containerd16}/containerd" --version | awk '{print $3}'): the shim suite"
-  PODMIGRATE_CONTAINERD_BIN_DIR=$containerd16 cargo test --release -p containerd-shim-migrate \
-    --test containerd "$@"
+  section "containerd $("${containerd16}/containerd" --version | awk '{print $3}'): shim, CRI, checkpoint/restore and two-node suites"
+  PODMIGRATE_CONTAINERD_BIN_DIR=$containerd16 cargo test --release --workspace \
+    --test containerd --test cri_lifecycle --test shim_checkpoint_restore --test two_node_migration "$@"
 fi
 
 section "all tests passed"

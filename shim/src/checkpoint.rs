@@ -93,6 +93,33 @@ fn stack_versions() -> &'static Versions {
     })
 }
 
+/// The type URL of containerd's runc `CheckpointOptions`, the only checkpoint options the runc
+/// shim reads (and what containerd's client and our agent send).
+pub const RUNC_CHECKPOINT_OPTIONS_TYPE_URL: &str = "containerd.runc.v1.CheckpointOptions";
+
+/// The request's runc `CheckpointOptions`; none at all means the defaults. Options of another
+/// type are refused rather than misread.
+pub fn checkpoint_options(
+    req: &CheckpointTaskRequest,
+) -> Result<CheckpointOptions, CheckpointError> {
+    let Some(any) = req
+        .options
+        .as_ref()
+        .filter(|a| !a.type_url.is_empty() || !a.value.is_empty())
+    else {
+        return Ok(CheckpointOptions::new());
+    };
+    let type_url = any.type_url.rsplit('/').next().unwrap_or_default();
+    if type_url != RUNC_CHECKPOINT_OPTIONS_TYPE_URL {
+        return Err(step("reading checkpoint options")(format!(
+            "options of type {:?}; only {RUNC_CHECKPOINT_OPTIONS_TYPE_URL} is understood",
+            any.type_url
+        )));
+    }
+    CheckpointOptions::parse_from_bytes(&any.value)
+        .map_err(|e| step(format!("reading checkpoint options ({})", any.type_url))(e.to_string()))
+}
+
 pub struct Checkpointer<'a> {
     pub ctx: &'a Context,
     pub delegate: &'a Delegate,
@@ -117,13 +144,7 @@ impl Checkpointer<'_> {
     pub fn run(&self, req: &CheckpointTaskRequest) -> Result<Committed, CheckpointError> {
         let started = Instant::now();
         let id = self.identity.id.as_str();
-        let mut options = match req.options.as_ref() {
-            Some(any) if !any.value.is_empty() => {
-                CheckpointOptions::parse_from_bytes(&any.value)
-                    .map_err(|e| step("reading checkpoint options")(e.to_string()))?
-            }
-            _ => CheckpointOptions::new(),
-        };
+        let mut options = checkpoint_options(req)?;
         let exit = options.exit;
         // A malformed cap fails before anything is frozen.
         self.bandwidth()?;
@@ -150,7 +171,7 @@ impl Checkpointer<'_> {
             .choose(workspace::cgroup_memory(state.pid));
         info!(container = %self.identity.describe(), in_memory = space.in_memory, root = %space.root.display(), why = %space.why, "checkpoint work space");
         let (local_dir, created_local) =
-            self.local_dir(req, space.in_memory.then_some(&space.root))?;
+            self.local_dir(req, &options, space.in_memory.then_some(&space.root))?;
         let paused_by_us = match state.status.enum_value_or_default() {
             Status::RUNNING => {
                 self.call(
@@ -173,7 +194,7 @@ impl Checkpointer<'_> {
             }
         };
 
-        let result = self.dump_and_commit(req, &mut options, &local_dir, &criu_work);
+        let result = self.dump_and_commit(&mut options, &local_dir, &criu_work);
         let _ = fs::remove_dir_all(&criu_work);
         match result {
             Ok(mut committed) => {
@@ -247,23 +268,33 @@ impl Checkpointer<'_> {
         }
     }
 
-    /// A fresh directory in memory-backed work space `memory` when the checkpoint fits there;
-    /// otherwise the caller's image path (which then holds the whole checkpoint directory, not
-    /// just CRIU's images), or a fresh directory in the disk work space.
+    /// Where the whole checkpoint directory (not just CRIU's images) goes: a fresh directory in
+    /// memory-backed work space `memory` when the checkpoint fits there; otherwise the caller's
+    /// `image_path`, else the request's path, else a fresh directory in the disk work space.
+    ///
+    /// The options come before the request path because containerd's request path is not
+    /// always the caller's: for a runtime name outside `io.containerd.runc` (e.g.
+    /// `io.containerd.migrate.v2`), Tasks.Checkpoint ignores `image_path`, passes a temp dir of
+    /// its own and tars whatever ends up there into its content store; left empty, that costs
+    /// little. Where containerd honours `image_path` (names under `io.containerd.runc`), the two
+    /// are the same.
     fn local_dir(
         &self,
         req: &CheckpointTaskRequest,
+        options: &CheckpointOptions,
         memory: Option<&PathBuf>,
     ) -> Result<(PathBuf, bool), CheckpointError> {
-        let dir = if memory.is_some() || req.path.is_empty() {
+        let dir = if memory.is_none() && !options.image_path.is_empty() {
+            PathBuf::from(&options.image_path)
+        } else if memory.is_none() && !req.path.is_empty() {
+            PathBuf::from(&req.path)
+        } else {
             memory
                 .unwrap_or(&self.config.work_dir)
                 .join("checkpoints")
                 .join(&self.identity.namespace)
                 .join(&self.identity.pod)
                 .join(format!("{}-{}", self.identity.container, unix_millis()))
-        } else {
-            PathBuf::from(&req.path)
         };
         let existed = dir.exists();
         if existed
@@ -307,7 +338,6 @@ impl Checkpointer<'_> {
 
     fn dump_and_commit(
         &self,
-        req: &CheckpointTaskRequest,
         options: &mut CheckpointOptions,
         local_dir: &Path,
         criu_work: &Path,
@@ -326,17 +356,11 @@ impl Checkpointer<'_> {
         options.exit = false;
         options.image_path = images.display().to_string();
         options.work_path = criu_work.display().to_string();
-        let type_url = req
-            .options
-            .as_ref()
-            .map(|a| a.type_url.clone())
-            .filter(|u| !u.is_empty())
-            .unwrap_or_else(|| "containerd.runc.v1.CheckpointOptions".to_string());
         let dump = CheckpointTaskRequest {
             id: id.into(),
             path: images.display().to_string(),
             options: MessageField::some(Any {
-                type_url,
+                type_url: RUNC_CHECKPOINT_OPTIONS_TYPE_URL.to_string(),
                 value: options
                     .write_to_bytes()
                     .map_err(|e| step("encoding checkpoint options")(e.to_string()))?,
@@ -469,5 +493,56 @@ impl Checkpointer<'_> {
             }
         }
         Ok((dumped_in, extras_started.elapsed()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(type_url: &str, options: &CheckpointOptions) -> CheckpointTaskRequest {
+        CheckpointTaskRequest {
+            id: "c1".into(),
+            options: MessageField::some(Any {
+                type_url: type_url.into(),
+                value: options.write_to_bytes().unwrap(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn runc_checkpoint_options_are_read() {
+        let sent = CheckpointOptions {
+            exit: true,
+            image_path: "/var/lib/x/ck".into(),
+            ..Default::default()
+        };
+        for type_url in [
+            RUNC_CHECKPOINT_OPTIONS_TYPE_URL.to_string(),
+            format!("type.googleapis.com/{RUNC_CHECKPOINT_OPTIONS_TYPE_URL}"),
+        ] {
+            let got = checkpoint_options(&request(&type_url, &sent)).unwrap();
+            assert!(got.exit);
+            assert_eq!(got.image_path, "/var/lib/x/ck");
+        }
+        let none = checkpoint_options(&CheckpointTaskRequest::default()).unwrap();
+        assert!(!none.exit && none.image_path.is_empty());
+    }
+
+    #[test]
+    fn other_checkpoint_options_are_refused() {
+        let err = checkpoint_options(&request(
+            "runtimeoptions.v1.Options",
+            &CheckpointOptions::default(),
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("runtimeoptions.v1.Options")
+                && err.contains(RUNC_CHECKPOINT_OPTIONS_TYPE_URL),
+            "{err}"
+        );
     }
 }

@@ -60,6 +60,10 @@ pub enum Error {
     #[error("reading runtime options from stdin: {0}")]
     Stdin(#[source] std::io::Error),
 
+    /// The runtime options containerd gave us cannot be turned into the runc shim's.
+    #[error(transparent)]
+    RuntimeOptions(#[from] crate::runtime_options::RuntimeOptionsError),
+
     /// Failure inside containerd-shim (spawning the daemon, writing the address file, ...).
     #[error(transparent)]
     Shim(#[from] containerd_shim::Error),

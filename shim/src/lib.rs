@@ -20,6 +20,7 @@ pub mod error;
 pub mod identity;
 pub mod logging;
 pub mod restore;
+pub mod runtime_options;
 pub mod service;
 pub mod shim;
 

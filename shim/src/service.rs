@@ -143,6 +143,15 @@ impl Task for TaskService {
         let identity =
             ContainerIdentity::from_bundle(req.bundle.as_ref(), &req.id, &self.namespace)
                 .map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, crate::error::chain(&e)))?;
+        // runc's own options for the runc shim, whatever runtime type containerd knows us by.
+        req.options = crate::runtime_options::for_delegate(req.options.as_ref())
+            .map_err(|e| {
+                status(
+                    ttrpc::Code::INVALID_ARGUMENT,
+                    format!("creating {}: {e}", identity.describe()),
+                )
+            })?
+            .into();
         let mut restore_dir = None;
         if let (false, true, Some(source)) = (
             identity.is_sandbox,

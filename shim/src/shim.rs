@@ -66,6 +66,10 @@ impl containerd_shim::Shim for MigrateShim {
             .map_err(Error::Stdin)?;
         let delegate = delegate::resolve(&self.config.delegate, &self.flags);
         debug!(delegate = %delegate.display(), "delegate");
+        // The runc shim's own options: unchanged from a runc-typed runtime, read from the
+        // ConfigPath file for ours (containerd 1.6's CRI); see `runtime_options`.
+        let runtime_options = crate::runtime_options::stdin_for_delegate(&runtime_options)
+            .map_err(Error::RuntimeOptions)?;
         let delegate_address = delegate::start(&delegate, &self.flags, &runtime_options)?;
         let (pid, address) = containerd_shim::spawn(
             opts,

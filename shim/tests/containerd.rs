@@ -3,8 +3,9 @@
 //! The test starts its own containerd (root, state, sockets and config in a temp dir; the CRI
 //! plugin disabled, since it needs CNI and a pause image that cannot be had offline), imports
 //! a one-layer OCI image built here (static busybox as /bin/sh), and runs `ctr run` with our
-//! runtime, once by name (`io.containerd.migrate.v2`, binary found on containerd's PATH) and
-//! once by absolute path (the route CRI's `runtime_path` takes). The shim must start, answer
+//! runtime by name (`io.containerd.migrate.v2`, and `io.containerd.runc.migrate.v2` of the
+//! containerd 1.6 stanza: binary found on containerd's PATH) and by absolute path (the route
+//! CRI's `runtime_path` takes). The shim must start, answer
 //! `Create` with UNIMPLEMENTED, exit on containerd's `Shutdown`, and remove its socket.
 //!
 //! Needs root and `containerd`/`ctr`/`busybox` (scripts/setup.sh installs them); otherwise it
@@ -562,6 +563,8 @@ fn containerd_runs_containers_through_the_shim() {
     assert_runs_through_the_shim(&ctrd, SHIM, "by-path");
     // Same id again: nothing of the first run may linger (bundle, socket, record).
     assert_runs_through_the_shim(&ctrd, "io.containerd.migrate.v2", "by-name");
+    // The containerd 1.6 stanza's name: the last two parts pick the same binary.
+    assert_runs_through_the_shim(&ctrd, "io.containerd.runc.migrate.v2", "by-runc-name");
 
     // The shim's tracing output travels through the bundle's log FIFO into containerd's log.
     assert!(
@@ -573,7 +576,19 @@ fn containerd_runs_containers_through_the_shim() {
     eprintln!("end-to-end took {:?}", started.elapsed());
 }
 
-/// The `version = 2` stanza in docs/containerd.md must use key names containerd decodes:
+/// The `version = 2` toml blocks of docs/containerd.md (the 1.7 and the 1.6 stanza).
+fn documented_stanzas() -> Vec<String> {
+    let doc = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/containerd.md");
+    let doc = fs::read_to_string(&doc).unwrap_or_else(|e| panic!("{}: {e}", doc.display()));
+    doc.split("```toml\n")
+        .skip(1)
+        .filter_map(|rest| rest.split("```").next())
+        .filter(|block| block.contains("version = 2"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The `version = 2` stanzas in docs/containerd.md must use key names containerd decodes:
 /// `config dump` decodes each plugin's section into its Go struct, so a misspelt key would
 /// come back as the default value. Needs only the containerd binary.
 #[test]
@@ -582,15 +597,59 @@ fn documented_cri_stanza_is_understood_by_containerd() {
         eprintln!("SKIPPED: `containerd` not on PATH");
         return;
     };
+    let stanzas = documented_stanzas();
+    let find = |marker: &str| {
+        stanzas
+            .iter()
+            .find(|block| block.contains(marker))
+            .unwrap_or_else(|| {
+                panic!("docs/containerd.md has no `version = 2` block with {marker}")
+            })
+            .clone()
+    };
+    // The 1.7 stanza: runc type, our binary by path, runc options in the table.
+    check_stanza(
+        &containerd,
+        &find("runtime_path"),
+        &[
+            r#"runtime_type = "io.containerd.runc.v2""#,
+            r#"runtime_path = "/usr/local/bin/containerd-shim-migrate-v2""#,
+            r#"pod_annotations = ["podmigrate.io/*"]"#,
+        ],
+        r#"BinaryName = "/usr/sbin/runc""#,
+    );
+    // The 1.6 stanza: our runtime name, the runc options in a file.
+    check_stanza(
+        &containerd,
+        &find("io.containerd.runc.migrate.v2"),
+        &[
+            r#"runtime_type = "io.containerd.runc.migrate.v2""#,
+            r#"pod_annotations = ["podmigrate.io/*"]"#,
+        ],
+        r#"ConfigPath = "/etc/containerd/podmigrate-runc.toml""#,
+    );
+}
+
+/// The runc options file of the 1.6 stanza, as documented, is what the shim reads.
+#[test]
+fn documented_runc_options_file_is_read_by_the_shim() {
+    use containerd_shim_migrate::runtime_options::RuncOptionsFile;
     let doc = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/containerd.md");
-    let doc = fs::read_to_string(&doc).unwrap_or_else(|e| panic!("{}: {e}", doc.display()));
-    let stanza = doc
+    let doc = fs::read_to_string(&doc).unwrap();
+    let block = doc
         .split("```toml\n")
         .skip(1)
         .filter_map(|rest| rest.split("```").next())
-        .find(|block| block.contains("version = 2"))
-        .expect("docs/containerd.md has no `version = 2` toml block");
+        .find(|block| block.starts_with("# /etc/containerd/podmigrate-runc.toml"))
+        .expect("docs/containerd.md shows no /etc/containerd/podmigrate-runc.toml");
+    let options = RuncOptionsFile::parse(block, Path::new("podmigrate-runc.toml"))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .to_runc_options();
+    assert_eq!(options.binary_name, "/usr/sbin/runc");
+    assert!(!options.systemd_cgroup);
+}
 
+fn check_stanza(containerd: &Path, stanza: &str, runtime_lines: &[&str], option_line: &str) {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("config.toml");
     fs::write(&config, stanza).unwrap();
@@ -617,24 +676,18 @@ fn documented_cri_stanza_is_understood_by_containerd() {
             .collect()
     };
     let runtime = section(r#"[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.migrate]"#);
-    for expected in [
-        r#"runtime_type = "io.containerd.runc.v2""#,
-        r#"runtime_path = "/usr/local/bin/containerd-shim-migrate-v2""#,
-        r#"pod_annotations = ["podmigrate.io/*"]"#,
-    ] {
+    for expected in runtime_lines {
         assert!(
             runtime.iter().any(|l| l == expected),
             "{expected} not in dump: {runtime:#?}\n{dump}"
         );
     }
-    // `options` is a free-form map in the CRI config (runc decodes it later), so this only
-    // proves the section sits where containerd looks for it.
+    // `options` is a free-form map in the CRI config (decoded later, by runtime type), so this
+    // only proves the section sits where containerd looks for it.
     let options =
         section(r#"[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.migrate.options]"#);
     assert!(
-        options
-            .iter()
-            .any(|l| l == r#"BinaryName = "/usr/sbin/runc""#),
+        options.iter().any(|l| l == option_line),
         "runtime options not decoded: {options:#?}"
     );
 }

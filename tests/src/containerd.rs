@@ -4,9 +4,12 @@
 //! ttrpc), runc root, CNI dirs, pod log root and config, all under one temp dir, so several can
 //! run side by side (the two-node suite runs two). The CRI plugin is configured with our own
 //! pause image ([`crate::oci::PAUSE_IMAGE`], imported at start), the overlayfs snapshotter, and
-//! two runtime handlers: `runc` (stock `io.containerd.runc.v2`) and `migrate` (the same type with
-//! `runtime_path` = our shim and `pod_annotations = ["podmigrate.io/*"]`). CNI points at empty
-//! dirs: host-network pods need none.
+//! two runtime handlers: `runc` (stock `io.containerd.runc.v2`) and `migrate` (our shim, with
+//! `pod_annotations = ["podmigrate.io/*"]`), written as docs/containerd.md tells operators for
+//! the containerd being started (see [`MigrateStanza`]): on 1.7.1 and later the runc type with
+//! `runtime_path` = our shim; on older ones (1.6) `runtime_type = "io.containerd.runc.migrate.v2"`
+//! with our shim on containerd's `PATH` and the runc options in a file named by `ConfigPath`.
+//! CNI points at empty dirs: host-network pods need none.
 //!
 //! Dropping it (also while unwinding from a failed assertion) stops containerd (SIGTERM, then
 //! SIGKILL), force-deletes containers left in its runc root, kills shims that were started for
@@ -54,6 +57,55 @@ pub const CONTAINERD_BIN_DIR_ENV: &str = "PODMIGRATE_CONTAINERD_BIN_DIR";
 pub const RUNC_SHIM_BINARY: &str = "containerd-shim-runc-v2";
 /// The shim's setting naming its delegate (`shim/src/config.rs`).
 const DELEGATE_ENV: &str = "PODMIGRATE_DELEGATE_SHIM";
+/// Our shim's runtime name for containerd 1.6's CRI. containerd maps a name to the binary
+/// `containerd-shim-<last two parts>` ([`SHIM_BINARY`], looked up on its `PATH`), and treats
+/// every name under `io.containerd.runc` as runc for Tasks.Checkpoint: it then takes the image
+/// path from the runc checkpoint options instead of tarring a temp dir into its content store,
+/// which fails with "already exists" when two checkpoints store the same bytes (measured:
+/// two containers of one pod checkpointed at once under `io.containerd.migrate.v2`).
+pub const MIGRATE_RUNTIME_TYPE: &str = "io.containerd.runc.migrate.v2";
+
+/// How the `migrate` handler reaches our shim (docs/containerd.md has both stanzas).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MigrateStanza {
+    /// `runtime_type = "io.containerd.runc.v2"` and `runtime_path` = our shim, runc options in
+    /// the `options` table. containerd's client sends `runtime_path` along only from 1.6.21 and
+    /// 1.7.1 on (before, CRI starts the plain runc shim); used from 1.7.1 on.
+    RuntimePath,
+    /// `runtime_type = "io.containerd.runc.migrate.v2"` ([`MIGRATE_RUNTIME_TYPE`]: our shim
+    /// found on containerd's `PATH`), the `options` table holding only `ConfigPath`, a TOML
+    /// file of the runc options that the shim reads and hands its runc shim. Used before 1.7.1
+    /// (containerd 1.6).
+    RuntimeType,
+}
+
+impl MigrateStanza {
+    /// The stanza for a containerd `version` (`1.6.20~ds1`, `v1.7.24`, `2.1.0`).
+    pub fn for_version(version: &str) -> Option<MigrateStanza> {
+        let (major, minor, patch) = parse_version(version)?;
+        Some(if (major, minor, patch) >= (1, 7, 1) {
+            MigrateStanza::RuntimePath
+        } else {
+            MigrateStanza::RuntimeType
+        })
+    }
+}
+
+/// `major.minor.patch` of a containerd version string; a missing patch reads as 0.
+pub fn parse_version(version: &str) -> Option<(u32, u32, u32)> {
+    let mut parts = version
+        .trim()
+        .trim_start_matches('v')
+        .split('.')
+        .map(|part| {
+            let digits: String = part.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse::<u32>().ok()
+        });
+    let major = parts.next()??;
+    let minor = parts.next()??;
+    let patch = parts.next().flatten().unwrap_or(0);
+    Some((major, minor, patch))
+}
 
 /// How to start a [`Containerd`].
 #[derive(Debug, Clone)]
@@ -243,7 +295,12 @@ pub fn containerd_binary(name: &str) -> Option<PathBuf> {
 /// harness would start, for suites that record what they ran against.
 pub fn containerd_version() -> Result<String> {
     let bin = containerd_binary("containerd").context("containerd not found")?;
-    let out = run_bounded(Command::new(&bin).arg("--version"), Duration::from_secs(20))?;
+    version_of(&bin)
+}
+
+/// `<containerd> --version`'s version field.
+pub fn version_of(bin: &Path) -> Result<String> {
+    let out = run_bounded(Command::new(bin).arg("--version"), Duration::from_secs(20))?;
     let text = String::from_utf8_lossy(&out.stdout);
     text.split_whitespace()
         .nth(2)
@@ -358,6 +415,9 @@ pub struct Containerd {
     created_run_dirs: Vec<PathBuf>,
     cleaned: bool,
     launch: Launch,
+    /// `containerd --version`'s version field.
+    version: String,
+    stanza: MigrateStanza,
 }
 
 /// How the daemon is started, kept for [`Containerd::restart`].
@@ -413,21 +473,80 @@ impl Launch {
 
 const CRI: &str = r#"plugins."io.containerd.grpc.v1.cri""#;
 
+/// With [`MigrateStanza::RuntimeType`]: the runc options file (`ConfigPath`) under the temp dir.
+const MIGRATE_RUNC_OPTIONS_FILE: &str = "migrate-runc-options.toml";
+/// With [`MigrateStanza::RuntimeType`]: the dir holding (a link to) our shim, first on
+/// containerd's `PATH`.
+const SHIM_BIN_DIR: &str = "shim-bin";
+
 impl Containerd {
-    /// The config file text for a daemon rooted at `dir`.
-    pub fn config_toml(dir: &Path, opts: &ContainerdOptions) -> String {
-        let runc_options = |extra: &[(String, String)]| {
-            let mut lines = vec![
-                format!("BinaryName = {}", toml_path(&opts.runc)),
-                // runc's state (runc --root <Root>/<namespace>): ours, not /run/containerd/runc.
-                format!("Root = {}", toml_path(&dir.join("runc"))),
-                "SystemdCgroup = false".to_owned(),
-            ];
-            for (key, value) in extra {
-                lines.retain(|l| !l.starts_with(&format!("{key} =")));
-                lines.push(format!("{key} = {value}"));
-            }
+    /// The runc options of the `migrate` handler, `key = value` lines.
+    fn migrate_runc_options(dir: &Path, opts: &ContainerdOptions) -> Vec<String> {
+        Self::runc_option_lines(dir, opts, &opts.migrate_options)
+    }
+
+    fn runc_option_lines(
+        dir: &Path,
+        opts: &ContainerdOptions,
+        extra: &[(String, String)],
+    ) -> Vec<String> {
+        let mut lines = vec![
+            format!("BinaryName = {}", toml_path(&opts.runc)),
+            // runc's state (runc --root <Root>/<namespace>): ours, not /run/containerd/runc.
+            format!("Root = {}", toml_path(&dir.join("runc"))),
+            "SystemdCgroup = false".to_owned(),
+        ];
+        for (key, value) in extra {
+            lines.retain(|l| !l.starts_with(&format!("{key} =")));
+            lines.push(format!("{key} = {value}"));
+        }
+        lines
+    }
+
+    /// The `migrate` handler's tables.
+    fn migrate_tables(dir: &Path, opts: &ContainerdOptions, stanza: MigrateStanza) -> String {
+        let indent = |lines: &[String]| {
             lines
+                .iter()
+                .map(|l| format!("      {l}\n"))
+                .collect::<String>()
+        };
+        match stanza {
+            MigrateStanza::RuntimePath => format!(
+                r#"    [{CRI}.containerd.runtimes.migrate]
+      # runc v2 type so the typed runc options reach the shim (see docs/containerd.md).
+      runtime_type = "io.containerd.runc.v2"
+      runtime_path = {shim}
+      pod_annotations = [{pod_annotations}]
+    [{CRI}.containerd.runtimes.migrate.options]
+{options}"#,
+                shim = toml_path(&opts.shim),
+                pod_annotations = toml_str(POD_ANNOTATIONS),
+                options = indent(&Self::migrate_runc_options(dir, opts)),
+            ),
+            MigrateStanza::RuntimeType => format!(
+                r#"    [{CRI}.containerd.runtimes.migrate]
+      # containerd before 1.7.1 does not apply runtime_path: our runtime name, our binary on
+      # containerd's PATH (see docs/containerd.md).
+      runtime_type = {runtime_type}
+      pod_annotations = [{pod_annotations}]
+    [{CRI}.containerd.runtimes.migrate.options]
+      # runtimeoptions.v1.Options: the shim reads the runc options from this file.
+      ConfigPath = {config_path}
+"#,
+                runtime_type = toml_str(MIGRATE_RUNTIME_TYPE),
+                pod_annotations = toml_str(POD_ANNOTATIONS),
+                config_path = toml_path(&dir.join(MIGRATE_RUNC_OPTIONS_FILE)),
+            ),
+        }
+    }
+
+    /// The config file text for a daemon rooted at `dir`, with the `migrate` handler written
+    /// as `stanza`. With [`MigrateStanza::RuntimeType`], [`Containerd::start`] also writes the
+    /// runc options file and puts our shim on containerd's `PATH`.
+    pub fn config_toml(dir: &Path, opts: &ContainerdOptions, stanza: MigrateStanza) -> String {
+        let runc_options = |extra: &[(String, String)]| {
+            Self::runc_option_lines(dir, opts, extra)
                 .iter()
                 .map(|l| format!("      {l}\n"))
                 .collect::<String>()
@@ -479,13 +598,7 @@ temp = {temp}
       runtime_type = "io.containerd.runc.v2"
     [{CRI}.containerd.runtimes.runc.options]
 {runc_opts}
-    [{CRI}.containerd.runtimes.migrate]
-      # runc v2 type so the typed runc options reach the shim (see docs/containerd.md).
-      runtime_type = "io.containerd.runc.v2"
-      runtime_path = {shim}
-      pod_annotations = [{pod_annotations}]
-    [{CRI}.containerd.runtimes.migrate.options]
-{migrate_opts}
+{migrate}
 {extra}
 "#,
             root = toml_path(&dir.join("root")),
@@ -497,10 +610,8 @@ temp = {temp}
             pause = toml_str(PAUSE_IMAGE),
             cni_bin = toml_path(&dir.join("cni/bin")),
             cni_conf = toml_path(&dir.join("cni/net.d")),
-            shim = toml_path(&opts.shim),
-            pod_annotations = toml_str(POD_ANNOTATIONS),
             runc_opts = runc_options(&opts.runc_options),
-            migrate_opts = runc_options(&opts.migrate_options),
+            migrate = Self::migrate_tables(dir, opts, stanza),
             extra = opts.extra_config,
         )
     }
@@ -521,8 +632,6 @@ temp = {temp}
         for sub in ["tmp", "cni/bin", "cni/net.d", "pod-logs", "images", "runc"] {
             fs::create_dir_all(root.join(sub))?;
         }
-        let config = root.join("config.toml");
-        fs::write(&config, Self::config_toml(&root, &opts))?;
         let socket = root.join("containerd.sock");
         let log = root.join("containerd.log");
 
@@ -536,6 +645,32 @@ temp = {temp}
         };
         let containerd = binary("containerd")?;
         let ctr = binary("ctr")?;
+        let version = version_of(&containerd)?;
+        let stanza = MigrateStanza::for_version(&version).with_context(|| {
+            format!(
+                "{} --version: unparsable version {version:?}",
+                containerd.display()
+            )
+        })?;
+        let config = root.join("config.toml");
+        fs::write(&config, Self::config_toml(&root, &opts, stanza))?;
+        let shim_bin = root.join(SHIM_BIN_DIR);
+        if stanza == MigrateStanza::RuntimeType {
+            let file = root.join(MIGRATE_RUNC_OPTIONS_FILE);
+            let mut text = Self::migrate_runc_options(&root, &opts).join("\n");
+            text.push('\n');
+            fs::write(&file, text).with_context(|| format!("writing {}", file.display()))?;
+            fs::create_dir_all(&shim_bin)?;
+            std::os::unix::fs::symlink(&opts.shim, shim_bin.join(SHIM_BINARY)).with_context(
+                || {
+                    format!(
+                        "linking {} into {}",
+                        opts.shim.display(),
+                        shim_bin.display()
+                    )
+                },
+            )?;
+        }
         // Shims look for runc and criu on PATH (the caller's `extra_env` PATH, else ours):
         // make sure the sbin dirs are on it. containerd looks up `containerd-shim-runc-v2` on
         // PATH before beside itself: the chosen dir goes first.
@@ -545,6 +680,10 @@ temp = {temp}
         };
         if let Some(dir) = &opts.bin_dir {
             path = format!("{}:{path}", dir.display());
+        }
+        // containerd finds `io.containerd.migrate.v2` as `containerd-shim-migrate-v2` on PATH.
+        if stanza == MigrateStanza::RuntimeType {
+            path = format!("{}:{path}", shim_bin.display());
         }
         for dir in [
             "/usr/local/sbin",
@@ -589,6 +728,8 @@ temp = {temp}
             created_run_dirs,
             cleaned: false,
             launch,
+            version,
+            stanza,
         };
         daemon
             .wait_ready(opts.startup_timeout)
@@ -598,6 +739,16 @@ temp = {temp}
             .import(&oci::pause_image()?, opts.startup_timeout)
             .context("importing the pause image")?;
         Ok(daemon)
+    }
+
+    /// `containerd --version`'s version field of this daemon (`1.6.20~ds1`).
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// How the `migrate` handler reaches our shim in this daemon's config.
+    pub fn migrate_stanza(&self) -> MigrateStanza {
+        self.stanza
     }
 
     /// The daemon's pid, while it runs.
@@ -971,7 +1122,7 @@ mod tests {
             migrate_options: vec![("CriuImagePath".into(), "\"/share\"".into())],
             ..ContainerdOptions::default()
         };
-        let text = Containerd::config_toml(Path::new("/tmp/d"), &opts);
+        let text = Containerd::config_toml(Path::new("/tmp/d"), &opts, MigrateStanza::RuntimePath);
         assert!(text.contains(r#"root = "/tmp/d/root""#), "{text}");
         assert!(text.contains(r#"address = "/tmp/d/containerd.sock""#));
         assert!(text.contains(r#"runtime_path = "/x/shim""#));
@@ -979,6 +1130,44 @@ mod tests {
         assert!(text.contains(r#"sandbox_image = "localhost/podmigrate/pause:1""#));
         assert!(!text.contains("/run/containerd"), "{text}");
         assert!(!text.contains("/var/lib"), "{text}");
+
+        let text = Containerd::config_toml(Path::new("/tmp/d"), &opts, MigrateStanza::RuntimeType);
+        assert!(
+            text.contains(r#"runtime_type = "io.containerd.runc.migrate.v2""#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"ConfigPath = "/tmp/d/migrate-runc-options.toml""#),
+            "{text}"
+        );
+        assert!(!text.contains("runtime_path ="), "{text}");
+        assert!(!text.contains(r#"CriuImagePath"#), "{text}");
+        let file = Containerd::migrate_runc_options(Path::new("/tmp/d"), &opts);
+        assert!(
+            file.contains(&r#"CriuImagePath = "/share""#.to_owned()),
+            "{file:?}"
+        );
+        assert!(
+            file.contains(&r#"Root = "/tmp/d/runc""#.to_owned()),
+            "{file:?}"
+        );
+    }
+
+    #[test]
+    fn the_stanza_follows_the_containerd_version() {
+        use MigrateStanza::*;
+        for (version, stanza) in [
+            ("1.6.20~ds1", Some(RuntimeType)),
+            ("v1.6.38", Some(RuntimeType)),
+            ("1.7.0", Some(RuntimeType)),
+            ("1.7.1", Some(RuntimePath)),
+            ("1.7.24~ds1", Some(RuntimePath)),
+            ("v2.1.4", Some(RuntimePath)),
+            ("2.0", Some(RuntimePath)),
+            ("devel", None),
+        ] {
+            assert_eq!(MigrateStanza::for_version(version), stanza, "{version}");
+        }
     }
 
     /// `containerd config dump` must read back our keys where the CRI plugin looks for them.
@@ -993,30 +1182,47 @@ mod tests {
             shim: PathBuf::from("/x/shim"),
             ..ContainerdOptions::default()
         };
-        let config = dir.path().join("config.toml");
-        fs::write(&config, Containerd::config_toml(dir.path(), &opts)).unwrap();
-        let out = run_bounded(
-            Command::new(containerd)
-                .arg("--config")
-                .arg(&config)
-                .args(["config", "dump"]),
-            Duration::from_secs(30),
-        )
-        .unwrap();
-        let dump = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        for expected in [
-            r#"sandbox_image = "localhost/podmigrate/pause:1""#.to_owned(),
-            r#"runtime_path = "/x/shim""#.to_owned(),
-            r#"pod_annotations = ["podmigrate.io/*"]"#.to_owned(),
-            format!("bin_dir = \"{}/cni/bin\"", dir.path().display()),
-            format!("Root = \"{}/runc\"", dir.path().display()),
-        ] {
-            assert!(dump.contains(&expected), "{expected} missing from:\n{dump}");
+        for stanza in [MigrateStanza::RuntimePath, MigrateStanza::RuntimeType] {
+            let config = dir.path().join("config.toml");
+            fs::write(&config, Containerd::config_toml(dir.path(), &opts, stanza)).unwrap();
+            let out = run_bounded(
+                Command::new(&containerd)
+                    .arg("--config")
+                    .arg(&config)
+                    .args(["config", "dump"]),
+                Duration::from_secs(30),
+            )
+            .unwrap();
+            let dump = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let mut expected = vec![
+                r#"sandbox_image = "localhost/podmigrate/pause:1""#.to_owned(),
+                r#"pod_annotations = ["podmigrate.io/*"]"#.to_owned(),
+                format!("bin_dir = \"{}/cni/bin\"", dir.path().display()),
+                format!("Root = \"{}/runc\"", dir.path().display()),
+            ];
+            expected.push(match stanza {
+                MigrateStanza::RuntimePath => r#"runtime_path = "/x/shim""#.to_owned(),
+                MigrateStanza::RuntimeType => {
+                    r#"runtime_type = "io.containerd.runc.migrate.v2""#.to_owned()
+                }
+            });
+            if stanza == MigrateStanza::RuntimeType {
+                expected.push(format!(
+                    "ConfigPath = \"{}/migrate-runc-options.toml\"",
+                    dir.path().display()
+                ));
+            }
+            for expected in expected {
+                assert!(
+                    dump.contains(&expected),
+                    "{stanza:?}: {expected} missing from:\n{dump}"
+                );
+            }
         }
     }
 }

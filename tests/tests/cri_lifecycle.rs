@@ -244,6 +244,14 @@ async fn pod_lifecycle(
         },
         "unexpected shims for handler {handler}: {shims:?}"
     );
+    // The handler's runc options reached the runc shim (for `migrate` on containerd 1.6 by way
+    // of the ConfigPath file our shim reads): runc keeps the container's state under our Root.
+    let state_dir = ctrd.runc_root().join(oci::K8S_NAMESPACE).join(&id);
+    ensure!(
+        state_dir.join("state.json").is_file(),
+        "[{handler}] no runc state at {} (runc options not applied?)",
+        state_dir.display()
+    );
 
     // ExecSync: the count file rises.
     let deadline = Instant::now() + WAIT;

@@ -168,6 +168,23 @@ fn counter_spec(port: u16) -> ContainerSpec {
 }
 
 impl Node {
+    /// containerd's content store: (digest, size) of every blob.
+    fn content_blobs(&self) -> Vec<(String, u64)> {
+        let dir = self
+            .ctrd
+            .root_dir()
+            .join("io.containerd.content.v1.content/blobs/sha256");
+        fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let size = e.metadata().ok()?.len();
+                Some((e.file_name().to_string_lossy().into_owned(), size))
+            })
+            .collect()
+    }
+
     /// `<share>/<ns>/<pod>/<container>.zip`.
     fn archive(&self, pod: &str) -> PathBuf {
         self.share
@@ -321,11 +338,26 @@ async fn checkpoint_through_containerds_tasks_api_commits_an_archive_and_keeps_t
     step(t0, "source counting, 3");
 
     let image_path = node.scratch("ck-1");
+    let blobs_before = node.content_blobs();
     node.tasks
         .checkpoint(&id, &checkpoint_options(&image_path, false))
         .await
         .unwrap_or_else(|e| panic!("Tasks.Checkpoint (exit=false) failed: {e:?}"));
     step(t0, "checkpointed");
+    // No copy of the checkpoint in containerd's content store: for a runtime name under
+    // `io.containerd.runc` (both stanzas the harness writes), containerd takes the image path
+    // from the options and stores nothing. (Another name would make it tar a temp dir of its
+    // own into the store, which fails when two checkpoints store the same bytes.)
+    let new_blobs: Vec<(String, u64)> = node
+        .content_blobs()
+        .into_iter()
+        .filter(|(digest, _)| !blobs_before.iter().any(|(d, _)| d == digest))
+        .collect();
+    assert!(
+        new_blobs.is_empty(),
+        "containerd {} stored checkpoint data in its content store: {new_blobs:?}",
+        node.ctrd.version()
+    );
 
     // The archive is committed under its final name, and only that.
     let archive_path = node.archive("counter");
