@@ -33,6 +33,7 @@
 #
 # Environment (downtime):
 #   SIZES="256 1024 4096"   ballast sizes in MiB (space- or comma-separated)
+#   RUNS=1                  rounds over every size and method; each figure is the median run
 #   METHODS="podmigrate zip tarzstd"   which methods to run
 #   BENCH_TMP, SKIP_SETUP, SKIP_BUILD, NO_DOCS, KEEP as for archive
 #
@@ -603,17 +604,20 @@ bench_downtime() {
   : >"$RESULTS"
   local load_start
   load_start=$(cut -d' ' -f1-3 /proc/loadavg)
-  # Interleaved by size, so a change in the machine's load hits every method alike.
-  local method
-  for mib in $sizes; do
-    for method in $methods; do
-      case $method in
-        podmigrate)
-          log "podmigrate: two-node migration of a counter with ${mib} MiB ballast"
-          "$driver" "$mib" >>"$RESULTS" || die "bench-downtime $mib failed"
-          ;;
-        *) baseline_downtime "$method" "$mib" >>"$RESULTS" ;;
-      esac
+  # Interleaved by size (and round), so a change in the machine's load hits every method alike.
+  local method round runs=${RUNS:-1}
+  [[ $runs =~ ^[1-9][0-9]*$ ]] || die "RUNS must be a positive integer, not '$runs'"
+  for round in $(seq 1 "$runs"); do
+    for mib in $sizes; do
+      for method in $methods; do
+        case $method in
+          podmigrate)
+            log "podmigrate (round $round/$runs): two-node migration of a counter with ${mib} MiB ballast"
+            "$driver" "$mib" >>"$RESULTS" || die "bench-downtime $mib failed"
+            ;;
+          *) baseline_downtime "$method" "$mib" >>"$RESULTS" ;;
+        esac
+      done
     done
   done
 
@@ -622,7 +626,7 @@ bench_downtime() {
   local rev
   rev=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
   [ -z "$(git -C "$ROOT" status --porcelain 2>/dev/null)" ] || rev="$rev (with uncommitted changes)"
-  RESULTS=$RESULTS DOCS_OUT=$docs SIZES_="$sizes" REV=$rev \
+  RESULTS=$RESULTS DOCS_OUT=$docs SIZES_="$sizes" REV=$rev RUNS_=$runs \
   LOAD="$load_start / $(cut -d' ' -f1-3 /proc/loadavg)" \
   CPU_MODEL=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo) \
   NCPU=$(nproc) MEM_GIB=$(awk '/^MemTotal/ { printf "%.0f", $2 / 1048576 }' /proc/meminfo) \
@@ -639,11 +643,16 @@ import datetime, json, os
 env = os.environ
 rows = [json.loads(l) for l in open(env["RESULTS"]) if l.strip()]
 sizes = [int(s) for s in env["SIZES_"].split()]
-by = {(r["method"], r["mib"]): r for r in rows}
+# With several rounds, each size and method is represented by its median run.
+runs_of = {}
+for r in rows:
+    runs_of.setdefault((r["method"], r["mib"]), []).append(r)
+by = {k: sorted(v, key=lambda r: r["downtime"])[(len(v) - 1) // 2] for k, v in runs_of.items()}
+rounds = int(env.get("RUNS_", "1"))
 methods = [("podmigrate", "podmigrate"), ("zip", "runc + zip -1/unzip"),
            ("tarzstd", "runc + tar|zstd -T0 -1")]
 pm_phases = [("freeze", "freeze (agent: pause)"), ("dump", "CRIU dump"),
-             ("rootfs_diff", "rootfs diff"), ("pack_commit", "pack + commit on the share"),
+             ("rootfs_diff", "rootfs diff"), ("pack_commit", "pack + commit after the dump"),
              ("target_wait", "target sees the archive"), ("unpack_verify", "unpack + verify + apply diff"),
              ("restore", "restore (Create + runc restore)"), ("first_answer", "first answer")]
 base_phases = [("dump", "CRIU dump"), ("pack", "pack onto the share"), ("unpack", "unpack"),
@@ -661,7 +670,9 @@ for mib in sizes:
             continue
         names = pm_phases if key == "podmigrate" else base_phases
         parts = ", ".join(f"{k} {r['phases'][k]:.2f}" for k, _ in names)
-        print(f"  {size_name(mib):>8}  {label:<24} {r['downtime']:6.2f}  ({parts})")
+        all_runs = "" if rounds == 1 else " [runs: " + ", ".join(
+            f"{x['downtime']:.2f}" for x in runs_of[(key, mib)]) + "]"
+        print(f"  {size_name(mib):>8}  {label:<24} {r['downtime']:6.2f}  ({parts}){all_runs}")
 
 summary = []
 for mib in sizes:
@@ -725,12 +736,18 @@ if docs:
         f"CRIU {env['CRIU_V']}, zstd {env['ZSTD_V']}, Info-ZIP zip {env['ZIP_V']}.", "",
         "Downtime is the time from the freeze to the first HTTP answer of the restored counter "
         "(the test app with `-m <MiB>` ballast: 30% pseudo-random, 70% repeated text; the answer "
-        "must be 4, continuing the count of 3). One run per size and method, interleaved by size.", "",
+        "must be 4, continuing the count of 3). "
+        + ("One run per size and method, interleaved by size." if rounds == 1 else
+           f"{rounds} rounds, each running every size and method in turn; each figure is the "
+           "median run (all runs are listed after the tables)."), "",
         "- **podmigrate**: a real two-node migration (`target/release/bench-downtime`, the "
         "two-node harness: two network namespaces, each with containerd "
         "and our shim, a real agent and a test kubelet; the API server stand-in; `kubectl "
-        f"migrate`). The share and the nodes' work space are directories on {env['TMPFS']} "
-        "(the same disk as the baselines' share). The downtime runs from node-a's agent logging "
+        f"migrate`). The share is a directory on {env['TMPFS']} (the same disk as the baselines' "
+        "share). Each node's shim dumps and unpacks in memory-backed work space (a tmpfs under "
+        "`/dev/shm`) when the checkpoint fits there, as it does by default; it packs CRIU's pages "
+        "image onto the share while CRIU writes it, so \"pack + commit after the dump\" is only "
+        "what packing adds once the dump is done. The downtime runs from node-a's agent logging "
         "\"freezing the source\" to the first answer from node-b's IP, which the driver asks every "
         "5 ms. Phase boundaries come from the agent's log, both shims' log lines (`dump_ms`, "
         "`diff_ms`, `pack_ms`; `unpack_ms`) and node-b's containerd (`StartContainer ... returns`), "
@@ -741,7 +758,8 @@ if docs:
         f"directory (or `tar -cf - . | zstd -q -T0 -1` and `zstd -d | tar -x`), then `runc restore -d`, "
         f"then the first answer via `nsenter ... wget` polled every 5 ms; directories on {env['FS']}.",
         "",
-        "Caveats: each figure is one run on a machine whose load average is given above (2 cores; "
+        "Caveats: each figure is " + ("one run" if rounds == 1 else "the median of a few runs") +
+        " on a machine whose load average is given above (2 cores; "
         "every phase stretches with it, so compare methods within this section, not with figures "
         "measured when the machine was quiet). This VM hands freed memory back to its host, and "
         "first-touching such frames is slow (see the archive section); every method here writes "
@@ -768,6 +786,10 @@ if docs:
                   f"| podmigrate <= 1/5 of zip's downtime | {goal[2][4]:.3f}x | {'PASS' if goal[0] else 'FAIL'} |",
                   f"| podmigrate <= 0.75x tar\\|zstd's downtime | {goal[2][5]:.3f}x | {'PASS' if goal[1] else 'FAIL'} |"]
     lines += ["", f"![downtime by phase]({os.path.basename(png)})", ""]
+    if rounds > 1:
+        lines += ["Every run, downtime in seconds: " + "; ".join(
+            f"{size_name(mib)} {label}: " + ", ".join(f"{x['downtime']:.2f}" for x in runs_of[(key, mib)])
+            for mib in sizes for key, label in methods if (key, mib) in runs_of) + ".", ""]
     pm_rows = [by[("podmigrate", m)] for m in sizes if ("podmigrate", m) in by]
     if pm_rows:
         lines += ["podmigrate's own figures for the same runs: " + "; ".join(
