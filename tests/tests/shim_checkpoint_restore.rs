@@ -193,6 +193,20 @@ impl Node {
             .join(format!("{CONTAINER}.zip"))
     }
 
+    /// Starts a created (restored) container, waits for it to run, and checks the counter's
+    /// next answer on `port` is `count`.
+    async fn start_expecting(&self, id: &str, port: u16, count: u64, start: &str, what: &str) {
+        self.cri
+            .start_container(id)
+            .await
+            .unwrap_or_else(|e| panic!("{start}: {e:?}"));
+        self.cri
+            .wait_container_state(id, ContainerState::ContainerRunning, WAIT)
+            .await
+            .unwrap();
+        assert_eq!(counter_hit(port).unwrap(), count, "{what}");
+    }
+
     fn scratch(&self, name: &str) -> PathBuf {
         self.scratch.path().join(name)
     }
@@ -921,19 +935,14 @@ async fn a_tampered_spec_in_the_archive_changes_nothing_the_clone_gets() {
 
     let clone_pod = node.pod("counter-clone", &[(CLONE_POD, "counter")]).await;
     let clone_id = node.create_counter(&clone_pod, port).await;
-    node.cri
-        .start_container(&clone_id)
-        .await
-        .unwrap_or_else(|e| panic!("StartContainer of the clone: {e:?}"));
-    node.cri
-        .wait_container_state(&clone_id, ContainerState::ContainerRunning, WAIT)
-        .await
-        .unwrap();
-    assert_eq!(
-        counter_hit(port).unwrap(),
+    node.start_expecting(
+        &clone_id,
+        port,
         4,
-        "the clone restores the process"
-    );
+        "StartContainer of the clone",
+        "the clone restores the process",
+    )
+    .await;
     step(t0, "clone restored from the tampered archive");
 
     // The spec runc ran the clone with is the clone pod's, from containerd.
@@ -1069,19 +1078,14 @@ async fn an_archive_made_for_another_clone_is_refused_and_its_own_clone_restores
         .pod_with_uid("counter-clone", &clone_uid, &[(CLONE_POD, "counter")])
         .await;
     let own_id = node.create_counter(&own, port).await;
-    node.cri
-        .start_container(&own_id)
-        .await
-        .unwrap_or_else(|e| panic!("StartContainer of the clone the archive is for: {e:?}"));
-    node.cri
-        .wait_container_state(&own_id, ContainerState::ContainerRunning, WAIT)
-        .await
-        .unwrap();
-    assert_eq!(
-        counter_hit(port).unwrap(),
+    node.start_expecting(
+        &own_id,
+        port,
         4,
-        "the clone continues the count"
-    );
+        "StartContainer of the clone the archive is for",
+        "the clone continues the count",
+    )
+    .await;
     node.assert_no_restore_residue(&own_id);
     step(t0, "its own clone restored: 4");
     node.teardown().await;
@@ -1219,19 +1223,14 @@ async fn with_a_key_the_shim_seals_archives_restores_them_and_refuses_plain_ones
     // The clone restores it and counts on.
     let clone = node.pod("counter-clone", &[(CLONE_POD, "counter")]).await;
     let clone_id = node.create_counter(&clone, port).await;
-    node.cri
-        .start_container(&clone_id)
-        .await
-        .unwrap_or_else(|e| panic!("StartContainer of the clone on the keyed node: {e:?}"));
-    node.cri
-        .wait_container_state(&clone_id, ContainerState::ContainerRunning, WAIT)
-        .await
-        .unwrap();
-    assert_eq!(
-        counter_hit(port).unwrap(),
+    node.start_expecting(
+        &clone_id,
+        port,
         4,
-        "the clone continues the count"
-    );
+        "StartContainer of the clone on the keyed node",
+        "the clone continues the count",
+    )
+    .await;
     node.assert_no_restore_residue(&clone_id);
     step(t0, "clone restored from the sealed archive: 4");
 
@@ -1387,19 +1386,14 @@ async fn a_clone_whose_spec_is_tighter_than_the_checkpoints_credentials_is_refus
     // (c) The clone with the source's own spec restores the same archive.
     let clone = node.pod("counter-clone", &[(CLONE_POD, "counter")]).await;
     let clone_id = node.create_counter(&clone, port).await;
-    node.cri
-        .start_container(&clone_id)
-        .await
-        .unwrap_or_else(|e| panic!("StartContainer of the clone with the source's spec: {e:?}"));
-    node.cri
-        .wait_container_state(&clone_id, ContainerState::ContainerRunning, WAIT)
-        .await
-        .unwrap();
-    assert_eq!(
-        counter_hit(port).unwrap(),
+    node.start_expecting(
+        &clone_id,
+        port,
         4,
-        "the clone continues the count"
-    );
+        "StartContainer of the clone with the source's spec",
+        "the clone continues the count",
+    )
+    .await;
     assert!(
         node.ctrd
             .log_text()
