@@ -448,6 +448,35 @@ impl Checkpointer<'_> {
         })
     }
 
+    /// A container asked to stop while it was frozen (its pod deleted mid-checkpoint: kubelet's
+    /// SIGTERM, then SIGKILL) carries that signal, pending, in its dump, and a clone restored
+    /// from it would only die. Such a checkpoint is refused, before anything is committed.
+    fn refuse_if_stopping(&self) -> Result<(), CheckpointError> {
+        let state = self.call(
+            "reading the task state after the dump",
+            self.delegate.client().state(
+                self.ctx.clone(),
+                &StateRequest {
+                    id: self.identity.id.clone(),
+                    ..Default::default()
+                },
+            ),
+        )?;
+        let status = fs::read_to_string(format!("/proc/{}/status", state.pid)).map_err(|e| {
+            step("checking the container after the dump")(format!(
+                "its process {} is gone ({e}): it was stopped during the checkpoint",
+                state.pid
+            ))
+        })?;
+        match pending_stop_signal(&status) {
+            Some(signal) => Err(step("checking the container after the dump")(format!(
+                "it was asked to stop during the checkpoint ({signal} pending), so the \
+                 checkpoint would restore a dying process"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// The CRIU dump through the runc shim, then what CRIU does not save (the spec, the
     /// container's config, its rootfs changes). Returns how long each took.
     fn dump_and_extras(
@@ -462,6 +491,7 @@ impl Checkpointer<'_> {
             self.delegate.client().checkpoint(self.ctx.clone(), dump),
         )?;
         let dumped_in = dump_started.elapsed();
+        self.refuse_if_stopping()?;
         let extras_started = Instant::now();
 
         let spec = self.bundle.join("config.json");
@@ -544,5 +574,46 @@ mod tests {
                 && err.contains(RUNC_CHECKPOINT_OPTIONS_TYPE_URL),
             "{err}"
         );
+    }
+}
+
+/// A stop signal (SIGTERM, SIGKILL, SIGINT, SIGQUIT) pending on a process, from its
+/// `/proc/<pid>/status` (`SigPnd`: the thread's, `ShdPnd`: the process's).
+fn pending_stop_signal(status: &str) -> Option<&'static str> {
+    const STOP: [(u32, &str); 4] = [
+        (libc::SIGKILL as u32, "SIGKILL"),
+        (libc::SIGTERM as u32, "SIGTERM"),
+        (libc::SIGINT as u32, "SIGINT"),
+        (libc::SIGQUIT as u32, "SIGQUIT"),
+    ];
+    let pending = status
+        .lines()
+        .filter_map(|l| {
+            let (key, value) = l.split_once(':')?;
+            matches!(key, "SigPnd" | "ShdPnd")
+                .then(|| u64::from_str_radix(value.trim(), 16).ok())?
+        })
+        .fold(0u64, |all, mask| all | mask);
+    STOP.iter()
+        .find(|(signal, _)| pending & (1u64 << (signal - 1)) != 0)
+        .map(|(_, name)| *name)
+}
+
+#[cfg(test)]
+mod pending_signal_tests {
+    use super::pending_stop_signal;
+
+    #[test]
+    fn finds_a_pending_stop_signal_in_either_mask() {
+        let quiet = "Name:\tcounter\nSigPnd:\t0000000000000000\nShdPnd:\t0000000000000000\nSigBlk:\t0000000000004000\n";
+        assert_eq!(pending_stop_signal(quiet), None);
+        // SIGTERM is 15: bit 14.
+        let term = "SigPnd:\t0000000000000000\nShdPnd:\t0000000000004000\n";
+        assert_eq!(pending_stop_signal(term), Some("SIGTERM"));
+        let kill = "SigPnd:\t0000000000000100\nShdPnd:\t0000000000000000\n";
+        assert_eq!(pending_stop_signal(kill), Some("SIGKILL"));
+        // SIGUSR1 (10) is not a stop.
+        let usr1 = "SigPnd:\t0000000000000200\nShdPnd:\t0000000000000000\n";
+        assert_eq!(pending_stop_signal(usr1), None);
     }
 }

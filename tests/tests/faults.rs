@@ -140,6 +140,29 @@ fn checkpoint_attempts(cluster: &Cluster, pod: &str) -> usize {
         .count()
 }
 
+/// The checkpoint directories of node-a's dump for clone `uid` of `pod` that exist now: the
+/// agent's image path on disk, or the shim's directory in memory-backed work space.
+fn dump_dirs(cluster: &Cluster, pod: &str, uid: &str) -> Vec<PathBuf> {
+    let node = cluster.node(NODE_A);
+    let mut dirs = vec![node.work.join("checkpoints").join(uid).join("counter")];
+    let in_memory = node
+        .memory
+        .path()
+        .join("checkpoints")
+        .join("default")
+        .join(pod);
+    dirs.extend(
+        std::fs::read_dir(&in_memory)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("counter-"))
+            .map(|e| e.path()),
+    );
+    dirs.retain(|d| d.is_dir());
+    dirs
+}
+
 /// Files under `dir` (recursively), relative names.
 fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
@@ -157,13 +180,21 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// What a migration leaves behind in node-local work space (checkpoint images, CRIU's work
-/// directories, restore copies) and on the share (archives, temporary archives).
+/// What a migration leaves behind in node-local work space, on disk and in memory (checkpoint
+/// images, CRIU's work directories, restore copies) and on the share (archives, temporary
+/// archives). The CRIU configuration for restores (`criu/restore.conf`) is the node's, kept on
+/// purpose.
 fn leftovers(cluster: &Cluster) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for node in [NODE_A, NODE_B] {
-        let work = &cluster.node(node).work;
-        out.extend(files_under(work).into_iter().map(|p| work.join(p)));
+        for space in [&cluster.node(node).work, cluster.node(node).memory.path()] {
+            out.extend(
+                files_under(space)
+                    .into_iter()
+                    .filter(|p| p != Path::new("criu/restore.conf"))
+                    .map(|p| space.join(p)),
+            );
+        }
     }
     out.extend(
         files_under(&cluster.share)
@@ -470,21 +501,16 @@ async fn criu_killed_mid_dump_leaves_the_source_running() {
     .await;
     let cli = spawn_migrate(&cluster, "dumped");
     let (clone, uid) = wait_clone(&cluster, "dumped").await;
-    let images = cluster
-        .node(NODE_A)
-        .work
-        .join("checkpoints")
-        .join(&uid)
-        .join("counter")
-        .join("checkpoint");
     // CRIU (run by runc under node-a's runc shim) is writing page images: kill it.
     let started = Instant::now();
     let killed = loop {
-        let writing_pages = std::fs::read_dir(&images)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .any(|e| e.file_name().to_string_lossy().starts_with("pages-"));
+        let writing_pages = dump_dirs(&cluster, "dumped", &uid).iter().any(|dir| {
+            std::fs::read_dir(dir.join("checkpoint"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with("pages-"))
+        });
         if writing_pages {
             let shims = cluster.node(NODE_A).containerd.shim_pids();
             let criu = descendants_named(&shims, "criu");
@@ -577,14 +603,8 @@ async fn the_source_deleted_mid_checkpoint_ends_the_migration_cleanly() {
     .await;
     let cli = spawn_migrate(&cluster, "doomed");
     let (clone, uid) = wait_clone(&cluster, "doomed").await;
-    let images = cluster
-        .node(NODE_A)
-        .work
-        .join("checkpoints")
-        .join(&uid)
-        .join("counter");
     let started = Instant::now();
-    while !images.is_dir() {
+    while dump_dirs(&cluster, "doomed", &uid).is_empty() {
         assert!(started.elapsed() < WAIT, "the checkpoint did not start");
         tokio::time::sleep(Duration::from_millis(2)).await;
     }

@@ -1185,6 +1185,19 @@ async fn with_a_key_the_shim_seals_archives_restores_them_and_refuses_plain_ones
     let archive_path = node.archive("counter");
     let archive_arg = archive_path.to_str().unwrap();
     step(t0, "checkpointed on a node with a key");
+    // The dump was made in memory-backed work space; the forged plain archive below is packed
+    // from the sealed one's content.
+    archive::unpack(
+        &archive_path,
+        &image_path,
+        &archive::UnpackOptions {
+            key: Some(std::sync::Arc::new(
+                archive::ArchiveKey::load(&key_file).unwrap(),
+            )),
+            ..Default::default()
+        },
+    )
+    .expect("unpacking the sealed archive with the key");
 
     // Sealed: refused without the key, by the library and the CLI; accepted with it.
     let plain_err = match archive::open(&archive_path) {
