@@ -965,6 +965,31 @@ impl Cluster {
         Ok(self.loops.last().expect("just pushed"))
     }
 
+    /// The checkpoint directories of node `node`'s dump of `container` for clone `uid` of
+    /// `pod` that exist now: the agent's image path on disk, or the shim's directory in
+    /// memory-backed work space (where a dump that fits goes).
+    pub fn dump_dirs(&self, node: &str, pod: &str, uid: &str, container: &str) -> Vec<PathBuf> {
+        let node = self.node(node);
+        let mut dirs = vec![node.work.join("checkpoints").join(uid).join(container)];
+        let in_memory = node
+            .memory
+            .path()
+            .join("checkpoints")
+            .join(NAMESPACE)
+            .join(pod);
+        let prefix = format!("{container}-");
+        dirs.extend(
+            fs::read_dir(&in_memory)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+                .map(|e| e.path()),
+        );
+        dirs.retain(|d| d.is_dir());
+        dirs
+    }
+
     /// A `size_mib` tmpfs over `dir` until the cluster shuts down.
     pub fn mount_small_tmpfs(&mut self, dir: &Path, size_mib: u64) -> Result<()> {
         let fs = crate::loopfs::SmallTmpfs::mount_over(dir, size_mib)

@@ -140,29 +140,6 @@ fn checkpoint_attempts(cluster: &Cluster, pod: &str) -> usize {
         .count()
 }
 
-/// The checkpoint directories of node-a's dump for clone `uid` of `pod` that exist now: the
-/// agent's image path on disk, or the shim's directory in memory-backed work space.
-fn dump_dirs(cluster: &Cluster, pod: &str, uid: &str) -> Vec<PathBuf> {
-    let node = cluster.node(NODE_A);
-    let mut dirs = vec![node.work.join("checkpoints").join(uid).join("counter")];
-    let in_memory = node
-        .memory
-        .path()
-        .join("checkpoints")
-        .join("default")
-        .join(pod);
-    dirs.extend(
-        std::fs::read_dir(&in_memory)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().starts_with("counter-"))
-            .map(|e| e.path()),
-    );
-    dirs.retain(|d| d.is_dir());
-    dirs
-}
-
 /// Files under `dir` (recursively), relative names.
 fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
@@ -504,13 +481,16 @@ async fn criu_killed_mid_dump_leaves_the_source_running() {
     // CRIU (run by runc under node-a's runc shim) is writing page images: kill it.
     let started = Instant::now();
     let killed = loop {
-        let writing_pages = dump_dirs(&cluster, "dumped", &uid).iter().any(|dir| {
-            std::fs::read_dir(dir.join("checkpoint"))
-                .into_iter()
-                .flatten()
-                .flatten()
-                .any(|e| e.file_name().to_string_lossy().starts_with("pages-"))
-        });
+        let writing_pages = cluster
+            .dump_dirs(NODE_A, "dumped", &uid, "counter")
+            .iter()
+            .any(|dir| {
+                std::fs::read_dir(dir.join("checkpoint"))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .any(|e| e.file_name().to_string_lossy().starts_with("pages-"))
+            });
         if writing_pages {
             let shims = cluster.node(NODE_A).containerd.shim_pids();
             let criu = descendants_named(&shims, "criu");
@@ -604,7 +584,10 @@ async fn the_source_deleted_mid_checkpoint_ends_the_migration_cleanly() {
     let cli = spawn_migrate(&cluster, "doomed");
     let (clone, uid) = wait_clone(&cluster, "doomed").await;
     let started = Instant::now();
-    while dump_dirs(&cluster, "doomed", &uid).is_empty() {
+    while cluster
+        .dump_dirs(NODE_A, "doomed", &uid, "counter")
+        .is_empty()
+    {
         assert!(started.elapsed() < WAIT, "the checkpoint did not start");
         tokio::time::sleep(Duration::from_millis(2)).await;
     }

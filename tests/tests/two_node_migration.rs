@@ -437,11 +437,12 @@ async fn an_agent_killed_mid_checkpoint_never_checkpoints_twice() {
         if let Some(c) = clones.first() {
             let name = c.metadata.name.clone().unwrap();
             let uid = c.metadata.uid.clone().unwrap();
-            let images = criu_images_dir(&cluster.node(NODE_A).work, &uid, "counter");
+            // On disk (the agent's image path) or in memory-backed work space.
+            let dumps = cluster.dump_dirs(NODE_A, "heavy", &uid, "counter");
             if cluster.annotation(&name, PHASE).as_deref() == Some("Checkpointing")
-                && images.is_dir()
+                && !dumps.is_empty()
             {
-                break (name, images);
+                break (name, dumps[0].join("checkpoint"));
             }
         }
         assert!(
