@@ -263,3 +263,31 @@ fn bad_input_fails_with_one_line_and_leaves_nothing() {
         ]
     );
 }
+
+/// `podmigrate inspect ... | grep -q` must not panic when grep leaves early: the command ends
+/// as other Unix tools do, killed by SIGPIPE, with nothing on stderr.
+#[test]
+fn a_report_into_a_closed_pipe_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::Stdio;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = checkpoint_dir(tmp.path());
+    let zip = tmp.path().join("ck.zip");
+    let out = podmigrate(&["pack", ck.to_str().unwrap(), zip.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let mut inspect = Command::new(env!("CARGO_BIN_EXE_podmigrate"))
+        .args(["inspect", zip.to_str().unwrap()])
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running podmigrate inspect");
+    // The reader leaves before the report is written.
+    drop(inspect.stdout.take());
+    let out = inspect.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{stderr}");
+    assert!(stderr.is_empty(), "nothing on stderr: {stderr:?}");
+}

@@ -57,6 +57,9 @@ pub enum Command {
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    if !matches!(cli.command, Command::Agent(_)) {
+        end_quietly_when_reader_leaves();
+    }
     match cli.command {
         Command::Pack(args) => archive::pack(*args),
         Command::Unpack(args) => archive::unpack(args),
@@ -68,6 +71,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status(args) => status::run(args),
         Command::Agent(args) => agent::run(*args),
         Command::Gc(args) => gc::run(args),
+    }
+}
+
+/// A report piped into `head` or `grep -q` ends the command when the reader leaves, as other
+/// Unix tools do, instead of Rust's panic on a broken pipe. The agent keeps SIGPIPE ignored: a
+/// peer closing a connection must not kill it.
+fn end_quietly_when_reader_leaves() {
+    // SAFETY: restores the default disposition before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 
