@@ -20,9 +20,11 @@ use containerd_shim::protos::shim::oci::CheckpointOptions;
 use containerd_shim::protos::ttrpc::context::Context;
 use containerd_shim::protos::types::mount::Mount;
 use containerd_shim::protos::types::task::Status;
-use podmigrate_checkpoint::archive::{self, ArchiveKey, Follow, PackOptions, Source, Versions};
+use podmigrate_checkpoint::archive::{
+    self, ArchiveKey, Follow, PackOptions, PagesPipe, Source, Versions,
+};
 use podmigrate_checkpoint::bandwidth::Bandwidth;
-use podmigrate_checkpoint::layout::{ContainerConfig, CHECKPOINT_DIR, SPEC_DUMP};
+use podmigrate_checkpoint::layout::{ContainerConfig, CHECKPOINT_DIR, FIRST_PAGES_IMAGE, SPEC_DUMP};
 use podmigrate_checkpoint::{criu, rootfs, runc, share, workspace};
 use tracing::{info, warn};
 
@@ -30,8 +32,6 @@ use crate::config::ShimConfig;
 use crate::delegate::Delegate;
 use crate::identity::ContainerIdentity;
 
-/// CRIU names the pages image of the first task it dumps so; a container's main process.
-const FIRST_PAGES_IMAGE: &str = "pages-1.img";
 /// The packer gives up on a dump that has not finished by then (containerd's own checkpoint
 /// calls are bounded well below it).
 const FOLLOW_TIMEOUT: Duration = Duration::from_secs(30 * 60);
@@ -399,11 +399,16 @@ impl Checkpointer<'_> {
             ..PackOptions::default()
         };
 
-        // CRIU's pages image is packed onto the share while CRIU still writes it; the rest of
-        // the checkpoint directory follows once the dump and the extras are done.
+        // CRIU writes its pages image into a pipe that the packer reads onto the share: the
+        // pages never land locally. The rest of the checkpoint directory follows once the dump
+        // and the extras are done.
+        fs::create_dir_all(&images)
+            .map_err(|e| step(format!("creating {}", images.display()))(e.to_string()))?;
+        let pipe = PagesPipe::create(local_dir, FIRST_PAGES_IMAGE)
+            .map_err(|e| step("making the pages pipe")(e.to_string()))?;
         let (done, failed) = (AtomicBool::new(false), AtomicBool::new(false));
         let follow = Follow {
-            name: format!("{CHECKPOINT_DIR}/{FIRST_PAGES_IMAGE}"),
+            pipe: &pipe,
             done: &done,
             failed: &failed,
             poll: Duration::from_millis(2),

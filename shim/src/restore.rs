@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use containerd_shim::protos::types::mount::Mount;
-use podmigrate_checkpoint::archive::{self, UnpackOptions};
-use podmigrate_checkpoint::layout::CHECKPOINT_DIR;
-use podmigrate_checkpoint::{criu, rootfs, share};
-use tracing::info;
+use podmigrate_checkpoint::archive::{self, Reserved, UnpackOptions};
+use podmigrate_checkpoint::layout::{CHECKPOINT_DIR, FIRST_PAGES_IMAGE};
+use podmigrate_checkpoint::{criu, prefault, rootfs, share};
+use tracing::{info, warn};
 
 use crate::checkpoint::upperdir;
 use crate::config::ShimConfig;
@@ -84,8 +84,18 @@ pub fn prepare(
     archive_display = archive.display().to_string();
 
     info!(container = %identity.describe(), archive = %archive_display, timeout_s = config.archive_wait.as_secs_f64(), "waiting for the source's archive");
-    share::wait_for_archive(&archive, config.archive_wait, Duration::from_secs(5), |waited| {
-        info!(container = %identity.describe(), archive = %archive_display, waited_s = waited.as_secs(), "still waiting for the source's archive");
+    let pod_dir = archive.parent().unwrap_or(&config.share_root).to_path_buf();
+    // None: the source has not announced its size yet; Some(None): nothing was reserved.
+    let mut reservation: Option<Option<PathBuf>> = None;
+    let mut next_report = Duration::from_secs(5);
+    share::wait_for_archive(&archive, config.archive_wait, RESERVE_POLL, |waited| {
+        if reservation.is_none() {
+            reservation = reserve_ahead(config, identity, &pod_dir);
+        }
+        if waited >= next_report {
+            next_report += Duration::from_secs(5);
+            info!(container = %identity.describe(), archive = %archive_display, waited_s = waited.as_secs(), "still waiting for the source's archive");
+        }
         Ok(())
     })
     .map_err(|e| match e {
@@ -102,6 +112,9 @@ pub fn prepare(
     let opened = archive::open_with_key(&archive, key.as_deref())
         .map_err(|e| fail(&archive_display, e.to_string()))?;
     // The unpacked checkpoint is as large as the archive's content: in memory if it fits.
+    let reserved = reservation.flatten();
+    // Whatever unpack does not adopt is freed on every path out of here.
+    let _release = ReleaseOnDrop(reserved.clone());
     let content_bytes = opened.manifest.entries.iter().map(|e| e.size).sum();
     let space = config.workspace().choose(Some(content_bytes));
     info!(container = %identity.describe(), in_memory = space.in_memory, root = %space.root.display(), why = %space.why, "restore work space");
@@ -117,6 +130,10 @@ pub fn prepare(
         let unpack_started = Instant::now();
         let options = UnpackOptions {
             key,
+            reserved: reserved.clone().map(|path| Reserved {
+                entry: FIRST_PAGES_IMAGE.to_string(),
+                path,
+            }),
             ..UnpackOptions::default()
         };
         let verified = archive::unpack_opened(opened, &dir, &options).map_err(|e| e.to_string())?;
@@ -169,6 +186,54 @@ pub fn prepare(
         Err(reason) => {
             let _ = fs::remove_dir_all(&dir);
             Err(fail(&archive_display, reason))
+        }
+    }
+}
+
+/// How often a waiting clone looks for the source's announcement (and for the archive).
+const RESERVE_POLL: Duration = Duration::from_millis(50);
+
+/// Reserves memory for the pages image once the source has announced its size (see
+/// `podmigrate_checkpoint::prefault`), then tells the source it may freeze. `None` while
+/// there is no announcement for this clone yet; `Some(None)` when nothing was reserved.
+fn reserve_ahead(
+    config: &ShimConfig,
+    identity: &ContainerIdentity,
+    pod_dir: &Path,
+) -> Option<Option<PathBuf>> {
+    let expected = prefault::expectation(pod_dir, &identity.container, &identity.pod_uid)?;
+    let space = config.workspace().choose(Some(expected.bytes));
+    let mut reserved = None;
+    if space.in_memory {
+        let path = space
+            .root
+            .join("prefault")
+            .join(&identity.namespace)
+            .join(&identity.id);
+        let started = Instant::now();
+        match prefault::reserve(&path, expected.bytes) {
+            Ok(_) => {
+                info!(container = %identity.describe(), bytes = expected.bytes, reserve_ms = started.elapsed().as_millis() as u64, path = %path.display(), "memory reserved for the pages image");
+                reserved = Some(path);
+            }
+            Err(e) => warn!(container = %identity.describe(), error = %e, "no memory reserved for the pages image"),
+        }
+    } else {
+        info!(container = %identity.describe(), bytes = expected.bytes, why = %space.why, "no memory reserved: the pages image will not be in memory");
+    }
+    if let Err(e) = prefault::mark_ready(pod_dir, &identity.container, &identity.pod_uid) {
+        warn!(container = %identity.describe(), error = %e, "could not tell the source the clone is ready");
+    }
+    Some(reserved)
+}
+
+/// Frees a reservation that unpack did not use up.
+struct ReleaseOnDrop(Option<PathBuf>);
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        if let Some(path) = &self.0 {
+            let _ = fs::remove_file(path);
         }
     }
 }

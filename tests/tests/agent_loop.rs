@@ -61,6 +61,7 @@ async fn start_agent(
             max_outbound: 2,
             checkpoint_timeout: Duration::from_secs(30),
             clone_timeout: Duration::from_secs(30),
+            prepare_wait: Duration::ZERO,
             poll_interval: Duration::from_millis(100),
             key_file: None,
         },

@@ -402,6 +402,10 @@ async fn a_full_work_disk_fails_the_dump_and_rolls_back() {
     // Nor does the checkpoint fit in memory-backed work space, so the shim takes the disk.
     let memory = cluster.node(NODE_A).memory.path().to_path_buf();
     cluster.mount_small_tmpfs(&memory, 16).unwrap();
+    // The pages go straight from CRIU to the share, so the disk must be full for CRIU's
+    // other images to fail.
+    let filler = work.join("filler");
+    fill_up(&filler);
     run_counter(
         &cluster,
         "cramped",
@@ -429,9 +433,32 @@ async fn a_full_work_disk_fails_the_dump_and_rolls_back() {
         "checkpointing container counter",
     )
     .await;
+    std::fs::remove_file(&filler).unwrap();
     assert_no_leftovers(&cluster).await;
     step(t0, "rolled back; node-a's work space is clean again");
     cluster.shutdown().await;
+}
+
+/// Writes `path` until its filesystem has no room left.
+fn fill_up(path: &Path) {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path).unwrap();
+    let block = vec![0x5au8; 64 << 10];
+    loop {
+        match file.write(&block) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+            Err(e) => panic!("filling {}: {e}", path.display()),
+        }
+    }
+    // Smaller writes take the last partial block.
+    while let Ok(n) = file.write(&block[..512]) {
+        if n == 0 {
+            break;
+        }
+    }
+    let _ = file.sync_all();
 }
 
 /// Pids of processes named `comm` whose ancestors include one of `roots`.

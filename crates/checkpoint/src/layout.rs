@@ -10,6 +10,9 @@ use serde::{Deserialize, Serialize};
 
 /// CRIU's image files.
 pub const CHECKPOINT_DIR: &str = "checkpoint";
+/// CRIU's pages image of the first task it dumps, the container's main process: most of a
+/// checkpoint, packed while CRIU writes it and reserved ahead on the target.
+pub const FIRST_PAGES_IMAGE: &str = "checkpoint/pages-1.img";
 /// The container's metadata, as checkpointctl reads it.
 pub const CONFIG_DUMP: &str = "config.dump";
 /// The container's OCI runtime spec at checkpoint time.

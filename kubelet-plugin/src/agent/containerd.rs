@@ -188,6 +188,19 @@ impl Containerd {
         }
     }
 
+    /// The pid of a container's main process, if it has a task.
+    pub async fn task_pid(&self, id: &str) -> Result<Option<u32>, ContainerdError> {
+        let request = namespaced(GetRequest {
+            container_id: id.to_string(),
+            exec_id: String::new(),
+        });
+        match self.bounded("GetTask", id, self.call_timeout, self.client.tasks().get(request)).await {
+            Ok(response) => Ok(response.process.map(|p| p.pid).filter(|&pid| pid > 0)),
+            Err(ContainerdError::Call { status, .. }) if status.starts_with("NotFound") => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     pub async fn pause(&self, id: &str) -> Result<(), ContainerdError> {
         let request = namespaced(PauseTaskRequest {
             container_id: id.to_string(),

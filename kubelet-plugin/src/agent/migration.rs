@@ -16,7 +16,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::Resource;
-use podmigrate_checkpoint::{archive, share};
+use podmigrate_checkpoint::{archive, prefault, share};
 use serde_json::json;
 use tokio::sync::Semaphore;
 use tracing::{info, warn};
@@ -43,6 +43,9 @@ pub struct AgentConfig {
     pub checkpoint_timeout: Duration,
     /// How long the clone may take to run once the archives are committed.
     pub clone_timeout: Duration,
+    /// How long to wait, before freezing, for the clone to reserve memory for the checkpoint
+    /// (see `podmigrate_checkpoint::prefault`); it freezes anyway after that.
+    pub prepare_wait: Duration,
     /// How often to look at the clone while waiting for it.
     pub poll_interval: Duration,
     /// The cluster's archive key, which sealed the archives this agent checks, when the file
@@ -402,7 +405,7 @@ impl Agent {
             .await;
         // Claimed (or lost): a sibling decided from now on sees this clone in progress.
         drop(claim_guard);
-        let clone = match claim {
+        let mut clone = match claim {
             Ok(claimed) => claimed,
             Err(kube::Error::Api(status)) if status.code == 409 => return Ok(()),
             Err(e) => return Err(e.into()),
@@ -496,6 +499,17 @@ impl Agent {
         for c in &targets {
             if let Some(path) = self.archive_path(&namespace, &source_name, &c.name) {
                 let _ = std::fs::remove_file(path);
+            }
+        }
+
+        if let Ok(dir) = share::pod_dir(&self.config.share_root, &namespace, &source_name) {
+            if self.prepare_clone(&clone, &dir, &targets).await {
+                // The source is frozen from now, not from the claim: the wait is not downtime.
+                let now = json!({ FROZEN_AT: unix_millis().to_string() });
+                match self.patch_clone(&clone, now).await {
+                    Ok(patched) => clone = patched,
+                    Err(e) => warn!(clone = %pod_name(&clone), error = %e, "recording the freeze time"),
+                }
             }
         }
 
@@ -818,6 +832,46 @@ impl Agent {
         }
     }
 
+    /// Announces each container's memory so that the clone's shim can reserve it before the
+    /// freeze, then waits (at most `prepare_wait`) until it has: reserving is slow, and the
+    /// source is not frozen yet. Only ever an optimization: it never fails the migration.
+    /// Returns whether it waited.
+    async fn prepare_clone(&self, clone: &Pod, pod_dir: &Path, targets: &[AppContainer]) -> bool {
+        let uid = clone.metadata.uid.as_deref().unwrap_or_default();
+        let mut announced = Vec::new();
+        for c in targets {
+            let Ok(Some(pid)) = self.containerd.task_pid(&c.id).await else {
+                continue;
+            };
+            let Some(bytes) = prefault::process_memory(pid) else {
+                continue;
+            };
+            let expectation = prefault::Expectation {
+                clone_pod_uid: uid.to_string(),
+                bytes,
+            };
+            match prefault::announce(pod_dir, &c.name, &expectation) {
+                Ok(()) => announced.push(c.name.as_str()),
+                Err(e) => warn!(clone = %pod_name(clone), error = %e, "announcing the checkpoint's size"),
+            }
+        }
+        if announced.is_empty() || self.config.prepare_wait.is_zero() {
+            return false;
+        }
+        let started = Instant::now();
+        loop {
+            if announced.iter().all(|c| prefault::is_ready(pod_dir, c, uid)) {
+                info!(clone = %pod_name(clone), waited_ms = started.elapsed().as_millis() as u64, "the clone reserved memory for the checkpoint");
+                return true;
+            }
+            if started.elapsed() >= self.config.prepare_wait {
+                info!(clone = %pod_name(clone), prepare_wait = ?self.config.prepare_wait, "the clone did not reserve memory in time; freezing anyway");
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Removes this migration's local checkpoint directories and, unless kept, its archives.
     fn clean_up(&self, clone: &Pod, source: &Pod, targets: &[AppContainer], keep_archive: bool) {
         let namespace = source.metadata.namespace.clone().unwrap_or_default();
@@ -826,6 +880,9 @@ impl Agent {
             let _ = std::fs::remove_dir_all(self.config.work_dir.join("checkpoints").join(uid));
             if let Ok(dir) = share::pod_dir(&self.config.share_root, &namespace, &source_name) {
                 let _ = std::fs::remove_file(podmigrate_checkpoint::gc::lease_path(&dir, uid));
+                for c in targets {
+                    prefault::withdraw(&dir, &c.name);
+                }
             }
         }
         for c in targets {

@@ -46,6 +46,10 @@ pub struct AgentArgs {
     /// How long a clone may take to run once the archives are committed.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     pub clone_timeout: Duration,
+    /// How long to wait before freezing for the clone to reserve memory for the checkpoint (it
+    /// freezes anyway after that; `0`: do not wait).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub prepare_wait: Duration,
     /// How often to garbage-collect the share and the work directory (`0`: never).
     #[arg(long, env = "PODMIGRATE_GC_INTERVAL", default_value = "1h", value_parser = humantime::parse_duration)]
     pub gc_interval: Duration,
@@ -107,6 +111,7 @@ async fn serve(args: AgentArgs) -> anyhow::Result<()> {
         max_outbound: args.max_outbound,
         checkpoint_timeout: args.checkpoint_timeout,
         clone_timeout: args.clone_timeout,
+        prepare_wait: args.prepare_wait,
         poll_interval: Duration::from_millis(250),
         key_file: args.key_file,
     };

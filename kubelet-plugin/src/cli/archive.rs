@@ -162,6 +162,7 @@ pub fn unpack(args: UnpackArgs) -> anyhow::Result<()> {
     let options = UnpackOptions {
         threads: args.threads,
         key: args.key.load()?,
+        reserved: None,
     };
     let verified = archive::unpack(&args.archive, &args.dest_dir, &options).context("unpack")?;
     println!(
@@ -179,6 +180,7 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<()> {
     let options = UnpackOptions {
         threads: args.threads,
         key: args.key.load()?,
+        reserved: None,
     };
     let verified = archive::verify(&args.archive, &options).context("verify")?;
     println!(

@@ -206,6 +206,16 @@ async fn measure(cluster: &Cluster, mib: u32) -> Result<Value> {
         "first_answer": answered_at - t_restored,
     });
     let downtime = answered_at - t_freeze;
+    // Before the freeze: did the clone reserve memory for the pages image, and how long did it take?
+    let reserved = last_line_with(&b_log, &["memory reserved for the pages image", &format!("/{clone} ")]);
+    let reserve_s = reserved.and_then(|l| field(l, "reserve_ms")).map(|ms| ms / 1e3);
+    note(&format!(
+        "{pod}: memory reserved ahead on node-b: {}",
+        match reserve_s {
+            Some(s) => format!("yes, in {s:.2}s before the freeze"),
+            None => "no".to_string(),
+        }
+    ));
     note(&format!(
         "{pod}: downtime {downtime:.2}s; phases {phases}; CLI: {}",
         run.last_line()
@@ -215,6 +225,7 @@ async fn measure(cluster: &Cluster, mib: u32) -> Result<Value> {
         "mib": mib,
         "downtime": downtime,
         "phases": phases,
+        "reserve_ahead": reserve_s,
         "archive_bytes": archive_bytes,
         "cli_frozen": summary.frozen_seconds,
         "cli_total": summary.total_seconds,

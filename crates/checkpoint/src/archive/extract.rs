@@ -24,6 +24,17 @@ pub struct UnpackOptions {
     /// This node's archive key: with one, only archives sealed with it are read; without one,
     /// sealed archives are refused.
     pub key: Option<Arc<ArchiveKey>>,
+    /// Memory reserved ahead for one entry (see [`crate::prefault`]).
+    pub reserved: Option<Reserved>,
+}
+
+/// A file reserved ahead for entry `entry`: unpack moves it into its staging directory and
+/// writes the entry into it, instead of into a new file, so the entry's pages are ready. If it
+/// cannot be moved (gone, or on another filesystem), a new file is made as usual.
+#[derive(Debug, Clone)]
+pub struct Reserved {
+    pub entry: String,
+    pub path: PathBuf,
 }
 
 /// A verified archive's manifest and what reading it cost.
@@ -233,7 +244,17 @@ fn stream(
     if let Some(staging) = staging {
         for location in &opened.data {
             let name = &manifest.entries[location.entry].name;
-            files[location.entry] = Some(create_file(&staging.join(name))?);
+            let path = staging.join(name);
+            let reserved = match &options.reserved {
+                Some(r) if r.entry == *name => {
+                    adopt_reserved(&r.path, &path, manifest.entries[location.entry].size)?
+                }
+                _ => None,
+            };
+            files[location.entry] = Some(match reserved {
+                Some(file) => file,
+                None => create_file(&path)?,
+            });
         }
     }
     let files = &files;
@@ -350,6 +371,24 @@ fn stream(
             Ok(())
         },
     )
+}
+
+/// Moves a reserved file to `path` and sizes it to `size`; `None` if it cannot be moved.
+fn adopt_reserved(reserved: &Path, path: &Path, size: u64) -> Result<Option<File>, ArchiveError> {
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).map_err(ArchiveError::io("creating", parent))?;
+    }
+    if fs::rename(reserved, path).is_err() {
+        return Ok(None);
+    }
+    let file = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(ArchiveError::io("opening", path))?;
+    file.set_len(size)
+        .map_err(ArchiveError::io("sizing", path))?;
+    Ok(Some(file))
 }
 
 /// Creates a new file; never follows or replaces anything already there.

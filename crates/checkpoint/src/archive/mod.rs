@@ -9,6 +9,7 @@
 mod codec;
 mod error;
 mod extract;
+mod follow;
 mod key;
 mod manifest;
 mod pack;
@@ -19,9 +20,10 @@ mod zipwriter;
 
 pub use codec::Compression;
 pub use error::ArchiveError;
-pub use extract::{unpack, unpack_opened, verify, UnpackOptions, Verified};
+pub use extract::{unpack, unpack_opened, verify, Reserved, UnpackOptions, Verified};
 pub use key::{ArchiveKey, KeyError, KEY_LEN};
-pub use pack::{pack, pack_following, Follow, PackOptions, PackSummary};
+pub use follow::{Follow, PagesPipe};
+pub use pack::{pack, pack_following, PackOptions, PackSummary};
 pub use podmigrate_proto::v1::{ArchiveManifest, Entry, EntryKind, Source, Versions};
 pub use read::{open, open_with_key, OpenArchive};
 pub use seal::{ENVELOPE_ENTRY, SEALED_MANIFEST_ENTRY};

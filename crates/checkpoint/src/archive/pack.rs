@@ -2,9 +2,8 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -14,6 +13,7 @@ use tracing::{debug, info};
 
 use super::codec::{ChunkCompressor, Compression};
 use super::error::ArchiveError;
+use super::follow::Follow;
 use super::key::ArchiveKey;
 use super::manifest::{self, entry_name_problem};
 use super::pipeline::{self, BufferPool};
@@ -124,24 +124,6 @@ impl Drop for TempArchive {
     }
 }
 
-/// A file of the checkpoint directory that is still being written while packing starts (CRIU's
-/// pages image during the dump): it is packed as it grows, so compression and the share's
-/// writes overlap the dump instead of following it.
-///
-/// The file must only ever be appended to. The writer sets `done` once the file and every other
-/// file of the directory are complete (the rest of the directory is packed after that), or
-/// `failed` if it gave up, which abandons the archive.
-pub struct Follow<'a> {
-    /// The file's name relative to the checkpoint directory, e.g. `checkpoint/pages-1.img`.
-    pub name: String,
-    pub done: &'a AtomicBool,
-    pub failed: &'a AtomicBool,
-    /// How long to wait for the file to appear or grow before looking again.
-    pub poll: Duration,
-    /// Gives up (and fails the pack) when the writer has set neither flag by then.
-    pub timeout: Duration,
-}
-
 /// Packs `dir` into the zip archive `archive`.
 ///
 /// The archive is written under a temporary name beside its final one, fsynced, and renamed:
@@ -155,15 +137,20 @@ pub fn pack(
     pack_impl(dir, archive, options, None)
 }
 
-/// [`pack`], started while `follow.name` is still being written; see [`Follow`]. Once the
-/// followed file is complete, the rest of `dir` is packed as `pack` would.
+/// [`pack`], started while the pages pipe is still being written; see [`Follow`]. Once the
+/// writer is done, the rest of `dir` is packed as `pack` would.
 pub fn pack_following(
     dir: &Path,
     archive: &Path,
     options: &PackOptions,
     follow: &Follow<'_>,
 ) -> Result<PackSummary, ArchiveError> {
-    pack_impl(dir, archive, options, Some(follow))
+    let started = Instant::now();
+    let packed = pack_impl(dir, archive, options, Some(follow));
+    if packed.is_err() {
+        follow.drain(started);
+    }
+    packed
 }
 
 fn pack_impl(
@@ -195,8 +182,8 @@ fn pack_impl(
     // writer is done (at once without a followed file).
     check_archive_outside(dir, archive)?;
     let followed = follow.map(|f| Planned {
-        name: f.name.clone(),
-        path: dir.join(&f.name),
+        name: f.pipe.name().to_string(),
+        path: f.pipe.path().to_path_buf(),
         is_dir: false,
         mode: 0o600,
         mtime_nanos: 0,
@@ -284,12 +271,19 @@ fn pack_impl(
         in_flight,
         |submit| {
             if let Some(follow) = follow {
-                if !produce_followed(follow, dir, options.chunk_size, raw_buffers, submit)? {
+                let mut submit_chunk = |data, index, last| {
+                    submit(Job::Chunk {
+                        entry: 0,
+                        index,
+                        data,
+                        last,
+                    })
+                };
+                if !follow.read_chunks(started, options.chunk_size, raw_buffers, &mut submit_chunk)? {
                     return Ok(());
                 }
-                let mut all = plan(dir, archive)?;
-                all.retain(|p| p.name != follow.name);
-                let _ = rest.set(all);
+                follow.pipe.unlink()?;
+                let _ = rest.set(plan(dir, archive)?);
             }
             let rest = rest.get().expect("planned above");
             produce(rest, base, options.chunk_size, raw_buffers, submit)
@@ -418,13 +412,9 @@ fn pack_impl(
                 if last {
                     let (zip_entry, crc, digest, mut record) = open.take().expect("entry is open");
                     record.sha256 = digest.finish().to_vec();
-                    if followed.is_some() && i == 0 {
+                    if let (Some(follow), 0) = (follow, i) {
                         // Complete now: its final mode and mtime.
-                        let path = &planned(0).path;
-                        let meta = fs::metadata(path)
-                            .map_err(ArchiveError::io("reading metadata of", path))?;
-                        record.mode = meta.permissions().mode() & 0o777;
-                        record.mtime_unix_nanos = meta.mtime() * 1_000_000_000 + meta.mtime_nsec();
+                        (record.mode, record.mtime_unix_nanos) = follow.pipe.mode_and_mtime()?;
                     }
                     // A stored entry's size is what it stores.
                     let zip_size = if sealer.is_some() {
@@ -547,100 +537,6 @@ fn produce(
         }
     }
     Ok(())
-}
-
-/// Reads the followed file (entry 0) as it grows, a whole chunk at a time, until the writer is
-/// done and the file is read to its end. `Ok(false)`: the pipeline stopped early.
-fn produce_followed(
-    follow: &Follow<'_>,
-    dir: &Path,
-    chunk_size: usize,
-    buffers: &BufferPool,
-    submit: &mut dyn FnMut(Job) -> bool,
-) -> Result<bool, ArchiveError> {
-    let path = dir.join(&follow.name);
-    let started = Instant::now();
-    let stopped = |why: String| ArchiveError::BadInput {
-        path: path.clone(),
-        reason: why,
-    };
-    // Ordering: a `done` seen before a size is read guarantees that size is final.
-    let state = || -> Result<bool, ArchiveError> {
-        if follow.failed.load(Ordering::Acquire) {
-            return Err(stopped("the writer failed; packing stopped".into()));
-        }
-        if started.elapsed() > follow.timeout {
-            return Err(stopped(format!(
-                "still being written after {:?}; packing stopped",
-                follow.timeout
-            )));
-        }
-        Ok(follow.done.load(Ordering::Acquire))
-    };
-    let file = loop {
-        let finished = state()?;
-        match File::open(&path) {
-            Ok(file) => break file,
-            Err(e) if e.kind() == io::ErrorKind::NotFound && !finished => {
-                std::thread::sleep(follow.poll)
-            }
-            Err(e) => return Err(ArchiveError::io("opening", &path)(e)),
-        }
-    };
-    let chunk = chunk_size as u64;
-    let mut offset = 0u64;
-    let mut index = 0usize;
-    // One full chunk is held back until it is known whether it is the last.
-    let mut held: Option<Vec<u8>> = None;
-    let mut submit_chunk = |data: Vec<u8>, last: bool, index: &mut usize| -> bool {
-        let ok = submit(Job::Chunk {
-            entry: 0,
-            index: *index,
-            data,
-            last,
-        });
-        *index += 1;
-        ok
-    };
-    loop {
-        let finished = state()?;
-        let len = file
-            .metadata()
-            .map_err(ArchiveError::io("reading metadata of", &path))?
-            .len();
-        while len - offset >= chunk {
-            let mut data = buffers.get(chunk_size);
-            data.resize(chunk_size, 0);
-            file.read_exact_at(&mut data, offset)
-                .map_err(ArchiveError::io("reading", &path))?;
-            offset += chunk;
-            if let Some(previous) = held.replace(data) {
-                if !submit_chunk(previous, false, &mut index) {
-                    return Ok(false);
-                }
-            }
-        }
-        if finished {
-            let tail_len = (len - offset) as usize;
-            if tail_len > 0 || held.is_none() {
-                let mut tail = buffers.get(tail_len);
-                tail.resize(tail_len, 0);
-                file.read_exact_at(&mut tail, offset)
-                    .map_err(ArchiveError::io("reading", &path))?;
-                if let Some(previous) = held.take() {
-                    if !submit_chunk(previous, false, &mut index) {
-                        return Ok(false);
-                    }
-                }
-                return Ok(submit_chunk(tail, true, &mut index));
-            }
-            let last = held
-                .take()
-                .expect("a held chunk when the file ends on a chunk boundary");
-            return Ok(submit_chunk(last, true, &mut index));
-        }
-        std::thread::sleep(follow.poll);
-    }
 }
 
 fn read_chunk(

@@ -569,3 +569,33 @@ fn a_non_empty_destination_is_refused_and_kept() {
     unpack(&archive, &empty, &UnpackOptions::default()).unwrap();
     assert!(empty.join("checkpoint/pages-1.img").is_file());
 }
+
+/// A file reserved ahead (bigger than the entry, and full of other bytes) is adopted for the
+/// pages image: the result is exactly the checkpoint, and the reserved file is used up. A
+/// reservation that is gone is no error.
+#[test]
+fn unpack_writes_an_entry_into_its_reserved_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = sample_checkpoint(tmp.path());
+    let archive = tmp.path().join("ck.zip");
+    pack(&ck, &archive, &PackOptions::default()).unwrap();
+    let pages = fs::metadata(ck.join("checkpoint/pages-1.img")).unwrap().len();
+
+    let reserved = tmp.path().join("reserved-pages");
+    fs::write(&reserved, vec![0xffu8; pages as usize + 12_345]).unwrap();
+    let options = UnpackOptions {
+        reserved: Some(Reserved {
+            entry: "checkpoint/pages-1.img".into(),
+            path: reserved.clone(),
+        }),
+        ..UnpackOptions::default()
+    };
+    let out = tmp.path().join("out");
+    unpack(&archive, &out, &options).unwrap();
+    assert_same_tree(&ck, &out);
+    assert!(!reserved.exists(), "the reservation is used up");
+
+    let again = tmp.path().join("again");
+    unpack(&archive, &again, &options).unwrap();
+    assert_same_tree(&ck, &again);
+}

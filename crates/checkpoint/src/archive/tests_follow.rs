@@ -1,7 +1,8 @@
-//! `pack_following`: packing a pages image while another thread is still appending to it.
+//! `pack_following`: packing a pages image from its pipe while another thread still writes it.
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -12,9 +13,9 @@ use super::*;
 const PAGES: &str = "checkpoint/pages-1.img";
 const CHUNK: usize = 64 << 10;
 
-fn follow<'a>(done: &'a AtomicBool, failed: &'a AtomicBool) -> Follow<'a> {
+fn follow<'a>(pipe: &'a PagesPipe, done: &'a AtomicBool, failed: &'a AtomicBool) -> Follow<'a> {
     Follow {
-        name: PAGES.into(),
+        pipe,
         done,
         failed,
         poll: Duration::from_millis(1),
@@ -30,14 +31,15 @@ fn options() -> PackOptions {
     }
 }
 
-/// Moves the pages image of a sample checkpoint aside, then packs the directory while a
-/// writer appends the image back in `pieces` uneven writes; the unpacked result must equal
-/// the sample exactly.
-fn pack_while_appending(total_len: usize, pieces: usize) {
+/// Moves the pages image of a sample checkpoint aside, puts its pipe in its place, then packs
+/// the directory while a writer (as CRIU does) opens the pipe's path and writes the image in
+/// `pieces` uneven writes; the unpacked result must equal the sample exactly.
+fn pack_while_writing(total_len: usize, pieces: usize) {
     let tmp = tempfile::tempdir().unwrap();
     let reference = sample_checkpoint(tmp.path());
     let pages = super::tests::sample_pages(total_len, total_len / 3);
     fs::write(reference.join(PAGES), &pages).unwrap();
+    fs::set_permissions(reference.join(PAGES), fs::Permissions::from_mode(0o600)).unwrap();
     let dir = tmp.path().join("growing");
     fs::create_dir_all(dir.join("checkpoint")).unwrap();
     for entry in walkdir::WalkDir::new(&reference).min_depth(1) {
@@ -53,14 +55,18 @@ fn pack_while_appending(total_len: usize, pieces: usize) {
         fs::copy(entry.path(), dir.join(rel)).unwrap();
         fs::set_permissions(dir.join(rel), entry.metadata().unwrap().permissions()).unwrap();
     }
+    let pipe = PagesPipe::create(&dir, PAGES).unwrap();
     let archive = tmp.path().join("out.zip");
     let (done, failed) = (AtomicBool::new(false), AtomicBool::new(false));
     let summary = std::thread::scope(|scope| {
-        let packer =
-            scope.spawn(|| pack_following(&dir, &archive, &options(), &follow(&done, &failed)));
+        let packer = scope.spawn(|| {
+            pack_following(&dir, &archive, &options(), &follow(&pipe, &done, &failed))
+        });
+        // As CRIU opens an image: create, truncate, write only.
         let mut file = OpenOptions::new()
+            .write(true)
             .create(true)
-            .append(true)
+            .truncate(true)
             .open(dir.join(PAGES))
             .unwrap();
         let step = total_len.div_ceil(pieces.max(1)).max(1);
@@ -72,16 +78,15 @@ fn pack_while_appending(total_len: usize, pieces: usize) {
             file.write_all(b).unwrap();
         }
         drop(file);
-        let mode = fs::metadata(reference.join(PAGES)).unwrap().permissions();
-        fs::set_permissions(dir.join(PAGES), mode).unwrap();
         done.store(true, Ordering::Release);
         packer.join().unwrap()
     })
     .unwrap();
-    assert_eq!(summary.content_bytes as usize, dir_bytes(&dir));
+    assert_eq!(summary.content_bytes as usize, dir_bytes(&reference));
+    assert!(!dir.join(PAGES).exists(), "the pipe is removed once read");
     let out = tmp.path().join("unpacked");
     unpack(&archive, &out, &UnpackOptions::default()).unwrap();
-    assert_same_tree(&dir, &out);
+    assert_same_tree(&reference, &out);
     let opened = open(&archive).unwrap();
     assert_eq!(
         opened.manifest.entries[0].name, PAGES,
@@ -104,36 +109,17 @@ fn dir_bytes(dir: &Path) -> usize {
 
 #[test]
 fn a_file_packed_while_it_grows_unpacks_exactly() {
-    pack_while_appending(1_000_000, 7);
+    pack_while_writing(1_000_000, 7);
 }
 
 #[test]
 fn a_file_ending_on_a_chunk_boundary() {
-    pack_while_appending(4 * CHUNK, 3);
+    pack_while_writing(4 * CHUNK, 3);
 }
 
 #[test]
 fn an_empty_followed_file() {
-    pack_while_appending(0, 1);
-}
-
-#[test]
-fn a_followed_file_that_never_appears_is_an_error_naming_it() {
-    // The writer finished without making it: CRIU always writes a pages image, so its absence
-    // means something went wrong, and nothing is committed.
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = sample_checkpoint(tmp.path());
-    fs::remove_file(dir.join(PAGES)).unwrap();
-    let archive = tmp.path().join("out.zip");
-    let (done, failed) = (AtomicBool::new(true), AtomicBool::new(false));
-    let err = pack_following(&dir, &archive, &options(), &follow(&done, &failed)).unwrap_err();
-    assert!(err.to_string().contains("pages-1.img"), "{err}");
-    assert!(!archive.exists());
-    assert_eq!(
-        fs::read_dir(tmp.path()).unwrap().count(),
-        1,
-        "no temporary archive left"
-    );
+    pack_while_writing(0, 1);
 }
 
 #[test]
@@ -141,10 +127,13 @@ fn a_failed_writer_abandons_the_archive() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = sample_checkpoint(tmp.path());
     let archive = tmp.path().join("out.zip");
+    fs::remove_file(dir.join(PAGES)).unwrap();
+    let pipe = PagesPipe::create(&dir, PAGES).unwrap();
     let (done, failed) = (AtomicBool::new(false), AtomicBool::new(false));
     let err = std::thread::scope(|scope| {
-        let packer =
-            scope.spawn(|| pack_following(&dir, &archive, &options(), &follow(&done, &failed)));
+        let packer = scope.spawn(|| {
+            pack_following(&dir, &archive, &options(), &follow(&pipe, &done, &failed))
+        });
         std::thread::sleep(Duration::from_millis(20));
         failed.store(true, Ordering::Release);
         packer.join().unwrap()
@@ -168,11 +157,39 @@ fn a_writer_that_never_finishes_times_out_naming_the_file() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = sample_checkpoint(tmp.path());
     let archive = tmp.path().join("out.zip");
+    fs::remove_file(dir.join(PAGES)).unwrap();
+    let pipe = PagesPipe::create(&dir, PAGES).unwrap();
     let (done, failed) = (AtomicBool::new(false), AtomicBool::new(false));
-    let mut f = follow(&done, &failed);
+    let mut f = follow(&pipe, &done, &failed);
     f.timeout = Duration::from_millis(50);
     let err = pack_following(&dir, &archive, &options(), &f).unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains("pages-1.img") && msg.contains("50ms"), "{msg}");
     assert!(!archive.exists());
+}
+
+/// A pack that fails while the writer is still writing (here: the archive's directory is
+/// gone) keeps reading the pipe until the writer is done: CRIU must never block on a full pipe
+/// with the container frozen.
+#[test]
+fn a_failed_pack_drains_the_pipe_until_the_writer_is_done() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = sample_checkpoint(tmp.path());
+    fs::remove_file(dir.join(PAGES)).unwrap();
+    let pipe = PagesPipe::create(&dir, PAGES).unwrap();
+    let archive = tmp.path().join("missing-dir/out.zip");
+    let (done, failed) = (AtomicBool::new(false), AtomicBool::new(false));
+    let written = 8 << 20; // far more than the pipe holds
+    let err = std::thread::scope(|scope| {
+        let packer = scope.spawn(|| {
+            pack_following(&dir, &archive, &options(), &follow(&pipe, &done, &failed))
+        });
+        let mut file = OpenOptions::new().write(true).open(dir.join(PAGES)).unwrap();
+        file.write_all(&vec![7u8; written]).unwrap();
+        drop(file);
+        done.store(true, Ordering::Release);
+        packer.join().unwrap()
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("missing-dir"), "{err}");
 }
