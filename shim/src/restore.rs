@@ -2,7 +2,7 @@
 //! verified and unpacked locally, its rootfs changes applied, and is created from the
 //! checkpoint so that Start resumes the process instead of starting a fresh one.
 
-use std::fs;
+use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -86,19 +86,31 @@ pub fn prepare(
     info!(container = %identity.describe(), archive = %archive_display, timeout_s = config.archive_wait.as_secs_f64(), "waiting for the source's archive");
     let pod_dir = archive.parent().unwrap_or(&config.share_root).to_path_buf();
     // None: the source has not announced its size yet; Some(None): nothing was reserved.
-    let mut reservation: Option<Option<PathBuf>> = None;
+    let mut reservation: Option<Option<File>> = None;
     let mut next_report = Duration::from_secs(5);
-    share::wait_for_archive(&archive, config.archive_wait, RESERVE_POLL, |waited| {
-        if reservation.is_none() {
-            reservation = reserve_ahead(config, identity, &pod_dir);
+    let waited = share::wait_for_archive(&archive, config.archive_wait, RESERVE_POLL, |waited| {
+        match &reservation {
+            None => reservation = reserve_ahead(config, identity, &pod_dir),
+            // The source withdraws its announcement when the migration ends: without an
+            // archive, that means it was abandoned, and the memory is given back at once.
+            Some(Some(_))
+                if prefault::expectation(&pod_dir, &identity.container, &identity.pod_uid)
+                    .is_none() =>
+            {
+                info!(container = %identity.describe(), "the source withdrew its announcement; reserved memory released");
+                reservation = Some(None);
+            }
+            Some(_) => {}
         }
         if waited >= next_report {
             next_report += Duration::from_secs(5);
             info!(container = %identity.describe(), archive = %archive_display, waited_s = waited.as_secs(), "still waiting for the source's archive");
         }
         Ok(())
-    })
-    .map_err(|e| match e {
+    });
+    // Unnamed: whatever unpack does not adopt is freed when it is dropped, on every path.
+    let reserved = reservation.flatten();
+    waited.map_err(|e| match e {
         share::ShareError::Timeout { .. } => fail(&archive_display, format!("{e} ({})", crate::config::ENV_ARCHIVE_WAIT)),
         e => fail(&archive_display, e.to_string()),
     })?;
@@ -112,11 +124,15 @@ pub fn prepare(
     let opened = archive::open_with_key(&archive, key.as_deref())
         .map_err(|e| fail(&archive_display, e.to_string()))?;
     // The unpacked checkpoint is as large as the archive's content: in memory if it fits.
-    let reserved = reservation.flatten();
-    // Whatever unpack does not adopt is freed on every path out of here.
-    let _release = ReleaseOnDrop(reserved.clone());
-    let content_bytes = opened.manifest.entries.iter().map(|e| e.size).sum();
-    let space = config.workspace().choose(Some(content_bytes));
+    let content_bytes: u64 = opened.manifest.entries.iter().map(|e| e.size).sum();
+    // The reservation already holds its share of that.
+    let reserved_bytes = reserved
+        .as_ref()
+        .and_then(|file| file.metadata().ok())
+        .map_or(0, |meta| meta.len());
+    let space = config
+        .workspace()
+        .choose(Some(content_bytes.saturating_sub(reserved_bytes)));
     info!(container = %identity.describe(), in_memory = space.in_memory, root = %space.root.display(), why = %space.why, "restore work space");
     let dir = local_dir(&space.root, identity);
     let result = (|| {
@@ -130,10 +146,7 @@ pub fn prepare(
         let unpack_started = Instant::now();
         let options = UnpackOptions {
             key,
-            reserved: reserved.clone().map(|path| Reserved {
-                entry: FIRST_PAGES_IMAGE.to_string(),
-                path,
-            }),
+            reserved: reserved.map(|file| Reserved::new(FIRST_PAGES_IMAGE, file)),
             ..UnpackOptions::default()
         };
         let verified = archive::unpack_opened(opened, &dir, &options).map_err(|e| e.to_string())?;
@@ -200,21 +213,18 @@ fn reserve_ahead(
     config: &ShimConfig,
     identity: &ContainerIdentity,
     pod_dir: &Path,
-) -> Option<Option<PathBuf>> {
+) -> Option<Option<File>> {
     let expected = prefault::expectation(pod_dir, &identity.container, &identity.pod_uid)?;
     let space = config.workspace().choose(Some(expected.bytes));
     let mut reserved = None;
     if space.in_memory {
-        let path = space
-            .root
-            .join("prefault")
-            .join(&identity.namespace)
-            .join(&identity.id);
+        // Beside the restore directories: unpack links the file there, on the same tmpfs.
+        let dir = space.root.join("restore");
         let started = Instant::now();
-        match prefault::reserve(&path, expected.bytes) {
-            Ok(_) => {
-                info!(container = %identity.describe(), bytes = expected.bytes, reserve_ms = started.elapsed().as_millis() as u64, path = %path.display(), "memory reserved for the pages image");
-                reserved = Some(path);
+        match prefault::reserve(&dir, expected.bytes) {
+            Ok(file) => {
+                info!(container = %identity.describe(), bytes = expected.bytes, reserve_ms = started.elapsed().as_millis() as u64, "memory reserved for the pages image");
+                reserved = Some(file);
             }
             Err(e) => warn!(container = %identity.describe(), error = %e, "no memory reserved for the pages image"),
         }
@@ -225,17 +235,6 @@ fn reserve_ahead(
         warn!(container = %identity.describe(), error = %e, "could not tell the source the clone is ready");
     }
     Some(reserved)
-}
-
-/// Frees a reservation that unpack did not use up.
-struct ReleaseOnDrop(Option<PathBuf>);
-
-impl Drop for ReleaseOnDrop {
-    fn drop(&mut self) {
-        if let Some(path) = &self.0 {
-            let _ = fs::remove_file(path);
-        }
-    }
 }
 
 /// The image's layers under the new container's overlay, topmost first: a diff may carry

@@ -198,6 +198,20 @@ async fn counter_migrates_to_node_b_then_a_clone_diverges() {
         cluster.cat(NODE_B, &id, "/tmp/count").await.unwrap().trim(),
         "6"
     );
+    // Before the freeze node-b reserved memory for the pages image, and node-a waited for it.
+    let b_log = std::fs::read_to_string(cluster.node(NODE_B).containerd.log_path()).unwrap();
+    assert!(
+        b_log.contains("memory reserved for the pages image"),
+        "node-b's shim did not reserve memory ahead"
+    );
+    assert!(
+        cluster
+            .node(NODE_A)
+            .agent
+            .log_text()
+            .contains("the clone reserved memory for the checkpoint"),
+        "node-a's agent did not wait for the reservation"
+    );
     step(t0, "node-b's clone answered 6");
 
     // d. node-a's pod is gone: from the API server, and its containers from node-a.

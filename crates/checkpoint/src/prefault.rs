@@ -102,10 +102,26 @@ pub fn is_ready(pod_dir: &Path, container: &str, clone_pod_uid: &str) -> bool {
         .is_ok_and(|uid| uid.trim() == clone_pod_uid && !clone_pod_uid.is_empty())
 }
 
-/// Removes both files once the checkpoint is taken (or abandoned).
-pub fn withdraw(pod_dir: &Path, container: &str) {
-    let _ = fs::remove_file(expectation_path(pod_dir, container));
-    let _ = fs::remove_file(ready_path(pod_dir, container));
+/// Removes the announcements and ready marks of the migration to `clone_pod_uid`, whatever
+/// its containers, once the checkpoint is taken or abandoned. A waiting clone takes the
+/// withdrawal as the end of the migration and releases what it reserved.
+pub fn withdraw(pod_dir: &Path, clone_pod_uid: &str) {
+    let Ok(entries) = fs::read_dir(pod_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if !(name.starts_with('.') && (name.ends_with(".prepare") || name.ends_with(".prepared"))) {
+            continue;
+        }
+        let ours = fs::read_to_string(entry.path()).is_ok_and(|text| {
+            text.split_whitespace().next() == Some(clone_pod_uid)
+        });
+        if ours {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// The anonymous memory of process `pid` (`RssAnon`): what CRIU writes to its pages image.
@@ -122,36 +138,31 @@ pub fn process_memory(pid: u32) -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// Creates `path` (mode 0600) with `bytes` allocated and written once (zeros): allocating alone
-/// leaves tmpfs pages to be cleared, and a VM's host to back them, at their first write, which
-/// would then still fall in the downtime.
-pub fn reserve(path: &Path, bytes: u64) -> Result<File, PrefaultError> {
-    if let Some(parent) = path.parent() {
-        fs::create_dir_all(parent).map_err(io_error("creating", parent))?;
-    }
+/// Reserves `bytes` in directory `dir` (made if missing): a file with no name (`O_TMPFILE`),
+/// allocated and written once (zeros), since allocating alone leaves tmpfs pages to be cleared,
+/// and a VM's host to back them, at their first write, which would then still fall in the
+/// downtime. Having no name, it is freed with its last descriptor, whatever becomes of the
+/// process holding it; unpack gives it a name when it adopts it.
+pub fn reserve(dir: &Path, bytes: u64) -> Result<File, PrefaultError> {
+    fs::create_dir_all(dir).map_err(io_error("creating", dir))?;
     let file = OpenOptions::new()
         .read(true)
         .write(true)
-        .create(true)
-        .truncate(true)
         .mode(0o600)
-        .open(path)
-        .map_err(io_error("creating", path))?;
+        .custom_flags(libc::O_TMPFILE)
+        .open(dir)
+        .map_err(io_error("creating an unnamed file in", dir))?;
     let len = libc::off_t::try_from(bytes).unwrap_or(libc::off_t::MAX);
     // SAFETY: fallocate on a file we own.
     if len > 0 && unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) } != 0 {
-        let err = io::Error::last_os_error();
-        let _ = fs::remove_file(path);
-        return Err(io_error("reserving memory for", path)(err));
+        return Err(io_error("reserving memory in", dir)(io::Error::last_os_error()));
     }
     let zeros = vec![0u8; 1 << 20];
     let mut offset = 0u64;
     while offset < bytes {
         let n = (bytes - offset).min(zeros.len() as u64) as usize;
-        if let Err(e) = file.write_all_at(&zeros[..n], offset) {
-            let _ = fs::remove_file(path);
-            return Err(io_error("reserving memory for", path)(e));
-        }
+        file.write_all_at(&zeros[..n], offset)
+            .map_err(io_error("reserving memory in", dir))?;
         offset += n as u64;
     }
     Ok(file)
@@ -176,7 +187,14 @@ mod tests {
         mark_ready(dir.path(), "counter", "uid-a").unwrap();
         assert!(is_ready(dir.path(), "counter", "uid-a"));
         assert!(!is_ready(dir.path(), "counter", "uid-b"));
-        withdraw(dir.path(), "counter");
+        let other = Expectation {
+            clone_pod_uid: "uid-b".into(),
+            bytes: 1,
+        };
+        announce(dir.path(), "sidecar", &other).unwrap();
+        withdraw(dir.path(), "uid-a");
+        assert_eq!(expectation(dir.path(), "sidecar", "uid-b"), Some(other), "another clone's stays");
+        withdraw(dir.path(), "uid-b");
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0, "nothing left");
     }
 
@@ -203,13 +221,13 @@ mod tests {
     }
 
     #[test]
-    fn a_reservation_has_the_size_asked_for() {
+    fn a_reservation_has_the_size_asked_for_and_no_name() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("deep/pages");
-        let file = reserve(&path, 3 << 20).unwrap();
+        let file = reserve(&dir.path().join("deep"), 3 << 20).unwrap();
         assert_eq!(file.metadata().unwrap().len(), 3 << 20);
         use std::os::unix::fs::MetadataExt;
         assert!(file.metadata().unwrap().blocks() * 512 >= 3 << 20, "allocated, not sparse");
+        assert_eq!(fs::read_dir(dir.path().join("deep")).unwrap().count(), 0, "no name");
     }
 
     #[test]

@@ -880,9 +880,7 @@ impl Agent {
             let _ = std::fs::remove_dir_all(self.config.work_dir.join("checkpoints").join(uid));
             if let Ok(dir) = share::pod_dir(&self.config.share_root, &namespace, &source_name) {
                 let _ = std::fs::remove_file(podmigrate_checkpoint::gc::lease_path(&dir, uid));
-                for c in targets {
-                    prefault::withdraw(&dir, &c.name);
-                }
+                prefault::withdraw(&dir, uid);
             }
         }
         for c in targets {

@@ -4,7 +4,8 @@
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use podmigrate_proto::v1::{ArchiveManifest, Entry, EntryKind};
@@ -28,13 +29,28 @@ pub struct UnpackOptions {
     pub reserved: Option<Reserved>,
 }
 
-/// A file reserved ahead for entry `entry`: unpack moves it into its staging directory and
-/// writes the entry into it, instead of into a new file, so the entry's pages are ready. If it
-/// cannot be moved (gone, or on another filesystem), a new file is made as usual.
+/// An unnamed file reserved ahead for entry `entry` (see [`crate::prefault::reserve`]): the
+/// first unpack that meets the entry links it into its staging directory and writes the entry
+/// into it, so the entry's pages are ready. If it cannot be linked there (another filesystem),
+/// a new file is made as usual.
 #[derive(Debug, Clone)]
 pub struct Reserved {
-    pub entry: String,
-    pub path: PathBuf,
+    entry: String,
+    file: Arc<Mutex<Option<File>>>,
+}
+
+impl Reserved {
+    pub fn new(entry: impl Into<String>, file: File) -> Self {
+        Reserved {
+            entry: entry.into(),
+            file: Arc::new(Mutex::new(Some(file))),
+        }
+    }
+
+    /// The file, once: a reservation becomes exactly one unpacked file.
+    fn take(&self) -> Option<File> {
+        self.file.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
 }
 
 /// A verified archive's manifest and what reading it cost.
@@ -246,9 +262,12 @@ fn stream(
             let name = &manifest.entries[location.entry].name;
             let path = staging.join(name);
             let reserved = match &options.reserved {
-                Some(r) if r.entry == *name => {
-                    adopt_reserved(&r.path, &path, manifest.entries[location.entry].size)?
-                }
+                Some(r) if r.entry == *name => match r.take() {
+                    Some(file) => {
+                        adopt_reserved(file, &path, manifest.entries[location.entry].size)?
+                    }
+                    None => None,
+                },
                 _ => None,
             };
             files[location.entry] = Some(match reserved {
@@ -373,21 +392,23 @@ fn stream(
     )
 }
 
-/// Moves a reserved file to `path` and sizes it to `size`; `None` if it cannot be moved.
-fn adopt_reserved(reserved: &Path, path: &Path, size: u64) -> Result<Option<File>, ArchiveError> {
+/// Gives the unnamed reserved file the name `path` and sizes it to `size`; `None` if it cannot
+/// be linked there.
+fn adopt_reserved(file: File, path: &Path, size: u64) -> Result<Option<File>, ArchiveError> {
     if let Some(parent) = path.parent() {
         fs::create_dir_all(parent).map_err(ArchiveError::io("creating", parent))?;
     }
-    if fs::rename(reserved, path).is_err() {
+    let linked = rustix::fs::linkat(
+        rustix::fs::CWD,
+        format!("/proc/self/fd/{}", file.as_raw_fd()),
+        rustix::fs::CWD,
+        path,
+        rustix::fs::AtFlags::SYMLINK_FOLLOW,
+    );
+    if linked.is_err() {
         return Ok(None);
     }
-    let file = OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
-        .map_err(ArchiveError::io("opening", path))?;
-    file.set_len(size)
-        .map_err(ArchiveError::io("sizing", path))?;
+    file.set_len(size).map_err(ArchiveError::io("sizing", path))?;
     Ok(Some(file))
 }
 

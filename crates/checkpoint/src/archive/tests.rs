@@ -571,8 +571,7 @@ fn a_non_empty_destination_is_refused_and_kept() {
 }
 
 /// A file reserved ahead (bigger than the entry, and full of other bytes) is adopted for the
-/// pages image: the result is exactly the checkpoint, and the reserved file is used up. A
-/// reservation that is gone is no error.
+/// pages image: the result is exactly the checkpoint, and the reservation is used up.
 #[test]
 fn unpack_writes_an_entry_into_its_reserved_file() {
     let tmp = tempfile::tempdir().unwrap();
@@ -581,21 +580,24 @@ fn unpack_writes_an_entry_into_its_reserved_file() {
     pack(&ck, &archive, &PackOptions::default()).unwrap();
     let pages = fs::metadata(ck.join("checkpoint/pages-1.img")).unwrap().len();
 
-    let reserved = tmp.path().join("reserved-pages");
-    fs::write(&reserved, vec![0xffu8; pages as usize + 12_345]).unwrap();
+    let reserved_dir = tmp.path().join("reserved");
+    let file = crate::prefault::reserve(&reserved_dir, pages + 12_345).unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        file.write_all_at(&vec![0xffu8; pages as usize + 12_345], 0).unwrap();
+    }
     let options = UnpackOptions {
-        reserved: Some(Reserved {
-            entry: "checkpoint/pages-1.img".into(),
-            path: reserved.clone(),
-        }),
+        reserved: Some(Reserved::new("checkpoint/pages-1.img", file)),
         ..UnpackOptions::default()
     };
     let out = tmp.path().join("out");
     unpack(&archive, &out, &options).unwrap();
     assert_same_tree(&ck, &out);
-    assert!(!reserved.exists(), "the reservation is used up");
 
+    // Used up: a second unpack makes its own file and leaves the first one's alone.
     let again = tmp.path().join("again");
     unpack(&archive, &again, &options).unwrap();
     assert_same_tree(&ck, &again);
+    fs::write(again.join("checkpoint/pages-1.img"), b"changed").unwrap();
+    assert_same_tree(&ck, &out);
 }
