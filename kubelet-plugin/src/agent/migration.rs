@@ -833,7 +833,7 @@ impl Agent {
     }
 
     /// Announces each container's memory so that the clone's shim can reserve it before the
-    /// freeze, then waits (at most `prepare_wait`) until it has: reserving is slow, and the
+    /// freeze, then waits (at most `prepare_wait`) until the first has: reserving is slow, and the
     /// source is not frozen yet. Only ever an optimization: it never fails the migration.
     /// Returns whether it waited.
     async fn prepare_clone(&self, clone: &Pod, pod_dir: &Path, targets: &[AppContainer]) -> bool {
@@ -855,12 +855,27 @@ impl Agent {
                 Err(e) => warn!(clone = %pod_name(clone), error = %e, "announcing the checkpoint's size"),
             }
         }
-        if announced.is_empty() || self.config.prepare_wait.is_zero() {
+        // kubelet creates a pod's containers one after another, and a clone container's Create
+        // returns only once it is restored: only the first can reserve before the freeze (the
+        // others find their archive committed and do not reserve).
+        let first = clone
+            .spec
+            .as_ref()
+            .and_then(|spec| {
+                spec.containers
+                    .iter()
+                    .find(|c| announced.contains(&c.name.as_str()))
+            })
+            .map(|c| c.name.as_str());
+        let Some(first) = first else {
+            return false;
+        };
+        if self.config.prepare_wait.is_zero() {
             return false;
         }
         let started = Instant::now();
         loop {
-            if announced.iter().all(|c| prefault::is_ready(pod_dir, c, uid)) {
+            if prefault::is_ready(pod_dir, first, uid) {
                 info!(clone = %pod_name(clone), waited_ms = started.elapsed().as_millis() as u64, "the clone reserved memory for the checkpoint");
                 return true;
             }
