@@ -48,7 +48,7 @@ pub struct AgentArgs {
     pub clone_timeout: Duration,
     /// How long to wait before freezing for the clone to reserve memory for the checkpoint (it
     /// freezes anyway after that; `0`: do not wait).
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub prepare_wait: Duration,
     /// How often to garbage-collect the share and the work directory (`0`: never).
     #[arg(long, env = "PODMIGRATE_GC_INTERVAL", default_value = "1h", value_parser = humantime::parse_duration)]
