@@ -275,7 +275,11 @@ fn a_report_into_a_closed_pipe_ends_quietly() {
     let ck = checkpoint_dir(tmp.path());
     let zip = tmp.path().join("ck.zip");
     let out = podmigrate(&["pack", ck.to_str().unwrap(), zip.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let mut inspect = Command::new(env!("CARGO_BIN_EXE_podmigrate"))
         .args(["inspect", zip.to_str().unwrap()])

@@ -24,7 +24,9 @@ use podmigrate_checkpoint::archive::{
     self, ArchiveKey, Follow, PackOptions, PagesPipe, Source, Versions,
 };
 use podmigrate_checkpoint::bandwidth::Bandwidth;
-use podmigrate_checkpoint::layout::{ContainerConfig, CHECKPOINT_DIR, FIRST_PAGES_IMAGE, SPEC_DUMP};
+use podmigrate_checkpoint::layout::{
+    ContainerConfig, CHECKPOINT_DIR, FIRST_PAGES_IMAGE, SPEC_DUMP,
+};
 use podmigrate_checkpoint::{criu, rootfs, runc, share, workspace};
 use tracing::{info, warn};
 

@@ -111,7 +111,10 @@ pub fn prepare(
     // Unnamed: whatever unpack does not adopt is freed when it is dropped, on every path.
     let reserved = reservation.flatten();
     waited.map_err(|e| match e {
-        share::ShareError::Timeout { .. } => fail(&archive_display, format!("{e} ({})", crate::config::ENV_ARCHIVE_WAIT)),
+        share::ShareError::Timeout { .. } => fail(
+            &archive_display,
+            format!("{e} ({})", crate::config::ENV_ARCHIVE_WAIT),
+        ),
         e => fail(&archive_display, e.to_string()),
     })?;
 
@@ -226,7 +229,9 @@ fn reserve_ahead(
                 info!(container = %identity.describe(), bytes = expected.bytes, reserve_ms = started.elapsed().as_millis() as u64, "memory reserved for the pages image");
                 reserved = Some(file);
             }
-            Err(e) => warn!(container = %identity.describe(), error = %e, "no memory reserved for the pages image"),
+            Err(e) => {
+                warn!(container = %identity.describe(), error = %e, "no memory reserved for the pages image")
+            }
         }
     } else {
         info!(container = %identity.describe(), bytes = expected.bytes, why = %space.why, "no memory reserved: the pages image will not be in memory");

@@ -93,8 +93,15 @@ pub fn expectation(pod_dir: &Path, container: &str, clone_pod_uid: &str) -> Opti
 }
 
 /// The target's side: says the reservation for `clone_pod_uid` is made.
-pub fn mark_ready(pod_dir: &Path, container: &str, clone_pod_uid: &str) -> Result<(), PrefaultError> {
-    write_atomically(&ready_path(pod_dir, container), &format!("{clone_pod_uid}\n"))
+pub fn mark_ready(
+    pod_dir: &Path,
+    container: &str,
+    clone_pod_uid: &str,
+) -> Result<(), PrefaultError> {
+    write_atomically(
+        &ready_path(pod_dir, container),
+        &format!("{clone_pod_uid}\n"),
+    )
 }
 
 pub fn is_ready(pod_dir: &Path, container: &str, clone_pod_uid: &str) -> bool {
@@ -115,9 +122,8 @@ pub fn withdraw(pod_dir: &Path, clone_pod_uid: &str) {
         if !(name.starts_with('.') && (name.ends_with(".prepare") || name.ends_with(".prepared"))) {
             continue;
         }
-        let ours = fs::read_to_string(entry.path()).is_ok_and(|text| {
-            text.split_whitespace().next() == Some(clone_pod_uid)
-        });
+        let ours = fs::read_to_string(entry.path())
+            .is_ok_and(|text| text.split_whitespace().next() == Some(clone_pod_uid));
         if ours {
             let _ = fs::remove_file(entry.path());
         }
@@ -155,7 +161,9 @@ pub fn reserve(dir: &Path, bytes: u64) -> Result<File, PrefaultError> {
     let len = libc::off_t::try_from(bytes).unwrap_or(libc::off_t::MAX);
     // SAFETY: fallocate on a file we own.
     if len > 0 && unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) } != 0 {
-        return Err(io_error("reserving memory in", dir)(io::Error::last_os_error()));
+        return Err(io_error("reserving memory in", dir)(
+            io::Error::last_os_error(),
+        ));
     }
     let zeros = vec![0u8; 1 << 20];
     let mut offset = 0u64;
@@ -193,7 +201,11 @@ mod tests {
         };
         announce(dir.path(), "sidecar", &other).unwrap();
         withdraw(dir.path(), "uid-a");
-        assert_eq!(expectation(dir.path(), "sidecar", "uid-b"), Some(other), "another clone's stays");
+        assert_eq!(
+            expectation(dir.path(), "sidecar", "uid-b"),
+            Some(other),
+            "another clone's stays"
+        );
         withdraw(dir.path(), "uid-b");
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0, "nothing left");
     }
@@ -215,7 +227,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         for text in ["", "uid-a", "uid-a lots", " 4096", "uid-a -1"] {
             fs::write(expectation_path(dir.path(), "counter"), text).unwrap();
-            assert_eq!(expectation(dir.path(), "counter", "uid-a"), None, "{text:?}");
+            assert_eq!(
+                expectation(dir.path(), "counter", "uid-a"),
+                None,
+                "{text:?}"
+            );
         }
         assert_eq!(expectation(dir.path(), "counter", ""), None);
     }
@@ -226,8 +242,15 @@ mod tests {
         let file = reserve(&dir.path().join("deep"), 3 << 20).unwrap();
         assert_eq!(file.metadata().unwrap().len(), 3 << 20);
         use std::os::unix::fs::MetadataExt;
-        assert!(file.metadata().unwrap().blocks() * 512 >= 3 << 20, "allocated, not sparse");
-        assert_eq!(fs::read_dir(dir.path().join("deep")).unwrap().count(), 0, "no name");
+        assert!(
+            file.metadata().unwrap().blocks() * 512 >= 3 << 20,
+            "allocated, not sparse"
+        );
+        assert_eq!(
+            fs::read_dir(dir.path().join("deep")).unwrap().count(),
+            0,
+            "no name"
+        );
     }
 
     #[test]

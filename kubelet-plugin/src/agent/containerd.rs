@@ -194,7 +194,15 @@ impl Containerd {
             container_id: id.to_string(),
             exec_id: String::new(),
         });
-        match self.bounded("GetTask", id, self.call_timeout, self.client.tasks().get(request)).await {
+        match self
+            .bounded(
+                "GetTask",
+                id,
+                self.call_timeout,
+                self.client.tasks().get(request),
+            )
+            .await
+        {
             Ok(response) => Ok(response.process.map(|p| p.pid).filter(|&pid| pid > 0)),
             Err(ContainerdError::Call { status, .. }) if status.starts_with("NotFound") => Ok(None),
             Err(e) => Err(e),

@@ -508,7 +508,9 @@ impl Agent {
                 let now = json!({ FROZEN_AT: unix_millis().to_string() });
                 match self.patch_clone(&clone, now).await {
                     Ok(patched) => clone = patched,
-                    Err(e) => warn!(clone = %pod_name(&clone), error = %e, "recording the freeze time"),
+                    Err(e) => {
+                        warn!(clone = %pod_name(&clone), error = %e, "recording the freeze time")
+                    }
                 }
             }
         }
@@ -852,7 +854,9 @@ impl Agent {
             };
             match prefault::announce(pod_dir, &c.name, &expectation) {
                 Ok(()) => announced.push(c.name.as_str()),
-                Err(e) => warn!(clone = %pod_name(clone), error = %e, "announcing the checkpoint's size"),
+                Err(e) => {
+                    warn!(clone = %pod_name(clone), error = %e, "announcing the checkpoint's size")
+                }
             }
         }
         // kubelet creates a pod's containers one after another, and a clone container's Create

@@ -207,14 +207,23 @@ async fn measure(cluster: &Cluster, mib: u32) -> Result<Value> {
     });
     let downtime = answered_at - t_freeze;
     // Before the freeze: did the clone reserve memory for the pages image, and how long did it take?
-    let reserved = last_line_with(&b_log, &["memory reserved for the pages image", &format!("/{clone} ")]);
-    let reserve_s = reserved.and_then(|l| field(l, "reserve_ms")).map(|ms| ms / 1e3);
+    let reserved = last_line_with(
+        &b_log,
+        &["memory reserved for the pages image", &format!("/{clone} ")],
+    );
+    let reserve_s = reserved
+        .and_then(|l| field(l, "reserve_ms"))
+        .map(|ms| ms / 1e3);
     let reserved_by = reserved.and_then(shim_time);
     note(&format!(
         "{pod}: memory reserved ahead on node-b: {}",
         match (reserve_s, reserved_by) {
-            (Some(s), Some(at)) if at <= t_freeze => format!("yes, in {s:.2}s, done before the freeze"),
-            (Some(s), _) => format!("in {s:.2}s, done {:.2}s after the freeze (the agent's --prepare-wait ran out)", reserved_by.unwrap_or(t_freeze) - t_freeze),
+            (Some(s), Some(at)) if at <= t_freeze =>
+                format!("yes, in {s:.2}s, done before the freeze"),
+            (Some(s), _) => format!(
+                "in {s:.2}s, done {:.2}s after the freeze (the agent's --prepare-wait ran out)",
+                reserved_by.unwrap_or(t_freeze) - t_freeze
+            ),
             (None, _) => "no".to_string(),
         }
     ));

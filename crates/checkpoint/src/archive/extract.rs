@@ -2,9 +2,9 @@
 //! manifest's SHA-256 and the zip's CRC-32, in one pass.
 
 use std::fs::{self, File, OpenOptions};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -408,7 +408,8 @@ fn adopt_reserved(file: File, path: &Path, size: u64) -> Result<Option<File>, Ar
     if linked.is_err() {
         return Ok(None);
     }
-    file.set_len(size).map_err(ArchiveError::io("sizing", path))?;
+    file.set_len(size)
+        .map_err(ArchiveError::io("sizing", path))?;
     Ok(Some(file))
 }
 

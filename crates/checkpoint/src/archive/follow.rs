@@ -44,12 +44,11 @@ impl PagesPipe {
     /// Makes the pipe `dir/name` (mode 0600; its directory must exist) and opens it.
     pub fn create(dir: &Path, name: &str) -> Result<Self, ArchiveError> {
         let path = dir.join(name);
-        let c_path = CString::new(path.as_os_str().as_bytes()).map_err(|_| {
-            ArchiveError::BadInput {
+        let c_path =
+            CString::new(path.as_os_str().as_bytes()).map_err(|_| ArchiveError::BadInput {
                 path: path.clone(),
                 reason: "path contains a NUL byte".to_string(),
-            }
-        })?;
+            })?;
         // SAFETY: a valid NUL-terminated path.
         if unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) } != 0 {
             return Err(ArchiveError::io("creating the pipe", &path)(

@@ -279,7 +279,12 @@ fn pack_impl(
                         last,
                     })
                 };
-                if !follow.read_chunks(started, options.chunk_size, raw_buffers, &mut submit_chunk)? {
+                if !follow.read_chunks(
+                    started,
+                    options.chunk_size,
+                    raw_buffers,
+                    &mut submit_chunk,
+                )? {
                     return Ok(());
                 }
                 follow.pipe.unlink()?;

@@ -578,13 +578,16 @@ fn unpack_writes_an_entry_into_its_reserved_file() {
     let ck = sample_checkpoint(tmp.path());
     let archive = tmp.path().join("ck.zip");
     pack(&ck, &archive, &PackOptions::default()).unwrap();
-    let pages = fs::metadata(ck.join("checkpoint/pages-1.img")).unwrap().len();
+    let pages = fs::metadata(ck.join("checkpoint/pages-1.img"))
+        .unwrap()
+        .len();
 
     let reserved_dir = tmp.path().join("reserved");
     let file = crate::prefault::reserve(&reserved_dir, pages + 12_345).unwrap();
     {
         use std::os::unix::fs::FileExt;
-        file.write_all_at(&vec![0xffu8; pages as usize + 12_345], 0).unwrap();
+        file.write_all_at(&vec![0xffu8; pages as usize + 12_345], 0)
+            .unwrap();
     }
     let options = UnpackOptions {
         reserved: Some(Reserved::new("checkpoint/pages-1.img", file)),

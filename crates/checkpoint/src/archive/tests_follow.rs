@@ -59,9 +59,8 @@ fn pack_while_writing(total_len: usize, pieces: usize) {
     let archive = tmp.path().join("out.zip");
     let (done, failed) = (AtomicBool::new(false), AtomicBool::new(false));
     let summary = std::thread::scope(|scope| {
-        let packer = scope.spawn(|| {
-            pack_following(&dir, &archive, &options(), &follow(&pipe, &done, &failed))
-        });
+        let packer = scope
+            .spawn(|| pack_following(&dir, &archive, &options(), &follow(&pipe, &done, &failed)));
         // As CRIU opens an image: create, truncate, write only.
         let mut file = OpenOptions::new()
             .write(true)
@@ -131,9 +130,8 @@ fn a_failed_writer_abandons_the_archive() {
     let pipe = PagesPipe::create(&dir, PAGES).unwrap();
     let (done, failed) = (AtomicBool::new(false), AtomicBool::new(false));
     let err = std::thread::scope(|scope| {
-        let packer = scope.spawn(|| {
-            pack_following(&dir, &archive, &options(), &follow(&pipe, &done, &failed))
-        });
+        let packer = scope
+            .spawn(|| pack_following(&dir, &archive, &options(), &follow(&pipe, &done, &failed)));
         std::thread::sleep(Duration::from_millis(20));
         failed.store(true, Ordering::Release);
         packer.join().unwrap()
@@ -181,10 +179,12 @@ fn a_failed_pack_drains_the_pipe_until_the_writer_is_done() {
     let (done, failed) = (AtomicBool::new(false), AtomicBool::new(false));
     let written = 8 << 20; // far more than the pipe holds
     let err = std::thread::scope(|scope| {
-        let packer = scope.spawn(|| {
-            pack_following(&dir, &archive, &options(), &follow(&pipe, &done, &failed))
-        });
-        let mut file = OpenOptions::new().write(true).open(dir.join(PAGES)).unwrap();
+        let packer = scope
+            .spawn(|| pack_following(&dir, &archive, &options(), &follow(&pipe, &done, &failed)));
+        let mut file = OpenOptions::new()
+            .write(true)
+            .open(dir.join(PAGES))
+            .unwrap();
         file.write_all(&vec![7u8; written]).unwrap();
         drop(file);
         done.store(true, Ordering::Release);
