@@ -261,14 +261,13 @@ fn stream(
         for location in &opened.data {
             let name = &manifest.entries[location.entry].name;
             let path = staging.join(name);
-            let reserved = match &options.reserved {
-                Some(r) if r.entry == *name => match r.take() {
-                    Some(file) => {
-                        adopt_reserved(file, &path, manifest.entries[location.entry].size)?
-                    }
-                    None => None,
-                },
-                _ => None,
+            let reserved = match options.reserved.as_ref().filter(|r| r.entry == *name) {
+                Some(r) => r
+                    .take()
+                    .map(|file| adopt_reserved(file, &path, manifest.entries[location.entry].size))
+                    .transpose()?
+                    .flatten(),
+                None => None,
             };
             files[location.entry] = Some(match reserved {
                 Some(file) => file,
