@@ -178,6 +178,24 @@ if ! criu_ok; then
   criu_ok || die "CRIU ${CRIU_VERSION} built but 'criu check' fails: $(criu check 2>&1 | tail -n1)"
 fi
 
+# --- the local Kubernetes cluster (scripts/local-up-cluster.sh, scripts/images.sh) -------------
+# Kubernetes itself is built from source by scripts/kube-build.sh. etcd 3.5 and the CNI plugins
+# come from the next release (bookworm's etcd is 3.4); buildah builds the images locally.
+install_missing buildah openssl conntrack util-linux
+etcd_ok() { command -v etcd >/dev/null && [[ $(etcd --version 2>/dev/null | awk '/etcd Version/ {print $3}') =~ ^3\.([5-9]|[1-9][0-9]) ]]; }
+cni_ok() { [ -x /usr/lib/cni/bridge ] && [ -x /usr/lib/cni/host-local ] && [ -x /usr/lib/cni/portmap ]; }
+if ! etcd_ok || ! cni_ok; then
+  add_next_suite
+  log "installing etcd-server and containernetworking-plugins from ${NEXT_SUITE}"
+  apt-get install -y -qq --no-install-recommends "etcd-server/${NEXT_SUITE}" "containernetworking-plugins/${NEXT_SUITE}" >/dev/null \
+    || die "installing etcd-server and containernetworking-plugins from ${NEXT_SUITE} failed"
+  etcd_ok || die "etcd 3.5 or newer not found after installing etcd-server"
+fi
+# The packaged etcd service is not ours: the cluster script runs its own on its own ports.
+if command -v systemctl >/dev/null && systemctl is-enabled etcd >/dev/null 2>&1; then
+  systemctl disable --now etcd >/dev/null 2>&1 || true
+fi
+
 # --- report -----------------------------------------------------------------------------------
 log "versions:"
 printf '  %-11s %s\n' containerd "$(containerd --version | awk '{print $3}')"
@@ -186,5 +204,7 @@ printf '  %-11s %s\n' runc "$(runc --version | awk 'NR==1 {print $3}')"
 printf '  %-11s %s\n' criu "$(criu --version | awk '/Version/ {print $2}')"
 printf '  %-11s %s\n' protoc "$(protoc --version | awk '{print $2}')"
 printf '  %-11s %s\n' smbd "$(smbd --version | awk '{print $2}')"
+printf '  %-11s %s\n' etcd "$(etcd --version | awk '/etcd Version/ {print $3}')"
+printf '  %-11s %s\n' buildah "$(buildah --version | awk '{print $3}')"
 printf '  %-11s %s\n' kernel "$(uname -r)"
 printf '  criu check: %s\n' "$(criu check 2>&1 | tail -n1)"
