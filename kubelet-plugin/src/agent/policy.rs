@@ -522,12 +522,8 @@ pub fn decide_with_reference(
     if annotation(source, MIRROR_POD_ANNOTATION).is_some() {
         return refuse(Refusal::StaticPod { source: source_id });
     }
-    if let Err(pod_label) = opted_in(source, source_namespace, &namespace) {
-        return refuse(Refusal::NotOptedIn {
-            source: source_id,
-            namespace,
-            pod_label,
-        });
+    if let Some(refusal) = not_opted_in(source, source_namespace, &namespace) {
+        return refuse(refusal);
     }
 
     let source_containers = app_containers(source);
@@ -658,30 +654,38 @@ fn runtime_class(pod: &Pod) -> Option<&str> {
         .filter(|c| !c.is_empty())
 }
 
-/// The pod's own label decides when present (so a pod can opt out of an opted-in
-/// namespace); otherwise its namespace's. `Err` carries the pod's non-`"true"` label value.
-fn opted_in(
+/// Whether `source` offered its memory for cloning: `None` when it did, else
+/// [`Refusal::NotOptedIn`]. The pod's own [`MIGRATABLE`] label decides when present (so a pod
+/// can opt out of an opted-in namespace); otherwise that of `namespace`, the namespace object
+/// named `namespace_name` (absent: not found or not read). The one rule for the agent, which
+/// checks it before every checkpoint, and `kubectl migrate`, which checks it before it creates
+/// a clone.
+pub fn not_opted_in(
     source: &Pod,
     namespace: Option<&Namespace>,
     namespace_name: &str,
-) -> Result<(), Option<String>> {
+) -> Option<Refusal> {
     let label = |labels: Option<&std::collections::BTreeMap<String, String>>| {
         labels.and_then(|l| l.get(MIGRATABLE)).cloned()
     };
-    match label(source.metadata.labels.as_ref()) {
-        Some(value) if value == "true" => Ok(()),
-        Some(value) => Err(Some(value)),
+    let pod_label = match label(source.metadata.labels.as_ref()) {
+        Some(value) if value == "true" => return None,
+        Some(value) => Some(value),
         None => {
             let namespace_label = namespace
                 .filter(|ns| ns.metadata.name.as_deref() == Some(namespace_name))
                 .and_then(|ns| label(ns.metadata.labels.as_ref()));
             if namespace_label.as_deref() == Some("true") {
-                Ok(())
-            } else {
-                Err(None)
+                return None;
             }
+            None
         }
-    }
+    };
+    Some(Refusal::NotOptedIn {
+        source: pod_name(source),
+        namespace: namespace_name.to_string(),
+        pod_label,
+    })
 }
 
 /// `(name, image)` of `spec.containers`: the long-running app containers. Init containers
