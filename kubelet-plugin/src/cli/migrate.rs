@@ -5,13 +5,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kube::api::{Api, PostParams};
 
 use super::archive::human_bytes;
 use super::clone_pod::{build_clone_pod, default_clone_name};
 use crate::agent::migration::phase_timings;
-use crate::agent::reference::annotation;
+use crate::agent::policy::not_opted_in;
+use crate::agent::reference::{annotation, pod_name};
 use crate::agent::vocabulary::{Mode, Phase, ARCHIVE_BYTES, FROZEN_MS, PHASE, REASON};
 
 #[derive(Debug, Args)]
@@ -50,25 +51,26 @@ async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
     let kube = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API (KUBECONFIG or in-cluster config)")?;
-    let pods: Api<Pod> = Api::namespaced(kube, &args.namespace);
+    let pods: Api<Pod> = Api::namespaced(kube.clone(), &args.namespace);
     let source = pods
         .get_opt(&args.pod)
         .await
         .with_context(|| format!("reading pod {}/{}", args.namespace, args.pod))?
         .with_context(|| format!("pod {}/{} does not exist", args.namespace, args.pod))?;
-    let source_node = source
-        .spec
-        .as_ref()
-        .and_then(|s| s.node_name.clone())
-        .with_context(|| format!("pod {}/{} is not on a node yet", args.namespace, args.pod))?;
-    if source_node == args.to {
-        bail!(
-            "pod {}/{} already runs on node {}",
-            args.namespace,
-            args.pod,
-            args.to
-        );
+    let namespace = Api::<Namespace>::all(kube.clone())
+        .get_opt(&args.namespace)
+        .await
+        .with_context(|| format!("reading namespace {}", args.namespace))?;
+    let target = Api::<Node>::all(kube)
+        .get_opt(&args.to)
+        .await
+        .with_context(|| format!("reading node {}", args.to))?;
+    // Refused before anything is created: a clone that can never run would only wait out
+    // its timeout.
+    if let Some(why) = refusal(&source, namespace.as_ref(), target.as_ref(), &args.to) {
+        bail!(why);
     }
+    let source_node = node_name(&source).unwrap_or_default().to_string();
     let mode = if args.clone {
         Mode::Clone
     } else {
@@ -159,5 +161,201 @@ async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
             );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Why `pod` cannot move to node `to` (whose object is `node`; `None`: it does not exist), in
+/// one line naming the pod, or `None` when nothing known before the clone exists stands in
+/// the way. `namespace` is the pod's namespace object, for the opt-in label (the agent's own
+/// rule, [`not_opted_in`]); the agent checks the rest of its rules once the clone exists.
+fn refusal(
+    pod: &Pod,
+    namespace: Option<&Namespace>,
+    node: Option<&Node>,
+    to: &str,
+) -> Option<String> {
+    let id = pod_name(pod);
+    if pod.metadata.deletion_timestamp.is_some() {
+        return Some(format!("pod {id} is being deleted"));
+    }
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    if phase != Some("Running") {
+        return Some(format!(
+            "pod {id} is {}, not Running: only a running pod can be checkpointed",
+            phase.filter(|p| !p.is_empty()).unwrap_or("without a phase")
+        ));
+    }
+    let Some(source_node) = node_name(pod) else {
+        return Some(format!("pod {id} is not on a node yet"));
+    };
+    if source_node == to {
+        return Some(format!("pod {id} already runs on node {to}"));
+    }
+    let namespace_name = pod.metadata.namespace.as_deref().unwrap_or_default();
+    if let Some(refused) = not_opted_in(pod, namespace, namespace_name) {
+        return Some(refused.to_string());
+    }
+    let cannot = |why: String| Some(format!("cannot migrate pod {id} to node {to}: {why}"));
+    let Some(node) = node else {
+        return cannot("no such node".to_string());
+    };
+    let ready = node
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"));
+    match ready {
+        Some(c) if c.status == "True" => {}
+        Some(c) => {
+            let reason = c.reason.as_deref().filter(|r| !r.is_empty());
+            return cannot(format!(
+                "the node is not Ready (Ready={}{})",
+                c.status,
+                reason.map(|r| format!(": {r}")).unwrap_or_default()
+            ));
+        }
+        None => return cannot("the node is not Ready (no Ready condition)".to_string()),
+    }
+    if node.spec.as_ref().and_then(|s| s.unschedulable) == Some(true) {
+        return cannot("the node is unschedulable (cordoned)".to_string());
+    }
+    None
+}
+
+fn node_name(pod: &Pod) -> Option<&str> {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.node_name.as_deref())
+        .filter(|n| !n.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{json, Value};
+
+    use super::*;
+    use crate::agent::vocabulary::MIGRATABLE;
+
+    /// `shop/web-0`, Running on node-a, opted in by its own label.
+    fn pod_json() -> Value {
+        json!({
+            "metadata": {"name": "web-0", "namespace": "shop", "labels": {MIGRATABLE: "true"}},
+            "spec": {"nodeName": "node-a", "containers": [{"name": "web", "image": "nginx"}]},
+            "status": {"phase": "Running"}
+        })
+    }
+
+    /// `node-b`, Ready and schedulable.
+    fn node_json() -> Value {
+        json!({
+            "metadata": {"name": "node-b"},
+            "spec": {},
+            "status": {"conditions": [{"type": "Ready", "status": "True"}]}
+        })
+    }
+
+    fn refused(pod: Value, namespace: Option<Value>, node: Option<Value>) -> Option<String> {
+        let pod: Pod = serde_json::from_value(pod).unwrap();
+        let namespace: Option<Namespace> = namespace.map(|n| serde_json::from_value(n).unwrap());
+        let node: Option<Node> = node.map(|n| serde_json::from_value(n).unwrap());
+        refusal(&pod, namespace.as_ref(), node.as_ref(), "node-b")
+    }
+
+    #[test]
+    fn a_running_opted_in_pod_may_move_to_a_ready_node() {
+        assert_eq!(refused(pod_json(), None, Some(node_json())), None);
+    }
+
+    #[test]
+    fn a_pod_that_did_not_opt_in_is_refused_unless_its_namespace_did() {
+        let mut pod = pod_json();
+        pod["metadata"]["labels"] = json!({});
+        assert_eq!(
+            refused(pod.clone(), None, Some(node_json())).as_deref(),
+            Some(
+                "source pod shop/web-0 is not migratable: label the pod or namespace shop \
+                 podmigrate.io/migratable=true to allow cloning its memory"
+            )
+        );
+        let namespace = json!({"metadata": {"name": "shop", "labels": {MIGRATABLE: "true"}}});
+        assert_eq!(
+            refused(pod, Some(namespace.clone()), Some(node_json())),
+            None
+        );
+        // The pod's own label overrides its namespace's.
+        let mut opted_out = pod_json();
+        opted_out["metadata"]["labels"][MIGRATABLE] = json!("false");
+        let why = refused(opted_out, Some(namespace), Some(node_json())).unwrap();
+        assert!(why.contains("shop/web-0 opts out"), "{why}");
+    }
+
+    #[test]
+    fn a_missing_target_node_is_refused() {
+        assert_eq!(
+            refused(pod_json(), None, None).as_deref(),
+            Some("cannot migrate pod shop/web-0 to node node-b: no such node")
+        );
+    }
+
+    #[test]
+    fn a_target_node_that_is_not_ready_is_refused() {
+        let mut node = node_json();
+        node["status"]["conditions"][0] =
+            json!({"type": "Ready", "status": "False", "reason": "KubeletNotReady"});
+        assert_eq!(
+            refused(pod_json(), None, Some(node)).as_deref(),
+            Some(
+                "cannot migrate pod shop/web-0 to node node-b: the node is not Ready \
+                 (Ready=False: KubeletNotReady)"
+            )
+        );
+        let mut unknown = node_json();
+        unknown["status"] = json!({});
+        let why = refused(pod_json(), None, Some(unknown)).unwrap();
+        assert!(
+            why.ends_with("the node is not Ready (no Ready condition)"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn an_unschedulable_target_node_is_refused() {
+        let mut node = node_json();
+        node["spec"]["unschedulable"] = json!(true);
+        let why = refused(pod_json(), None, Some(node)).unwrap();
+        assert!(
+            why.ends_with("to node node-b: the node is unschedulable (cordoned)"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn the_pods_own_node_is_refused() {
+        let mut pod = pod_json();
+        pod["spec"]["nodeName"] = json!("node-b");
+        assert_eq!(
+            refused(pod, None, Some(node_json())).as_deref(),
+            Some("pod shop/web-0 already runs on node node-b")
+        );
+    }
+
+    #[test]
+    fn a_pod_that_is_not_running_is_refused() {
+        let mut pod = pod_json();
+        pod["status"]["phase"] = json!("Pending");
+        assert_eq!(
+            refused(pod, None, Some(node_json())).as_deref(),
+            Some("pod shop/web-0 is Pending, not Running: only a running pod can be checkpointed")
+        );
+    }
+
+    #[test]
+    fn a_pod_being_deleted_is_refused() {
+        let mut pod = pod_json();
+        pod["metadata"]["deletionTimestamp"] = json!("2025-01-01T00:00:00Z");
+        assert_eq!(
+            refused(pod, None, Some(node_json())).as_deref(),
+            Some("pod shop/web-0 is being deleted")
+        );
     }
 }
