@@ -3,8 +3,9 @@
 //! What goes: archives (`<share>/<ns>/<pod>/<container>.zip`) older than the age limit or beyond
 //! the newest N; temporary files of interrupted packs (`.<name>.zip.tmp-*`) older than their own
 //! limit; expired leases; and work units (`<work>/checkpoints/<x>`, `<work>/restore/<ns>/<x>`,
-//! `<work>/criu/<x>`) in which nothing changed (ctime) for longer than the age limit. Archives
-//! are aged by their mtime, so `touch` renews one.
+//! `<work>/criu/<x>`, and a pod's restore markers `<work>/restored/<pod-uid>`) in which nothing
+//! changed (ctime) for longer than the age limit. Archives are aged by their mtime, so `touch`
+//! renews one.
 //!
 //! What never goes:
 //! - anything a migration in flight references. The agent writes a **lease**,
@@ -13,6 +14,8 @@
 //!   crashed agent's lease cannot pin forever) and the work units the migration uses. A pod
 //!   directory with a live lease is left whole. Callers can add more (the CLI and the agent add
 //!   the clones the API server reports as in flight) through [`InFlight`].
+//! - the restore markers of a pod the caller knows still exists ([`InFlight::pod_uids`]): gone,
+//!   a restarted container of that pod would try to restore again.
 //! - anything pinned: `<container>.zip.keep` pins that archive, a `.keep` file in a pod
 //!   directory pins every archive in it, and a `.keep` file in a work unit pins that unit.
 //! - anything reached through a symbolic link: links are reported, never followed or removed.
@@ -27,12 +30,19 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::share::RESTORED_DIR;
+
 /// Leases are hidden files with this prefix in a pod's share directory.
 pub const LEASE_PREFIX: &str = ".lease-";
 /// A pin: `<archive>.keep`, or this name in a pod directory or work unit.
 pub const KEEP: &str = ".keep";
 /// Work-directory subtrees whose children are units.
-const WORK_UNITS: [(&str, usize); 3] = [("checkpoints", 1), ("restore", 2), ("criu", 1)];
+const WORK_UNITS: [(&str, usize); 4] = [
+    ("checkpoints", 1),
+    ("restore", 2),
+    ("criu", 1),
+    (RESTORED_DIR, 1),
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum GcError {
@@ -93,6 +103,10 @@ pub struct InFlight {
     pub pods: BTreeSet<(String, String)>,
     /// Work units, relative to the work directory.
     pub work_units: BTreeSet<String>,
+    /// Uids of (clone) pods that still exist, whatever their phase: their restore markers
+    /// (`restored/<uid>`, see [`crate::share::restored_marker`]) stay however old. Without
+    /// them, markers go by age like any work unit.
+    pub pod_uids: BTreeSet<String>,
     /// Where each protection came from, for the report (e.g. "API server").
     pub source: String,
 }
@@ -477,6 +491,14 @@ pub fn plan(
                     plan.keep.push(Kept {
                         path: unit,
                         reason: "in flight: named by a lease".into(),
+                    });
+                    continue;
+                }
+                let uid = unit.file_name().unwrap_or_default().to_string_lossy();
+                if sub == RESTORED_DIR && in_flight.pod_uids.contains(&*uid) {
+                    plan.keep.push(Kept {
+                        reason: format!("restore markers of pod {uid}, which still exists"),
+                        path: unit,
                     });
                     continue;
                 }

@@ -11,10 +11,13 @@ use std::time::{Duration, Instant};
 pub const DEFAULT_SHARE_ROOT: &str = "/var/lib/podmigrate/share";
 /// Default node-local work space (CRIU images, unpacked archives).
 pub const DEFAULT_WORK_DIR: &str = "/var/lib/podmigrate/work";
+/// The work directory's restore markers: `<work>/restored/<pod-uid>/<container>`, one per
+/// clone container restored on this node (see [`restored_marker`]).
+pub const RESTORED_DIR: &str = "restored";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ShareError {
-    #[error("{what} {value:?} cannot name a path on the share (empty, '.', '..' or contains '/')")]
+    #[error("{what} {value:?} cannot name a path (empty, '.', '..' or contains '/')")]
     BadName { what: &'static str, value: String },
     #[error("timed out after {waited:?} waiting for archive {path} (limit {timeout:?})")]
     Timeout {
@@ -65,6 +68,25 @@ pub fn archive_path(
 ) -> Result<PathBuf, ShareError> {
     Ok(pod_dir(share_root, namespace, pod)?
         .join(format!("{}.zip", component("container", container)?)))
+}
+
+/// The restore markers of the pod with uid `pod_uid`, relative to the work directory: one
+/// unit for gc, which keeps it while the pod exists.
+pub fn restored_unit(pod_uid: &str) -> Result<PathBuf, ShareError> {
+    Ok(Path::new(RESTORED_DIR).join(component("pod uid", pod_uid)?))
+}
+
+/// The marker that says container `container` of the pod with uid `pod_uid` was restored on
+/// this node, under work directory `work_dir`. Kubelet never reuses a pod uid, and restarts a
+/// container under the same uid and name: a later Create of that container starts it fresh.
+pub fn restored_marker(
+    work_dir: &Path,
+    pod_uid: &str,
+    container: &str,
+) -> Result<PathBuf, ShareError> {
+    Ok(work_dir
+        .join(restored_unit(pod_uid)?)
+        .join(component("container", container)?))
 }
 
 /// Creates the directories between the share root and `archive` (namespace, then pod), mode
@@ -144,6 +166,19 @@ mod tests {
             ("ns", ".", "c"),
         ] {
             assert!(archive_path(root, ns, pod, c).is_err(), "{ns}/{pod}/{c}");
+        }
+    }
+
+    #[test]
+    fn restore_markers_are_per_pod_uid_and_container_and_refuse_traversal() {
+        let work = Path::new("/work");
+        assert_eq!(
+            restored_marker(work, "uid-1", "app").unwrap(),
+            Path::new("/work/restored/uid-1/app")
+        );
+        assert_eq!(restored_unit("uid-1").unwrap(), Path::new("restored/uid-1"));
+        for (uid, c) in [("", "app"), ("..", "app"), ("uid-1", "a/b"), ("uid-1", ".")] {
+            assert!(restored_marker(work, uid, c).is_err(), "{uid}/{c}");
         }
     }
 

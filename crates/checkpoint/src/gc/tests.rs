@@ -195,8 +195,8 @@ fn the_api_servers_in_flight_clones_protect_like_a_lease() {
     file(&archive, 48 * HOUR, now);
     let in_flight = InFlight {
         pods: [("ns".to_string(), "counter".to_string())].into(),
-        work_units: Default::default(),
         source: "the API server (clone ns/counter-x is Restoring)".into(),
+        ..InFlight::default()
     };
     let plan = plan(
         Some(&share),
@@ -208,6 +208,37 @@ fn the_api_servers_in_flight_clones_protect_like_a_lease() {
     .unwrap();
     assert!(plan.remove.is_empty(), "{plan:?}");
     assert!(kept_reason(&plan, &archive).contains("API server"));
+}
+
+#[test]
+fn restore_markers_go_by_age_unless_their_pod_still_exists() {
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path().join("work");
+    // Work units age by change time, which cannot be set back: look from 100h ahead.
+    let now = SystemTime::now() + 100 * HOUR;
+    let marker = |uid: &str| crate::share::restored_marker(&work, uid, "app").unwrap();
+    for uid in ["uid-gone", "uid-live"] {
+        file(&marker(uid), 48 * HOUR, now);
+    }
+    let in_flight = InFlight {
+        pod_uids: ["uid-live".to_string()].into(),
+        ..InFlight::default()
+    };
+    let plan = plan(
+        None,
+        Some(&work),
+        &policy(Some(24 * HOUR), None),
+        &in_flight,
+        now,
+    )
+    .unwrap();
+    assert_eq!(
+        removed(&plan),
+        [work.join("restored/uid-gone").to_string_lossy()]
+    );
+    assert!(kept_reason(&plan, &work.join("restored/uid-live")).contains("still exists"));
+    execute(plan, now);
+    assert!(!marker("uid-gone").exists() && marker("uid-live").exists());
 }
 
 #[test]
