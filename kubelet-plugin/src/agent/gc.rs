@@ -16,7 +16,8 @@ use super::reference::{annotation, pod_name};
 use super::vocabulary::{Phase, CLONE_OF_LABEL, PHASE};
 
 /// Clones whose migration has not ended protect their source's share directory and their
-/// checkpoint work unit (`checkpoints/<clone-uid>`), whatever the leases say.
+/// checkpoint work unit (`checkpoints/<clone-uid>`), whatever the leases say; every clone that
+/// still exists, ended or not, protects its restore markers.
 pub async fn in_flight_from_api(kube: &kube::Client) -> Result<InFlight, kube::Error> {
     let clones = Api::<Pod>::all(kube.clone())
         .list(&ListParams::default().labels(CLONE_OF_LABEL))
@@ -27,6 +28,9 @@ pub async fn in_flight_from_api(kube: &kube::Client) -> Result<InFlight, kube::E
         ..InFlight::default()
     };
     for clone in &clones {
+        if let Some(uid) = &clone.metadata.uid {
+            in_flight.pod_uids.insert(uid.clone());
+        }
         let ended = annotation(clone, PHASE)
             .and_then(Phase::parse)
             .is_some_and(Phase::is_final);
