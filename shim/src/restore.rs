@@ -38,6 +38,72 @@ pub struct Prepared {
     pub archive: PathBuf,
 }
 
+/// What Create does with a container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CreatePlan<'a> {
+    /// As asked: a sandbox, a container of a pod that is no clone, or a Create that already
+    /// names a checkpoint.
+    AsAsked,
+    /// From the checkpoint of the same container of pod `source`.
+    Restore { source: &'a str },
+    /// A clone's container restored once already on this node (`marker` says so): this is
+    /// kubelet restarting it after it exited, so it starts fresh like any restarted
+    /// container. The archive is gone by now; waiting for it would only fail the Create.
+    Restarted { source: &'a str, marker: PathBuf },
+}
+
+/// Decides how to create the container `identity`, under work directory `work_dir` (whose
+/// restore markers say what was restored on this node). `checkpoint_given`: the Create
+/// request already names a checkpoint.
+pub fn plan<'a>(
+    work_dir: &Path,
+    identity: &'a ContainerIdentity,
+    checkpoint_given: bool,
+) -> CreatePlan<'a> {
+    let source = match identity.clone_of.as_deref() {
+        Some(source) if !identity.is_sandbox && !checkpoint_given => source,
+        _ => return CreatePlan::AsAsked,
+    };
+    match marker(work_dir, identity) {
+        Some(marker) if fs::symlink_metadata(&marker).is_ok() => {
+            CreatePlan::Restarted { source, marker }
+        }
+        _ => CreatePlan::Restore { source },
+    }
+}
+
+/// Where the fact that `identity` was restored on this node is recorded: keyed by the clone
+/// pod's uid and the container's name, which a restarted container keeps. `None` without a
+/// pod uid (outside Kubernetes): such a container is restored on every Create.
+pub fn marker(work_dir: &Path, identity: &ContainerIdentity) -> Option<PathBuf> {
+    share::restored_marker(work_dir, &identity.pod_uid, &identity.container).ok()
+}
+
+/// Records, durably, that the container `identity` was restored from `archive`: written once
+/// its restore's Start succeeded, read by [`plan`] at every later Create.
+pub fn mark_restored(
+    marker: &Path,
+    identity: &ContainerIdentity,
+    archive: &Path,
+) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::DirBuilderExt;
+    if let Some(parent) = marker.parent() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)?;
+    }
+    let mut file = File::create(marker)?;
+    writeln!(
+        file,
+        "container {} restored from {}",
+        identity.id,
+        archive.display()
+    )?;
+    file.sync_all()
+}
+
 /// A clone container's unpacked checkpoint under work space `root`.
 pub fn local_dir(root: &Path, identity: &ContainerIdentity) -> PathBuf {
     root.join("restore")

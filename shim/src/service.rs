@@ -44,6 +44,14 @@ struct Record {
     rootfs: Vec<Mount>,
     /// A restore's local copy, removed once the task has started.
     restore_dir: Option<PathBuf>,
+    /// A restore to record once the task has started.
+    restored: Option<Restored>,
+}
+
+/// A restore whose marker ([`restore::marker`]) is written once its Start succeeded.
+struct Restored {
+    marker: PathBuf,
+    archive: PathBuf,
 }
 
 /// Task service of one shim process (one pod).
@@ -153,11 +161,12 @@ impl Task for TaskService {
             })?
             .into();
         let mut restore_dir = None;
-        if let (false, true, Some(source)) = (
-            identity.is_sandbox,
-            req.checkpoint.is_empty(),
-            identity.clone_of.as_deref(),
-        ) {
+        let mut restored = None;
+        let plan = restore::plan(&self.config.work_dir, &identity, !req.checkpoint.is_empty());
+        if let restore::CreatePlan::Restarted { source, marker } = &plan {
+            info!(container = %identity.describe(), clone_of = %source, marker = %marker.display(), "restored once already on this node: a restarted container starts fresh");
+        }
+        if let restore::CreatePlan::Restore { source } = plan {
             match restore::prepare(&self.config, &identity, source, &req.rootfs) {
                 Ok(prepared) => {
                     info!(container = %identity.describe(), archive = %prepared.archive.display(), "creating from checkpoint");
@@ -176,6 +185,11 @@ impl Task for TaskService {
                         }
                     }
                     restore_dir = Some(prepared.dir);
+                    restored =
+                        restore::marker(&self.config.work_dir, &identity).map(|marker| Restored {
+                            marker,
+                            archive: prepared.archive,
+                        });
                 }
                 Err(err) if identity.fallback_fresh => {
                     warn!(container = %identity.describe(), error = %err, "podmigrate.io/fallback=fresh: starting the container anew");
@@ -193,6 +207,7 @@ impl Task for TaskService {
                         bundle: req.bundle.clone().into(),
                         rootfs: req.rootfs.clone(),
                         restore_dir,
+                        restored,
                     },
                 );
                 Ok(response)
@@ -207,16 +222,33 @@ impl Task for TaskService {
     }
 
     /// A restored task's processes come back here (runc restore); its local copy of the
-    /// checkpoint is no longer needed after that, whatever the outcome.
+    /// checkpoint is no longer needed after that, whatever the outcome. Once it succeeded, the
+    /// container is marked restored: if it exits and kubelet restarts it, it starts fresh.
     fn start(&self, ctx: &TtrpcContext, req: api::StartRequest) -> TtrpcResult<api::StartResponse> {
         let result = self.forward(ctx, |client, c| client.start(c, &req));
         if req.exec_id.is_empty() {
-            if let Some(dir) = self
-                .containers()
-                .get_mut(&req.id)
-                .and_then(|r| r.restore_dir.take())
-            {
+            let (dir, restored, identity) = match self.containers().get_mut(&req.id) {
+                Some(r) => (
+                    r.restore_dir.take(),
+                    r.restored.take(),
+                    Some(r.identity.clone()),
+                ),
+                None => (None, None, None),
+            };
+            if let Some(dir) = dir {
                 restore::discard(&dir);
+            }
+            if let (Ok(_), Some(Restored { marker, archive }), Some(identity)) =
+                (&result, restored, identity)
+            {
+                match restore::mark_restored(&marker, &identity, &archive) {
+                    Ok(()) => {
+                        info!(container = %identity.describe(), marker = %marker.display(), "restored; a restart of this container will start it fresh")
+                    }
+                    Err(e) => {
+                        warn!(container = %identity.describe(), marker = %marker.display(), error = %e, "could not record the restore: a restart of this container would try to restore again")
+                    }
+                }
             }
         }
         result

@@ -273,3 +273,72 @@ fn a_hostile_rootfs_diff_is_refused_before_anything_is_written() {
     node.refused("applying the rootfs changes");
     assert!(!node.p("host/planted").exists());
 }
+
+#[test]
+fn a_container_restored_once_on_this_node_starts_fresh_when_kubelet_restarts_it() {
+    let node = node();
+    let work = &node.config.work_dir;
+    let id = &node.identity;
+    assert_eq!(
+        plan(work, id, false),
+        CreatePlan::Restore { source: SOURCE_POD }
+    );
+    let marker = marker(work, id).unwrap();
+    mark_restored(&marker, id, Path::new("/share/db.zip")).unwrap();
+    // The restarted container: a new id, the same pod uid and container name.
+    let restarted = ContainerIdentity {
+        id: "decaf".to_string(),
+        ..id.clone()
+    };
+    assert_eq!(
+        plan(work, &restarted, false),
+        CreatePlan::Restarted {
+            source: SOURCE_POD,
+            marker
+        }
+    );
+    // Another container of the pod, or the same name in another pod, still restores.
+    for other in [
+        ContainerIdentity {
+            container: "sidecar".to_string(),
+            ..id.clone()
+        },
+        ContainerIdentity {
+            pod_uid: "uid-2".to_string(),
+            ..id.clone()
+        },
+    ] {
+        assert_eq!(
+            plan(work, &other, false),
+            CreatePlan::Restore { source: SOURCE_POD }
+        );
+    }
+}
+
+#[test]
+fn only_a_clones_app_container_without_a_checkpoint_is_restored() {
+    let node = node();
+    let work = &node.config.work_dir;
+    let id = &node.identity;
+    assert_eq!(plan(work, id, true), CreatePlan::AsAsked);
+    let sandbox = ContainerIdentity {
+        is_sandbox: true,
+        ..id.clone()
+    };
+    assert_eq!(plan(work, &sandbox, false), CreatePlan::AsAsked);
+    let not_a_clone = ContainerIdentity {
+        clone_of: None,
+        ..id.clone()
+    };
+    assert_eq!(plan(work, &not_a_clone, false), CreatePlan::AsAsked);
+    // Without a pod uid (outside Kubernetes) nothing can be recorded: restored every time.
+    let no_uid = ContainerIdentity {
+        pod_uid: String::new(),
+        ..id.clone()
+    };
+    assert_eq!(marker(work, &no_uid), None);
+    assert_eq!(
+        plan(work, &no_uid, false),
+        CreatePlan::Restore { source: SOURCE_POD }
+    );
+}
