@@ -44,7 +44,10 @@ const MAX_NAME: usize = 63;
 /// whenever the scheduler sees fit. The kubelet still admits it against nodeSelector,
 /// affinity and resources, which stay as the source had them: a target that breaks them
 /// fails the clone with the kubelet's reason rather than silently running the workload where
-/// it must not.
+/// it must not. The one exception is pinning by node name (`kubernetes.io/hostname` in the
+/// nodeSelector or in a required node affinity term, or a `metadata.name` field term): that
+/// names the source's node, which is exactly what a migration changes, so it is retargeted
+/// to the target ([`retarget_node_pinning`]).
 ///
 /// Init containers are dropped: they ran on the source, and what they left in its containers'
 /// filesystems and memory travels in the checkpoint. Run again on the clone, they would only
@@ -95,6 +98,7 @@ pub fn build_clone_pod(
     spec.scheduling_gates = None;
     spec.priority = None;
     spec.preemption_policy = None;
+    retarget_node_pinning(&mut spec, target_node);
 
     Pod {
         metadata: ObjectMeta {
@@ -106,6 +110,44 @@ pub fn build_clone_pod(
         },
         spec: Some(spec),
         status: None,
+    }
+}
+
+/// The well-known label every kubelet sets to its node's name.
+pub(crate) const HOSTNAME_LABEL: &str = "kubernetes.io/hostname";
+/// The node field a required node affinity term can select on.
+const NODE_NAME_FIELD: &str = "metadata.name";
+
+/// Makes a pod pinned to its node by name pinned to `target` instead: the hostname key of
+/// the nodeSelector, and the `In` hostname expressions and `metadata.name` field terms of the
+/// required node affinity. Every other constraint is left as it was.
+fn retarget_node_pinning(spec: &mut k8s_openapi::api::core::v1::PodSpec, target: &str) {
+    if let Some(value) = spec
+        .node_selector
+        .as_mut()
+        .and_then(|s| s.get_mut(HOSTNAME_LABEL))
+    {
+        *value = target.to_owned();
+    }
+    let terms = spec
+        .affinity
+        .as_mut()
+        .and_then(|a| a.node_affinity.as_mut())
+        .and_then(|n| {
+            n.required_during_scheduling_ignored_during_execution
+                .as_mut()
+        })
+        .map(|r| &mut r.node_selector_terms);
+    for term in terms.into_iter().flatten() {
+        let expressions = term.match_expressions.iter_mut().flatten();
+        let fields = term.match_fields.iter_mut().flatten();
+        for requirement in expressions
+            .filter(|r| r.key == HOSTNAME_LABEL)
+            .chain(fields.filter(|r| r.key == NODE_NAME_FIELD))
+            .filter(|r| r.operator == "In")
+        {
+            requirement.values = Some(vec![target.to_owned()]);
+        }
     }
 }
 
@@ -138,6 +180,63 @@ fn clone_name_with_suffix(source_name: &str, suffix: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pinning_to_the_source_node_by_name_moves_to_the_target() {
+        let source: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": "p", "namespace": "ns" },
+            "spec": {
+                "nodeName": "node-a",
+                "nodeSelector": { "kubernetes.io/hostname": "node-a", "disk": "ssd" },
+                "affinity": { "nodeAffinity": { "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [
+                        { "matchExpressions": [
+                            { "key": "kubernetes.io/hostname", "operator": "In", "values": ["node-a"] },
+                            { "key": "kubernetes.io/hostname", "operator": "NotIn", "values": ["node-c"] },
+                            { "key": "zone", "operator": "In", "values": ["z1"] }
+                        ] },
+                        { "matchFields": [
+                            { "key": "metadata.name", "operator": "In", "values": ["node-a"] }
+                        ] }
+                    ]
+                } } },
+                "containers": [{ "name": "c", "image": "i" }]
+            }
+        }))
+        .unwrap();
+        let clone = build_clone_pod(&source, "node-b", "p-mig-x", Mode::Migrate, false);
+        let spec = clone.spec.unwrap();
+        assert_eq!(spec.node_name.as_deref(), Some("node-b"));
+        let selector = spec.node_selector.unwrap();
+        assert_eq!(selector["kubernetes.io/hostname"], "node-b");
+        assert_eq!(selector["disk"], "ssd", "other constraints stay");
+        let terms = spec
+            .affinity
+            .unwrap()
+            .node_affinity
+            .unwrap()
+            .required_during_scheduling_ignored_during_execution
+            .unwrap()
+            .node_selector_terms;
+        let expressions = terms[0].match_expressions.as_ref().unwrap();
+        assert_eq!(
+            expressions[0].values.as_deref(),
+            Some(&["node-b".to_owned()][..])
+        );
+        assert_eq!(
+            expressions[1].values.as_deref(),
+            Some(&["node-c".to_owned()][..])
+        );
+        assert_eq!(
+            expressions[2].values.as_deref(),
+            Some(&["z1".to_owned()][..])
+        );
+        let fields = terms[1].match_fields.as_ref().unwrap();
+        assert_eq!(
+            fields[0].values.as_deref(),
+            Some(&["node-b".to_owned()][..])
+        );
+    }
     use crate::agent::reference::is_valid_pod_name;
     use crate::agent::vocabulary::{MIGRATABLE, REASON, SOURCE_NODE};
     use serde_json::json;

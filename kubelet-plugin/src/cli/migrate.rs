@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kube::api::{Api, PostParams};
 
 use super::archive::human_bytes;
-use super::clone_pod::{build_clone_pod, default_clone_name};
+use super::clone_pod::{build_clone_pod, default_clone_name, HOSTNAME_LABEL};
 use crate::agent::migration::phase_timings;
 use crate::agent::policy::not_opted_in;
 use crate::agent::reference::{annotation, pod_name};
@@ -219,6 +219,23 @@ fn refusal(
     if node.spec.as_ref().and_then(|s| s.unschedulable) == Some(true) {
         return cannot("the node is unschedulable (cordoned)".to_string());
     }
+    // The clone keeps the source's nodeSelector, but for the node's name (retargeted): the
+    // target must carry the rest, or its kubelet would refuse the clone.
+    let labels = node.metadata.labels.as_ref();
+    let selector = pod.spec.as_ref().and_then(|s| s.node_selector.as_ref());
+    let missing: Vec<String> = selector
+        .into_iter()
+        .flatten()
+        .filter(|(key, _)| key.as_str() != HOSTNAME_LABEL)
+        .filter(|(key, value)| labels.and_then(|l| l.get(*key)) != Some(*value))
+        .map(|(key, value)| format!("{key}={value}"))
+        .collect();
+    if !missing.is_empty() {
+        return cannot(format!(
+            "the node lacks the pod's nodeSelector label(s) {}",
+            missing.join(", ")
+        ));
+    }
     None
 }
 
@@ -287,6 +304,22 @@ mod tests {
         opted_out["metadata"]["labels"][MIGRATABLE] = json!("false");
         let why = refused(opted_out, Some(namespace), Some(node_json())).unwrap();
         assert!(why.contains("shop/web-0 opts out"), "{why}");
+    }
+
+    #[test]
+    fn a_target_node_without_the_pods_node_selector_labels_is_refused_but_its_name_moves() {
+        let mut pod = pod_json();
+        pod["spec"]["nodeSelector"] = json!({"kubernetes.io/hostname": "node-a", "disk": "ssd"});
+        assert_eq!(
+            refused(pod.clone(), None, Some(node_json())).as_deref(),
+            Some(
+                "cannot migrate pod shop/web-0 to node node-b: the node lacks the pod's \
+                 nodeSelector label(s) disk=ssd"
+            )
+        );
+        let mut node = node_json();
+        node["metadata"]["labels"] = json!({"kubernetes.io/hostname": "node-b", "disk": "ssd"});
+        assert_eq!(refused(pod, None, Some(node)), None);
     }
 
     #[test]
