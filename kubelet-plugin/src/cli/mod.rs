@@ -84,15 +84,22 @@ fn end_quietly_when_reader_leaves() {
     }
 }
 
-/// The command line, with `migrate` put first when we run as `kubectl-migrate`: kubectl runs a
-/// plugin by that name for `kubectl migrate ...`, passing only what follows the word.
+/// What `kubectl migrate WORD ...` runs as a command of its own rather than as the migration of
+/// a pod named WORD (a pod of that name moves with `kubectl migrate migrate WORD --to ...`).
+const PLUGIN_COMMANDS: [&str; 6] = ["migrate", "apply", "status", "help", "--help", "-h"];
+
+/// The command line, with `migrate` put first when we run as `kubectl-migrate` and the first
+/// word is not one of [`PLUGIN_COMMANDS`]: kubectl runs a plugin by that name for
+/// `kubectl migrate ...`, passing only what follows the word.
 pub fn arguments(args: impl IntoIterator<Item = std::ffi::OsString>) -> Vec<std::ffi::OsString> {
     let mut args: Vec<_> = args.into_iter().collect();
     let invoked_as = args
         .first()
         .and_then(|a| std::path::Path::new(a).file_name())
         .map(|n| n.to_string_lossy().into_owned());
-    if invoked_as.as_deref() == Some("kubectl-migrate") {
+    let first = args.get(1).map(|a| a.to_string_lossy().into_owned());
+    let a_command = first.is_some_and(|w| PLUGIN_COMMANDS.contains(&w.as_str()));
+    if invoked_as.as_deref() == Some("kubectl-migrate") && !a_command {
         args.insert(1, "migrate".into());
     }
     args
@@ -154,6 +161,13 @@ mod tests {
             super::arguments(args(&["podmigrate", "status"])),
             args(&["podmigrate", "status"])
         );
+        for words in [
+            &["kubectl-migrate", "apply", "-f", "clone.yaml"][..],
+            &["kubectl-migrate", "status"],
+            &["kubectl-migrate", "migrate", "apply", "--to", "b"],
+        ] {
+            assert_eq!(super::arguments(args(words)), args(words), "{words:?}");
+        }
     }
 
     #[test]
