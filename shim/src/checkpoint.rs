@@ -143,6 +143,33 @@ impl Checkpointer<'_> {
         })
     }
 
+    /// A failed dump's reason, with CRIU's own last error lines appended: runc names only the
+    /// log, which goes with the CRIU work directory or the task's bundle.
+    fn with_criu_errors(
+        &self,
+        error: CheckpointError,
+        dump: &CheckpointTaskRequest,
+    ) -> CheckpointError {
+        let CheckpointError::Step { what, reason } = error else {
+            return error;
+        };
+        let work = CheckpointOptions::parse_from_bytes(&dump.options.value)
+            .map(|o| PathBuf::from(o.work_path))
+            .unwrap_or_default();
+        let logs = [work.join("dump.log"), self.bundle.join("criu-dump.log")];
+        let errors = logs
+            .iter()
+            .find_map(|log| fs::read_to_string(log).ok())
+            .map(|text| criu_error_lines(&text, 3))
+            .unwrap_or_default();
+        let reason = if errors.is_empty() {
+            reason
+        } else {
+            format!("{reason}; CRIU: {errors}")
+        };
+        CheckpointError::Step { what, reason }
+    }
+
     pub fn run(&self, req: &CheckpointTaskRequest) -> Result<Committed, CheckpointError> {
         let started = Instant::now();
         let id = self.identity.id.as_str();
@@ -496,7 +523,8 @@ impl Checkpointer<'_> {
         self.call(
             "dumping with CRIU",
             self.delegate.client().checkpoint(self.ctx.clone(), dump),
-        )?;
+        )
+        .map_err(|e| self.with_criu_errors(e, dump))?;
         let dumped_in = dump_started.elapsed();
         self.refuse_if_stopping()?;
         let extras_started = Instant::now();
@@ -536,6 +564,16 @@ impl Checkpointer<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn criu_errors_are_its_last_error_lines_on_one_line() {
+        let log = "(00.1) Dumping\n(00.2) Error (criu/sk-inet.c:199): inet: Connected TCP socket, consider using --tcp-established option.\n(00.3) Unlocking\n(00.4) Error (criu/cr-dump.c:2100): Dumping FAILED.\n";
+        assert_eq!(
+            criu_error_lines(log, 3),
+            "(00.2) Error (criu/sk-inet.c:199): inet: Connected TCP socket, consider using --tcp-established option. | (00.4) Error (criu/cr-dump.c:2100): Dumping FAILED."
+        );
+        assert_eq!(criu_error_lines("(00.1) fine\n", 3), "");
+    }
 
     fn request(type_url: &str, options: &CheckpointOptions) -> CheckpointTaskRequest {
         CheckpointTaskRequest {
@@ -623,4 +661,14 @@ mod pending_signal_tests {
         let usr1 = "SigPnd:\t0000000000000200\nShdPnd:\t0000000000000000\n";
         assert_eq!(pending_stop_signal(usr1), None);
     }
+}
+
+/// The last `n` lines of a CRIU log that report an error, joined on one line.
+fn criu_error_lines(log: &str, n: usize) -> String {
+    let errors: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("Error") || l.contains("error"))
+        .map(str::trim)
+        .collect();
+    errors[errors.len().saturating_sub(n)..].join(" | ")
 }
