@@ -150,9 +150,7 @@ impl Checkpointer<'_> {
         error: CheckpointError,
         dump: &CheckpointTaskRequest,
     ) -> CheckpointError {
-        let CheckpointError::Step { what, reason } = error else {
-            return error;
-        };
+        let CheckpointError::Step { what, reason } = error;
         let work = CheckpointOptions::parse_from_bytes(&dump.options.value)
             .map(|o| PathBuf::from(o.work_path))
             .unwrap_or_default();

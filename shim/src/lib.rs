@@ -15,6 +15,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod criu_config;
 pub mod delegate;
 pub mod error;
 pub mod identity;

@@ -327,7 +327,5 @@ pub fn discard(dir: &Path) {
     let _ = fs::remove_dir_all(dir);
 }
 
-pub mod dedup;
-
 #[cfg(test)]
 mod tests;

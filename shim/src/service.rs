@@ -16,13 +16,13 @@ use containerd_shim::{
     protos::TaskClient,
     ExitSignal, Task, TtrpcContext, TtrpcResult,
 };
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::checkpoint::Checkpointer;
 use crate::config::ShimConfig;
 use crate::delegate::Delegate;
 use crate::identity::ContainerIdentity;
-use crate::{restore, BINARY_NAME};
+use crate::{criu_config, restore, BINARY_NAME};
 
 /// A ttrpc status naming this shim, so an operator knows which component said it.
 pub fn status(code: ttrpc::Code, message: impl std::fmt::Display) -> ttrpc::Error {
@@ -160,6 +160,18 @@ impl Task for TaskService {
                 )
             })?
             .into();
+        // Without it a dump fails on a connection arriving during the freeze, and a restore
+        // is slower: worth a warning, not a failed Create.
+        match criu_config::apply(
+            Path::new(&req.bundle),
+            &self.config.work_dir,
+            Path::new(criu_config::RUNC_CRIU_CONFIG),
+        ) {
+            Ok(applied) => debug!(container = %identity.describe(), ?applied, "CRIU configuration"),
+            Err(e) => {
+                warn!(container = %identity.describe(), error = %e, "creating without podmigrate's CRIU configuration")
+            }
+        }
         let mut restore_dir = None;
         let mut restored = None;
         let plan = restore::plan(&self.config.work_dir, &identity, !req.checkpoint.is_empty());
@@ -171,19 +183,6 @@ impl Task for TaskService {
                 Ok(prepared) => {
                     info!(container = %identity.describe(), archive = %prepared.archive.display(), "creating from checkpoint");
                     req.checkpoint = prepared.images.display().to_string();
-                    // An optimisation only: a restore without it is slower, not wrong.
-                    match restore::dedup::enable(
-                        Path::new(&req.bundle),
-                        &self.config.work_dir,
-                        Path::new(restore::dedup::RUNC_CRIU_CONFIG),
-                    ) {
-                        Ok(done) => {
-                            info!(container = %identity.describe(), ?done, "CRIU auto-dedup for the restore")
-                        }
-                        Err(e) => {
-                            warn!(container = %identity.describe(), error = %e, "restoring without CRIU auto-dedup")
-                        }
-                    }
                     restore_dir = Some(prepared.dir);
                     restored =
                         restore::marker(&self.config.work_dir, &identity).map(|marker| Restored {

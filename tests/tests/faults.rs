@@ -159,7 +159,7 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
 
 /// What a migration leaves behind in node-local work space, on disk and in memory (checkpoint
 /// images, CRIU's work directories, restore copies) and on the share (archives, temporary
-/// archives). The CRIU configuration for restores (`criu/restore.conf`) is the node's, kept on
+/// archives). The CRIU configuration of its containers (`criu/podmigrate.conf`) is the node's, kept on
 /// purpose.
 fn leftovers(cluster: &Cluster) -> Vec<PathBuf> {
     let mut out = Vec::new();
@@ -168,7 +168,7 @@ fn leftovers(cluster: &Cluster) -> Vec<PathBuf> {
             out.extend(
                 files_under(space)
                     .into_iter()
-                    .filter(|p| p != Path::new("criu/restore.conf"))
+                    .filter(|p| p != Path::new("criu/podmigrate.conf"))
                     .map(|p| space.join(p)),
             );
         }

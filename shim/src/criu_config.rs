@@ -1,13 +1,20 @@
-//! Restoring with CRIU's `auto-dedup`: CRIU punches each page out of the unpacked image as it
-//! restores it, so memory-backed work space hands its pages straight to the restored process.
-//! Without it a restore briefly needs the checkpoint's size twice (the image in tmpfs and the
-//! process), and on a VM every page of the second copy is a fresh one from the host.
+//! The CRIU settings of every container the shim creates, for its dumps and its restores:
 //!
-//! runc passes CRIU no such option, but it hands CRIU the configuration file named by the
+//! * `skip-in-flight`: a connection the kernel has not yet handed to the application (a
+//!   kubelet probe or a client arriving during the freeze, still in a listening socket's
+//!   queue) is dropped instead of failing the dump; its client retries, as after a lost SYN.
+//! * `auto-dedup`: CRIU punches each page out of the unpacked image as it restores it, so
+//!   memory-backed work space hands its pages straight to the restored process. Without it a
+//!   restore briefly needs the checkpoint's size twice (the image in tmpfs and the process),
+//!   and on a VM every page of the second copy is a fresh one from the host. The unpacked
+//!   images are a private throwaway copy, removed after Start, so consuming them costs
+//!   nothing; on a dump it does nothing (it only acts on a dump with a parent image, which
+//!   runc's checkpoints here never have).
+//!
+//! runc passes CRIU neither option, but it hands CRIU the configuration file named by the
 //! container's `org.criu.config` annotation (instead of `/etc/criu/runc.conf`), and CRIU's
-//! file settings override runc's. So the clone's bundle gets that annotation, pointing to a
-//! file holding the node's `runc.conf` (if any) plus `auto-dedup`. The unpacked images are a
-//! private throwaway copy, removed after Start, so consuming them costs nothing.
+//! file settings override runc's. So each bundle gets that annotation at Create, pointing to
+//! a file holding the node's `runc.conf` (if any) plus these settings.
 
 use std::fs;
 use std::io::Write;
@@ -17,9 +24,13 @@ use std::path::{Path, PathBuf};
 pub const CRIU_CONFIG_ANNOTATION: &str = "org.criu.config";
 /// The node-wide file runc names when the annotation is absent.
 pub const RUNC_CRIU_CONFIG: &str = "/etc/criu/runc.conf";
+/// Our file's name in `<work_dir>/criu/`.
+const CONFIG_FILE: &str = "podmigrate.conf";
+/// What podmigrate adds to the node's settings (see the module's documentation).
+const SETTINGS: &str = "# podmigrate: drop connections not yet accepted instead of failing the dump\nskip-in-flight\n# podmigrate: free each restored page from the unpacked image at once\nauto-dedup\n";
 
 #[derive(Debug, thiserror::Error)]
-pub enum DedupError {
+pub enum CriuConfigError {
     #[error("{op} {path}: {source}")]
     Io {
         op: &'static str,
@@ -30,35 +41,42 @@ pub enum DedupError {
     Spec { path: PathBuf, reason: String },
 }
 
-fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> DedupError + 'a {
-    move |source| DedupError::Io {
+fn io_err<'a>(
+    op: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> CriuConfigError + 'a {
+    move |source| CriuConfigError::Io {
         op,
         path: path.to_path_buf(),
         source,
     }
 }
 
-/// What `enable` did.
+/// What [`apply`] did.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Dedup {
-    Enabled {
+pub enum Applied {
+    Ours {
         config: PathBuf,
     },
     /// The spec already names a CRIU configuration, which is left alone.
     SpecHasOwnConfig(String),
 }
 
-/// Writes the restore configuration under `work_dir` and points the bundle's spec at it.
-pub fn enable(bundle: &Path, work_dir: &Path, node_config: &Path) -> Result<Dedup, DedupError> {
+/// Writes the configuration under `work_dir` and points the bundle's spec at it.
+pub fn apply(
+    bundle: &Path,
+    work_dir: &Path,
+    node_config: &Path,
+) -> Result<Applied, CriuConfigError> {
     let spec_path = bundle.join("config.json");
     let text = fs::read_to_string(&spec_path).map_err(io_err("reading", &spec_path))?;
     let mut spec: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| DedupError::Spec {
+        serde_json::from_str(&text).map_err(|e| CriuConfigError::Spec {
             path: spec_path.clone(),
             reason: e.to_string(),
         })?;
     let Some(object) = spec.as_object_mut() else {
-        return Err(DedupError::Spec {
+        return Err(CriuConfigError::Spec {
             path: spec_path,
             reason: "not a JSON object".into(),
         });
@@ -67,32 +85,31 @@ pub fn enable(bundle: &Path, work_dir: &Path, node_config: &Path) -> Result<Dedu
         .entry("annotations")
         .or_insert_with(|| serde_json::json!({}));
     let Some(annotations) = annotations.as_object_mut() else {
-        return Err(DedupError::Spec {
+        return Err(CriuConfigError::Spec {
             path: spec_path,
             reason: "annotations is not an object".into(),
         });
     };
     if let Some(own) = annotations.get(CRIU_CONFIG_ANNOTATION) {
-        return Ok(Dedup::SpecHasOwnConfig(own.to_string()));
+        return Ok(Applied::SpecHasOwnConfig(own.to_string()));
     }
     let config = write_config(work_dir, node_config)?;
     annotations.insert(
         CRIU_CONFIG_ANNOTATION.into(),
         serde_json::Value::String(config.display().to_string()),
     );
-    let bytes = serde_json::to_vec(&spec).map_err(|e| DedupError::Spec {
+    let bytes = serde_json::to_vec(&spec).map_err(|e| CriuConfigError::Spec {
         path: spec_path.clone(),
         reason: e.to_string(),
     })?;
     replace_file(&spec_path, &bytes)?;
-    Ok(Dedup::Enabled { config })
+    Ok(Applied::Ours { config })
 }
 
-/// `<work_dir>/criu/restore.conf`: the node's runc CRIU settings, then `auto-dedup`. A stable
-/// path, rewritten whole each time, because the clone keeps the annotation for its lifetime
-/// and its own checkpoints read the file too (auto-dedup only acts on a dump with a parent
-/// image, which runc's checkpoints here never have).
-fn write_config(work_dir: &Path, node_config: &Path) -> Result<PathBuf, DedupError> {
+/// `<work_dir>/criu/podmigrate.conf`: the node's runc CRIU settings, then ours. A stable
+/// path, rewritten whole each time, because a container keeps the annotation for its lifetime
+/// and each of its checkpoints and restores reads the file.
+fn write_config(work_dir: &Path, node_config: &Path) -> Result<PathBuf, CriuConfigError> {
     let dir = work_dir.join("criu");
     fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
     let mut text = match fs::read_to_string(node_config) {
@@ -103,16 +120,14 @@ fn write_config(work_dir: &Path, node_config: &Path) -> Result<PathBuf, DedupErr
     if !text.is_empty() && !text.ends_with('\n') {
         text.push('\n');
     }
-    text.push_str(
-        "# podmigrate: free each restored page from the unpacked image at once\nauto-dedup\n",
-    );
-    let path = dir.join("restore.conf");
+    text.push_str(SETTINGS);
+    let path = dir.join(CONFIG_FILE);
     replace_file(&path, text.as_bytes())?;
     Ok(path)
 }
 
 /// Replaces `path` atomically, so a concurrent reader sees the old or the new file, whole.
-fn replace_file(path: &Path, bytes: &[u8]) -> Result<(), DedupError> {
+fn replace_file(path: &Path, bytes: &[u8]) -> Result<(), CriuConfigError> {
     let temp = path.with_extension(format!("tmp-{}", std::process::id()));
     let mut file = fs::File::create(&temp).map_err(io_err("creating", &temp))?;
     file.write_all(bytes).map_err(io_err("writing", &temp))?;
@@ -141,17 +156,17 @@ mod tests {
         let work = tempfile::tempdir().unwrap();
         let node = work.path().join("runc.conf");
         fs::write(&node, "tcp-established").unwrap();
-        let done = enable(b.path(), work.path(), &node).unwrap();
-        let config = work.path().join("criu/restore.conf");
+        let done = apply(b.path(), work.path(), &node).unwrap();
+        let config = work.path().join("criu/podmigrate.conf");
         assert_eq!(
             done,
-            Dedup::Enabled {
+            Applied::Ours {
                 config: config.clone()
             }
         );
         assert_eq!(
             fs::read_to_string(&config).unwrap(),
-            "tcp-established\n# podmigrate: free each restored page from the unpacked image at once\nauto-dedup\n"
+            format!("tcp-established\n{SETTINGS}")
         );
         let spec: serde_json::Value =
             serde_json::from_slice(&fs::read(b.path().join("config.json")).unwrap()).unwrap();
@@ -170,12 +185,9 @@ mod tests {
     fn without_a_node_config_or_annotations() {
         let b = bundle(r#"{"ociVersion":"1.0.2"}"#);
         let work = tempfile::tempdir().unwrap();
-        enable(b.path(), work.path(), &work.path().join("absent.conf")).unwrap();
-        let text = fs::read_to_string(work.path().join("criu/restore.conf")).unwrap();
-        assert!(
-            text.ends_with("auto-dedup\n") && !text.starts_with('\n'),
-            "{text}"
-        );
+        apply(b.path(), work.path(), &work.path().join("absent.conf")).unwrap();
+        let text = fs::read_to_string(work.path().join("criu/podmigrate.conf")).unwrap();
+        assert!(text == SETTINGS, "{text}");
     }
 
     #[test]
@@ -183,8 +195,8 @@ mod tests {
         let spec = r#"{"annotations":{"org.criu.config":"/etc/mine.conf"}}"#;
         let b = bundle(spec);
         let work = tempfile::tempdir().unwrap();
-        let done = enable(b.path(), work.path(), Path::new(RUNC_CRIU_CONFIG)).unwrap();
-        assert_eq!(done, Dedup::SpecHasOwnConfig("\"/etc/mine.conf\"".into()));
+        let done = apply(b.path(), work.path(), Path::new(RUNC_CRIU_CONFIG)).unwrap();
+        assert_eq!(done, Applied::SpecHasOwnConfig("\"/etc/mine.conf\"".into()));
         assert_eq!(
             fs::read_to_string(b.path().join("config.json")).unwrap(),
             spec
@@ -195,7 +207,7 @@ mod tests {
     fn a_broken_spec_is_an_error_naming_it() {
         let b = bundle("{not json");
         let work = tempfile::tempdir().unwrap();
-        let err = enable(b.path(), work.path(), Path::new(RUNC_CRIU_CONFIG)).unwrap_err();
+        let err = apply(b.path(), work.path(), Path::new(RUNC_CRIU_CONFIG)).unwrap_err();
         assert!(err.to_string().contains("config.json"), "{err}");
     }
 }
