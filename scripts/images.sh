@@ -63,7 +63,7 @@ ctx=$work/counter
 counter=$(bash "$ROOT/tests/apps/counter/build.sh")
 install -D -m 0755 "$counter" "$ctx/rootfs/bin/counter"
 install -D -m 0755 /bin/busybox "$ctx/rootfs/bin/busybox"
-for applet in sh cat ls sleep echo mkdir rm wc head tail grep sha256sum dd stat; do
+for applet in sh cat ls sleep echo mkdir rm wc head tail grep sha256sum dd stat kill ps; do
   ln -s busybox "$ctx/rootfs/bin/$applet"
 done
 mkdir -p "$ctx/rootfs/tmp" "$ctx/rootfs/data"

@@ -2,6 +2,9 @@
 //!
 //! * [`apiserver`]: an in-process kube-apiserver stand-in (real JSON and watch protocol on loopback).
 //! * [`bundle`]: OCI runtime bundles with a busybox-static rootfs.
+//! * [`cluster`]: the real two-node Kubernetes cluster of scripts/local-up-cluster.sh, one namespace per test.
+//! * [`cli`]: `kubectl migrate` runs and their summary line.
+//! * [`counter`]: the test app's containers and its HTTP side.
 //! * [`harness`]: skip checks, bounded waits, cleanup guards and locating workspace binaries.
 //! * [`oci`]: OCI image-layout tarballs built locally (pause, busybox, counter) for `ctr import`.
 //! * [`containerd`]: a private containerd with the CRI plugin, cleaned up on drop.
@@ -14,7 +17,10 @@
 
 pub mod apiserver;
 pub mod bundle;
+pub mod cli;
+pub mod cluster;
 pub mod containerd;
+pub mod counter;
 pub mod cri;
 pub mod harness;
 pub mod kubelet;

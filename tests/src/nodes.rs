@@ -29,7 +29,7 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -38,13 +38,14 @@ use anyhow::{bail, ensure, Context, Result};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::apiserver::{ApiServer, Kind, PodDeletion};
+pub use crate::cli::{parse_summary, CliProcess, CliRun, Summary};
 use crate::containerd::{
     build_shim, find_in_path, run_bounded, Containerd, ContainerdOptions, MIGRATE_HANDLER,
     SHIM_BINARY,
 };
+pub use crate::counter::{counter_hit, http_get_addr, wait_counter_ready, Counter};
 use crate::cri::CriClient;
 use crate::harness::{Scratch, KEEP_ENV};
 use crate::kubelet::{Kubelet, KubeletOptions};
@@ -501,136 +502,6 @@ impl ClusterOptions {
             verbose: true,
             agent_args: Vec::new(),
         }
-    }
-}
-
-/// A `kubectl migrate` under way (killed if dropped).
-pub struct CliProcess {
-    child: tokio::process::Child,
-    started: Instant,
-}
-
-impl CliProcess {
-    /// Waits for it (bounded: killed after `timeout`) and collects what it printed.
-    pub async fn finish(self, timeout: Duration) -> Result<CliRun> {
-        let output: Output = tokio::time::timeout(timeout, self.child.wait_with_output())
-            .await
-            .with_context(|| format!("kubectl migrate did not finish within {timeout:?}"))??;
-        Ok(CliRun {
-            success: output.status.success(),
-            code: output.status.code(),
-            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-            elapsed: self.started.elapsed(),
-        })
-    }
-}
-
-/// What `kubectl migrate` did.
-#[derive(Debug, Clone)]
-pub struct CliRun {
-    pub success: bool,
-    pub code: Option<i32>,
-    pub stdout: String,
-    pub stderr: String,
-    pub elapsed: Duration,
-}
-
-impl CliRun {
-    /// The last non-empty line of stdout.
-    pub fn last_line(&self) -> &str {
-        self.stdout
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("")
-    }
-}
-
-/// `migrated default/counter node-a -> node-b in 3.2s (frozen 1.05s, 1.2 MiB moved)`, parsed.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Summary {
-    /// `migrated` or `cloned`.
-    pub verb: String,
-    /// `namespace/name`.
-    pub pod: String,
-    pub from: String,
-    pub to: String,
-    pub total_seconds: f64,
-    pub frozen_seconds: f64,
-    /// As printed, e.g. `1.2 MiB`.
-    pub moved: String,
-}
-
-/// Parses the CLI's last line; `None` unless it has exactly the documented shape.
-pub fn parse_summary(line: &str) -> Option<Summary> {
-    let (verb, rest) = line.split_once(' ')?;
-    if verb != "migrated" && verb != "cloned" {
-        return None;
-    }
-    let words: Vec<&str> = rest.split(' ').collect();
-    // pod from -> to in Xs (frozen Ys, N UNIT moved)
-    if words.len() != 11 && words.len() != 10 {
-        return None;
-    }
-    let (pod, from, arrow, to, word_in) = (words[0], words[1], words[2], words[3], words[4]);
-    if arrow != "->" || word_in != "in" || !pod.contains('/') {
-        return None;
-    }
-    let total_seconds = words[5].strip_suffix('s')?.parse().ok()?;
-    let frozen_seconds = words[6]
-        .strip_prefix("(frozen")
-        .filter(|s| s.is_empty())
-        .and(words[7].strip_suffix("s,"))?
-        .parse()
-        .ok()?;
-    let moved_words = &words[8..];
-    let (last, amount) = moved_words.split_last()?;
-    if *last != "moved)" || amount.is_empty() || amount.len() > 2 {
-        return None;
-    }
-    let moved = amount.join(" ");
-    let number = amount[0].parse::<f64>().ok()?;
-    if !number.is_finite()
-        || (amount.len() == 2 && !["B", "KiB", "MiB", "GiB", "TiB"].contains(&amount[1]))
-    {
-        return None;
-    }
-    Some(Summary {
-        verb: verb.to_owned(),
-        pod: pod.to_owned(),
-        from: from.to_owned(),
-        to: to.to_owned(),
-        total_seconds,
-        frozen_seconds,
-        moved,
-    })
-}
-
-/// A container of [`counter_pod`].
-#[derive(Debug, Clone)]
-pub struct Counter {
-    pub name: String,
-    pub port: u16,
-    /// Its count file inside the container.
-    pub file: String,
-    /// `-m` ballast in MiB.
-    pub ballast_mib: Option<u32>,
-}
-
-impl Counter {
-    pub fn new(name: &str, port: u16, file: &str) -> Counter {
-        Counter {
-            name: name.to_owned(),
-            port,
-            file: file.to_owned(),
-            ballast_mib: None,
-        }
-    }
-
-    pub fn ballast(mut self, mib: u32) -> Counter {
-        self.ballast_mib = Some(mib);
-        self
     }
 }
 
@@ -1237,84 +1108,9 @@ impl Drop for Cluster {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// HTTP
-
-/// `GET <path>` on `addr` (one request per connection, as the counter answers); the body of a
-/// 200 answer. Bounded to 5 s.
-pub async fn http_get_addr(addr: SocketAddr, path: &str) -> Result<String> {
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(addr)
-            .await
-            .with_context(|| format!("connecting to {addr}"))?;
-        stream
-            .write_all(
-                format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
-                    .as_bytes(),
-            )
-            .await?;
-        let mut reply = Vec::new();
-        stream.read_to_end(&mut reply).await?;
-        let reply = String::from_utf8_lossy(&reply).into_owned();
-        let (head, body) = reply
-            .split_once("\r\n\r\n")
-            .with_context(|| format!("no HTTP head in {reply:?}"))?;
-        ensure!(
-            head.starts_with("HTTP/1.1 200"),
-            "GET {path} on {addr}: {head}"
-        );
-        Ok(body.to_owned())
-    };
-    tokio::time::timeout(Duration::from_secs(5), exchange)
-        .await
-        .with_context(|| format!("GET {path} on {addr}: no answer within 5s"))?
-}
-
-/// `GET /` on a counter: its new count.
-pub async fn counter_hit(ip: Ipv4Addr, port: u16) -> Result<u64> {
-    let body = http_get_addr((ip, port).into(), "/").await?;
-    body.trim()
-        .parse()
-        .with_context(|| format!("the counter on {ip}:{port} answered {body:?}"))
-}
-
-/// Polls `GET /healthz` until the counter answers `ok`.
-pub async fn wait_counter_ready(ip: Ipv4Addr, port: u16, timeout: Duration) -> Result<()> {
-    let started = Instant::now();
-    loop {
-        let last = match http_get_addr((ip, port).into(), "/healthz").await {
-            Ok(body) if body.trim() == "ok" => return Ok(()),
-            Ok(body) => format!("answered {body:?}"),
-            Err(e) => format!("{e:#}"),
-        };
-        if started.elapsed() >= timeout {
-            bail!("counter on {ip}:{port} not ready after {timeout:?}: {last}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn summaries_parse_only_in_the_documented_shape() {
-        let s = parse_summary(
-            "migrated default/counter node-a -> node-b in 3.2s (frozen 1.05s, 1.2 MiB moved)",
-        )
-        .unwrap();
-        assert_eq!(s.verb, "migrated");
-        assert_eq!(s.pod, "default/counter");
-        assert_eq!((s.from.as_str(), s.to.as_str()), ("node-a", "node-b"));
-        assert_eq!(s.total_seconds, 3.2);
-        assert_eq!(s.frozen_seconds, 1.05);
-        assert_eq!(s.moved, "1.2 MiB");
-        let small = parse_summary("cloned default/x a -> b in 0.4s (frozen 0s, 512 B moved)");
-        assert_eq!(small.unwrap().moved, "512 B");
-        assert!(parse_summary("migrated default/counter node-a -> node-b").is_none());
-        assert!(parse_summary("moved default/c a -> b in 1s (frozen 1s, 1 B moved)").is_none());
-    }
 
     #[test]
     fn counter_pods_are_migratable_and_pinned() {

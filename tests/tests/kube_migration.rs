@@ -1,0 +1,469 @@
+//! podmigrate on a real Kubernetes: the cluster of `scripts/local-up-cluster.sh` (stock
+//! kube-apiserver, scheduler, controller-manager, and a stock kubelet, containerd with our shim
+//! and kube-proxy on each of node-a and node-b; the agent as its DaemonSet under the shipped
+//! RBAC), driven with kube-rs and the real `kubectl` and `kubectl migrate`.
+//!
+//! * the tutorial: a counter on node-a counts to 5, `kubectl migrate counter --to node-b` ends
+//!   with its summary line, node-b's clone answers 6 at its own pod IP, its count file came
+//!   along, the source is gone; then `--clone` of the clone leaves both running, diverging;
+//! * a pod with two counters migrates whole;
+//! * `kubectl migrate` refuses early, in one line, changing nothing: a pod not opted in, a
+//!   missing node, the pod's own node, a pod that is not Running;
+//! * a restored container that exits is restarted by kubelet fresh, never restored again;
+//! * a clone pod deleted mid-restore, and node-b's kubelet restarted mid-migration, leave the
+//!   source running (thawed) with an Event that says what happened;
+//! * the agent's ServiceAccount may do everything the agent does (Events repeated by kube's
+//!   recorder are patched).
+//!
+//! Each test works in its own namespace. Tests that stop a kubelet take the cluster alone.
+//! Needs root; skips otherwise, unless `PODMIGRATE_E2E_REQUIRE` is set, in which case it fails.
+
+use std::time::{Duration, Instant};
+
+use podmigrate_e2e::cli::{parse_summary, CliRun};
+use podmigrate_e2e::cluster::{
+    counter_pod, skip_reason, KubeCluster, TestNamespace, AGENT_NAMESPACE, NODE_A, NODE_B, PHASE,
+};
+use podmigrate_e2e::counter::Counter;
+use podmigrate_e2e::harness::skip;
+
+/// Bound on pods coming up, going away, and similar waits.
+const WAIT: Duration = Duration::from_secs(60);
+/// Bound on one `kubectl migrate`.
+const CLI_TIMEOUT: Duration = Duration::from_secs(150);
+
+async fn cluster() -> Option<KubeCluster> {
+    if let Some(reason) = skip_reason() {
+        skip(&reason);
+        return None;
+    }
+    Some(
+        KubeCluster::shared()
+            .await
+            .unwrap_or_else(|e| panic!("the cluster: {e:#}")),
+    )
+}
+
+fn counter() -> Counter {
+    Counter::new("counter", 8080, "/tmp/count")
+}
+
+/// The single clone of `source`.
+async fn clone_name(ns: &TestNamespace, source: &str) -> String {
+    let clones = ns.clones_of(source).await.unwrap();
+    assert_eq!(clones.len(), 1, "clones of {source}: {clones:?}");
+    clones[0].metadata.name.clone().unwrap()
+}
+
+fn assert_cli_ok(run: &CliRun, verb: &str, pod: &str, from: &str, to: &str) {
+    assert!(
+        run.success,
+        "kubectl migrate failed ({:?}):\nstdout:\n{}\nstderr:\n{}",
+        run.code, run.stdout, run.stderr
+    );
+    let summary = parse_summary(run.last_line())
+        .unwrap_or_else(|| panic!("unexpected last line {:?}", run.last_line()));
+    assert_eq!(summary.verb, verb);
+    assert_eq!(summary.pod, pod);
+    assert_eq!((summary.from.as_str(), summary.to.as_str()), (from, to));
+    assert!(
+        summary.frozen_seconds <= summary.total_seconds + 0.05,
+        "{summary:?}"
+    );
+    assert!(!summary.moved.starts_with("0 "), "{summary:?}");
+}
+
+/// A failed `kubectl migrate`: exactly one line on stderr, containing `what`.
+fn assert_refused(run: &CliRun, what: &str) {
+    assert!(!run.success, "kubectl migrate succeeded: {}", run.stdout);
+    let lines: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    assert_eq!(lines.len(), 1, "not one line: {:?}", run.stderr);
+    assert!(lines[0].contains(what), "{:?} lacks {what:?}", lines[0]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn counter_migrates_to_node_b_then_a_clone_diverges() {
+    let Some(cluster) = cluster().await else {
+        return;
+    };
+    let _turn = KubeCluster::shared_turn().await;
+    let ns = cluster.namespace("tutorial").await.unwrap();
+    ns.start_counters("counter", NODE_A, &[counter()], WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", cluster.diagnostics(20)));
+    for expected in 1..=5 {
+        assert_eq!(ns.hit("counter", 8080).await.unwrap(), expected);
+    }
+
+    let run = ns
+        .kubectl_migrate(&["counter", "--to", NODE_B], CLI_TIMEOUT)
+        .await
+        .unwrap();
+    let pod = format!("{}/counter", ns.name);
+    if !run.success {
+        panic!("{run:?}\n{}", cluster.diagnostics(40));
+    }
+    assert_cli_ok(&run, "migrated", &pod, NODE_A, NODE_B);
+    let clone = clone_name(&ns, "counter").await;
+    assert_eq!(ns.node_of(&clone).await.as_deref(), Some(NODE_B));
+    ns.wait_running(&clone, WAIT).await.unwrap();
+    // Its own pod IP on node-b's pod network, and the count goes on.
+    assert!(ns.pod_ip(&clone).await.unwrap().octets()[2] == 2);
+    assert_eq!(ns.hit(&clone, 8080).await.unwrap(), 6);
+    // The count file in the container's filesystem came along (the rootfs diff).
+    let file = ns.exec(&clone, "counter", &["cat", "/tmp/count"]).unwrap();
+    assert_eq!(file.trim(), "6");
+    ns.wait_gone("counter", WAIT).await.unwrap();
+
+    // --clone: both keep running, each counting on from the checkpoint.
+    let run = ns
+        .kubectl_migrate(&[&clone, "--to", NODE_A, "--clone"], CLI_TIMEOUT)
+        .await
+        .unwrap();
+    assert_cli_ok(
+        &run,
+        "cloned",
+        &format!("{}/{clone}", ns.name),
+        NODE_B,
+        NODE_A,
+    );
+    let second = clone_name(&ns, &clone).await;
+    ns.wait_running(&second, WAIT).await.unwrap();
+    assert_eq!(ns.hit(&clone, 8080).await.unwrap(), 7);
+    assert_eq!(ns.hit(&second, 8080).await.unwrap(), 7);
+    assert_eq!(ns.hit(&second, 8080).await.unwrap(), 8);
+    assert_eq!(ns.hit(&clone, 8080).await.unwrap(), 8);
+
+    // The agent reported each step as Events (accepted under the shipped RBAC).
+    let reasons: Vec<String> = ns
+        .events(&clone, None)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect();
+    for reason in ["Checkpointing", "Checkpointed", "Migrated"] {
+        assert!(
+            reasons.iter().any(|r| r == reason),
+            "no {reason} Event on {clone}: {reasons:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_two_container_pod_migrates_whole() {
+    let Some(cluster) = cluster().await else {
+        return;
+    };
+    let _turn = KubeCluster::shared_turn().await;
+    let ns = cluster.namespace("two").await.unwrap();
+    let counters = [
+        Counter::new("first", 8080, "/tmp/first"),
+        Counter::new("second", 8081, "/tmp/second"),
+    ];
+    ns.start_counters("pair", NODE_A, &counters, WAIT)
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        ns.hit("pair", 8080).await.unwrap();
+    }
+    ns.hit("pair", 8081).await.unwrap();
+    let run = ns
+        .kubectl_migrate(&["pair", "--to", NODE_B], CLI_TIMEOUT)
+        .await
+        .unwrap();
+    assert_cli_ok(
+        &run,
+        "migrated",
+        &format!("{}/pair", ns.name),
+        NODE_A,
+        NODE_B,
+    );
+    let clone = clone_name(&ns, "pair").await;
+    ns.wait_running(&clone, WAIT).await.unwrap();
+    assert_eq!(ns.hit(&clone, 8080).await.unwrap(), 4);
+    assert_eq!(ns.hit(&clone, 8081).await.unwrap(), 2);
+    ns.wait_gone("pair", WAIT).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kubectl_migrate_refuses_early_in_one_line_and_changes_nothing() {
+    let Some(cluster) = cluster().await else {
+        return;
+    };
+    let _turn = KubeCluster::shared_turn().await;
+    let ns = cluster.namespace("refuse").await.unwrap();
+    // Not opted in: the same counter without the label.
+    let mut shy = counter_pod("shy", NODE_A, &[counter()]);
+    shy.metadata
+        .labels
+        .as_mut()
+        .unwrap()
+        .remove("podmigrate.io/migratable");
+    ns.create_pod(&shy).await.unwrap();
+    ns.start_counters("ok", NODE_A, &[counter()], WAIT)
+        .await
+        .unwrap();
+    ns.wait_running("shy", WAIT).await.unwrap();
+    // Pending: no node carries this label.
+    let mut stuck = counter_pod("stuck", NODE_A, &[counter()]);
+    stuck
+        .spec
+        .as_mut()
+        .unwrap()
+        .node_selector
+        .as_mut()
+        .unwrap()
+        .insert("podmigrate.io/no-such-node".into(), "true".into());
+    ns.create_pod(&stuck).await.unwrap();
+
+    let cases: [(&[&str], &str); 5] = [
+        (&["shy", "--to", NODE_B], "is not migratable"),
+        (&["ok", "--to", "node-z"], "cannot migrate pod"),
+        (&["ok", "--to", "node-z"], "no such node"),
+        (&["ok", "--to", NODE_A], "already runs on node node-a"),
+        (&["stuck", "--to", NODE_B], "is Pending, not Running"),
+    ];
+    for (args, what) in cases {
+        let started = Instant::now();
+        let run = ns.kubectl_migrate(args, CLI_TIMEOUT).await.unwrap();
+        assert_refused(&run, what);
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "refusing {args:?} took {:?}",
+            started.elapsed()
+        );
+    }
+    // Nothing was created, and the pods run on as they were.
+    let pods = ns.pods.list(&Default::default()).await.unwrap();
+    assert_eq!(
+        pods.items.len(),
+        3,
+        "{:?}",
+        pods.items
+            .iter()
+            .map(|p| &p.metadata.name)
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(ns.hit("ok", 8080).await.unwrap(), 1);
+    assert_eq!(ns.hit("shy", 8080).await.unwrap(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restored_container_that_exits_restarts_fresh_and_never_restores_again() {
+    let Some(cluster) = cluster().await else {
+        return;
+    };
+    let _turn = KubeCluster::shared_turn().await;
+    let ns = cluster.namespace("restart").await.unwrap();
+    ns.start_counters("counter", NODE_A, &[counter()], WAIT)
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        ns.hit("counter", 8080).await.unwrap();
+    }
+    let run = ns
+        .kubectl_migrate(&["counter", "--to", NODE_B], CLI_TIMEOUT)
+        .await
+        .unwrap();
+    assert_cli_ok(
+        &run,
+        "migrated",
+        &format!("{}/counter", ns.name),
+        NODE_A,
+        NODE_B,
+    );
+    let clone = clone_name(&ns, "counter").await;
+    assert_eq!(ns.hit(&clone, 8080).await.unwrap(), 4);
+
+    // The restored process exits (SIGTERM to the container's PID 1); restartPolicy Always.
+    ns.exec(&clone, "counter", &["kill", "1"]).unwrap();
+    let started = Instant::now();
+    loop {
+        let pod = ns.get_pod(&clone).await.unwrap();
+        let status = &pod.status.unwrap().container_statuses.unwrap()[0];
+        if status.restart_count >= 1 && status.ready {
+            break;
+        }
+        // Well under the shim's 90 s archive wait: a restart that waited for an archive fails.
+        assert!(
+            started.elapsed() < Duration::from_secs(45),
+            "the container did not come back: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Fresh, like any restarted container: its count starts again, its filesystem is new.
+    assert_eq!(ns.hit(&clone, 8080).await.unwrap(), 1);
+}
+
+/// Starts a migration of a counter with `ballast_mib` of memory and waits until the clone
+/// reaches `phase`; returns the clone's name and the migration under way.
+async fn migration_reaching(
+    ns: &TestNamespace,
+    ballast_mib: u32,
+    phase: &str,
+) -> (String, podmigrate_e2e::cli::CliProcess) {
+    ns.start_counters("counter", NODE_A, &[counter().ballast(ballast_mib)], WAIT)
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        ns.hit("counter", 8080).await.unwrap();
+    }
+    let cli = ns
+        .spawn_kubectl_migrate(&["counter", "--to", NODE_B])
+        .unwrap();
+    let started = Instant::now();
+    loop {
+        if let Ok(clones) = ns.clones_of("counter").await {
+            if let Some(clone) = clones.first() {
+                let name = clone.metadata.name.clone().unwrap();
+                let at = clone
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(PHASE))
+                    .cloned();
+                if at.as_deref() == Some(phase) {
+                    return (name, cli);
+                }
+            }
+        }
+        assert!(started.elapsed() < WAIT, "the clone never reached {phase}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The source `counter` still runs on node-a, thawed: it answers the next count.
+async fn assert_source_runs_on(ns: &TestNamespace, expected: u64) {
+    let started = Instant::now();
+    loop {
+        match ns.hit("counter", 8080).await {
+            Ok(n) => {
+                assert_eq!(n, expected);
+                break;
+            }
+            Err(e) => assert!(
+                started.elapsed() < WAIT,
+                "the source never answered again: {e:#}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(ns.node_of("counter").await.as_deref(), Some(NODE_A));
+}
+
+/// Waits for an Event on the source whose note contains `what`.
+async fn wait_source_event(ns: &TestNamespace, what: &str) {
+    let started = Instant::now();
+    loop {
+        let events = ns.events("counter", None).await.unwrap();
+        if events
+            .iter()
+            .any(|e| e.message.as_deref().is_some_and(|m| m.contains(what)))
+        {
+            return;
+        }
+        let notes: Vec<_> = events.iter().map(|e| (&e.reason, &e.message)).collect();
+        assert!(
+            started.elapsed() < WAIT,
+            "no Event saying {what:?}: {notes:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_clone_deleted_mid_restore_leaves_the_source_running() {
+    let Some(cluster) = cluster().await else {
+        return;
+    };
+    let _turn = KubeCluster::shared_turn().await;
+    let ns = cluster.namespace("delmid").await.unwrap();
+    let (clone, cli) = migration_reaching(&ns, 256, "Restoring").await;
+    ns.delete_pod(&clone).await.unwrap();
+    let run = cli.finish(CLI_TIMEOUT).await.unwrap();
+    assert!(!run.success, "{run:?}");
+    assert_source_runs_on(&ns, 6).await;
+    wait_source_event(&ns, "deleted").await;
+    ns.wait_gone(&clone, WAIT).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn node_b_kubelet_restarted_mid_migration_loses_nothing() {
+    let Some(cluster) = cluster().await else {
+        return;
+    };
+    let _alone = KubeCluster::exclusive().await;
+    let ns = cluster.namespace("kubelet").await.unwrap();
+    let (clone, cli) = migration_reaching(&ns, 256, "Restoring").await;
+    cluster.local_up(&["kubelet", NODE_B, "stop"]).unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    cluster.local_up(&["kubelet", NODE_B, "start"]).unwrap();
+    let run = cli.finish(CLI_TIMEOUT).await.unwrap();
+    // Either the migration completed once node-b's kubelet was back, or it rolled back: the
+    // counter lives on exactly once, with its count.
+    if run.success {
+        ns.wait_running(&clone, WAIT).await.unwrap();
+        assert_eq!(ns.hit(&clone, 8080).await.unwrap(), 6);
+        ns.wait_gone("counter", WAIT).await.unwrap();
+    } else {
+        assert_source_runs_on(&ns, 6).await;
+        wait_source_event(&ns, "clone").await;
+    }
+    cluster
+        .kubectl(&[
+            "wait",
+            "--for=condition=Ready",
+            "node/node-b",
+            "--timeout=60s",
+        ])
+        .unwrap();
+}
+
+#[test]
+fn the_agents_service_account_may_do_what_the_agent_does() {
+    if let Some(reason) = skip_reason() {
+        skip(&reason);
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let cluster = rt.block_on(KubeCluster::shared()).unwrap();
+    let agent = format!("--as=system:serviceaccount:{AGENT_NAMESPACE}:podmigrate-agent");
+    let allowed = [
+        ("get", "pods"),
+        ("list", "pods"),
+        ("watch", "pods"),
+        ("patch", "pods"),
+        ("delete", "pods"),
+        ("get", "namespaces"),
+        ("create", "events"),
+        // kube's event recorder patches an Event when the same one repeats.
+        ("patch", "events"),
+        ("create", "events.events.k8s.io"),
+        ("patch", "events.events.k8s.io"),
+    ];
+    for (verb, resource) in allowed {
+        let out = cluster
+            .kubectl_output(&["auth", "can-i", verb, resource, "-A", &agent])
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "yes",
+            "the agent may not {verb} {resource}"
+        );
+    }
+    for (verb, resource) in [("create", "pods"), ("get", "secrets"), ("delete", "nodes")] {
+        let out = cluster
+            .kubectl_output(&["auth", "can-i", verb, resource, "-A", &agent])
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "no",
+            "the agent may {verb} {resource}"
+        );
+    }
+}
