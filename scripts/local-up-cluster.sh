@@ -25,6 +25,8 @@
 # `up` ends by printing KUBECONFIG=<path> and a PATH that has kubectl and kubectl-migrate.
 #
 # Environment:
+#   PODMIGRATE_CLUSTER_INDEX a second cluster beside the first: 1-9 (default 0); its state is
+#                            /var/lib/podmigrate/cluster-<index>, its addresses 10.214.<index>.0/24
 #   PODMIGRATE_CLUSTER_DIR   state, certificates and logs (default /var/lib/podmigrate/cluster)
 #   PODMIGRATE_SKIP_BUILD=1  use the binaries already in target/release (scripts/test.sh built them)
 #   PODMIGRATE_AGENT_ARGS    extra arguments for `podmigrate agent` (patched into the DaemonSet)
@@ -32,17 +34,22 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-STATE=${PODMIGRATE_CLUSTER_DIR:-/var/lib/podmigrate/cluster}
+# A second cluster beside the first (its own addresses, namespaces, cgroups and state): 1-9.
+IDX=${PODMIGRATE_CLUSTER_INDEX:-0}
+[[ $IDX =~ ^[0-9]$ ]] || { echo "[local-up] error: PODMIGRATE_CLUSTER_INDEX must be 0-9, not $IDX" >&2; exit 1; }
+SUFFIX=$([ "$IDX" = 0 ] || echo "-$IDX")
+STATE=${PODMIGRATE_CLUSTER_DIR:-/var/lib/podmigrate/cluster$SUFFIX}
 NODES=(node-a node-b)
-declare -A NODE_IP=([node-a]=10.214.0.2 [node-b]=10.214.0.3)
-declare -A POD_CIDR=([node-a]=10.244.1.0/24 [node-b]=10.244.2.0/24)
-BRIDGE=pmk0
-HOST_IP=10.214.0.1
+declare -A NODE_IP=([node-a]=10.214.$IDX.2 [node-b]=10.214.$IDX.3)
+declare -A POD_CIDR=([node-a]=10.244.$((IDX * 2 + 1)).0/24 [node-b]=10.244.$((IDX * 2 + 2)).0/24)
+BRIDGE=pmk$IDX
+HOST_IP=10.214.$IDX.1
 NODE_PREFIX=24
 CLUSTER_CIDR=10.244.0.0/16
 SERVICE_CIDR=10.96.0.0/16
 KUBERNETES_SVC_IP=10.96.0.1
-ETCD_PORT=12379
+ETCD_PORT=$((12379 + IDX * 10))
+ETCD_PEER_PORT=$((12380 + IDX * 10))
 API_PORT=6443
 SHARE_IN_NODE=/var/lib/podmigrate/share
 # The node paths each node has for its own (bound from $STATE/nodes/<node>/root/<path>).
@@ -53,10 +60,10 @@ NODE_PATHS=(/run/containerd /var/lib/containerd /var/lib/kubelet /var/log/pods /
 log() { printf '[local-up] %s\n' "$*" >&2; }
 die() { printf '[local-up] error: %s\n' "$*" >&2; exit 1; }
 
-netns_of() { printf 'podmigrate-%s' "$1"; }
+netns_of() { printf 'podmigrate%s-%s' "$SUFFIX" "$1"; }
 mntns_of() { printf '%s/ns/%s.mnt' "$STATE" "$1"; }
-cgroup_of() { printf 'podmigrate-%s' "$1"; }
-veth_of() { printf 'pmk-%s' "${1#node-}"; }
+cgroup_of() { printf 'podmigrate%s-%s' "$SUFFIX" "$1"; }
+veth_of() { printf 'pmk%s-%s' "$IDX" "${1#node-}"; }
 kubectl_() { "$STATE/bin/kubectl" --kubeconfig "$STATE/admin.kubeconfig" "$@"; }
 
 # Every cgroup v1 hierarchy and the unified one, as mounted here.
@@ -216,7 +223,7 @@ make_node_namespace() {
   mkdir -p "$STATE/share" "$SHARE_IN_NODE" /dev/shm/podmigrate
   on_node "$n" mount --bind "$STATE/share" "$SHARE_IN_NODE"
   # The shims' memory work space (PODMIGRATE_MEMORY_DIR's default): memory-backed, the node's own.
-  on_node "$n" mount -t tmpfs -o mode=0700 "podmigrate-$n" /dev/shm/podmigrate
+  on_node "$n" mount -t tmpfs -o mode=0700 "$(cgroup_of "$n")" /dev/shm/podmigrate
   # Shared within the node, as systemd leaves a real node's mounts (mountPropagation needs it);
   # these peer groups are the node's own, so nothing propagates to the host or the other node.
   on_node "$n" mount --make-rshared /
@@ -394,8 +401,8 @@ up() {
   log "control plane"
   start_host etcd etcd --name podmigrate --data-dir "$STATE/etcd" \
     --listen-client-urls "http://127.0.0.1:${ETCD_PORT}" --advertise-client-urls "http://127.0.0.1:${ETCD_PORT}" \
-    --listen-peer-urls http://127.0.0.1:12380 --initial-advertise-peer-urls http://127.0.0.1:12380 \
-    --initial-cluster podmigrate=http://127.0.0.1:12380 --listen-metrics-urls "" --log-level warn
+    --listen-peer-urls "http://127.0.0.1:${ETCD_PEER_PORT}" --initial-advertise-peer-urls "http://127.0.0.1:${ETCD_PEER_PORT}" \
+    --initial-cluster "podmigrate=http://127.0.0.1:${ETCD_PEER_PORT}" --listen-metrics-urls "" --log-level warn
   local pki=$STATE/pki
   start_host kube-apiserver "$STATE/bin/kube-apiserver" \
     --etcd-servers="http://127.0.0.1:${ETCD_PORT}" \
@@ -416,7 +423,7 @@ up() {
     --kubeconfig="$STATE/controller-manager.kubeconfig" \
     --authentication-kubeconfig="$STATE/controller-manager.kubeconfig" \
     --authorization-kubeconfig="$STATE/controller-manager.kubeconfig" \
-    --bind-address=127.0.0.1 --secure-port=10257 --leader-elect=false \
+    --bind-address="$HOST_IP" --secure-port=10257 --leader-elect=false \
     --use-service-account-credentials=true \
     --service-account-private-key-file="$pki/sa.key" --root-ca-file="$pki/ca.crt" \
     --cluster-signing-cert-file="$pki/ca.crt" --cluster-signing-key-file="$pki/ca.key" \
@@ -425,7 +432,7 @@ up() {
     --kubeconfig="$STATE/scheduler.kubeconfig" \
     --authentication-kubeconfig="$STATE/scheduler.kubeconfig" \
     --authorization-kubeconfig="$STATE/scheduler.kubeconfig" \
-    --bind-address=127.0.0.1 --secure-port=10259 --leader-elect=false
+    --bind-address="$HOST_IP" --secure-port=10259 --leader-elect=false
 
   for n in "${NODES[@]}"; do
     log "node $n: ${NODE_IP[$n]}, pods ${POD_CIDR[$n]}"

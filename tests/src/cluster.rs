@@ -34,6 +34,8 @@ pub const COUNTER_IMAGE: &str = "localhost/podmigrate/counter:dev";
 /// Where the cluster keeps its state (scripts/local-up-cluster.sh's PODMIGRATE_CLUSTER_DIR).
 pub const CLUSTER_DIR_ENV: &str = "PODMIGRATE_CLUSTER_DIR";
 const DEFAULT_CLUSTER_DIR: &str = "/var/lib/podmigrate/cluster";
+/// Which of the script's clusters (0-9; 0 by default); the others live in `<dir>-<index>`.
+pub const CLUSTER_INDEX_ENV: &str = "PODMIGRATE_CLUSTER_INDEX";
 /// The share as every node mounts it.
 pub const SHARE_IN_NODE: &str = "/var/lib/podmigrate/share";
 pub const AGENT_NAMESPACE: &str = "podmigrate-system";
@@ -107,7 +109,12 @@ impl KubeCluster {
         static UP: OnceLock<std::result::Result<(), String>> = OnceLock::new();
         let dir = std::env::var_os(CLUSTER_DIR_ENV)
             .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_CLUSTER_DIR));
+            .unwrap_or_else(|| match std::env::var(CLUSTER_INDEX_ENV) {
+                Ok(i) if !i.is_empty() && i != "0" => {
+                    PathBuf::from(format!("{DEFAULT_CLUSTER_DIR}-{i}"))
+                }
+                _ => PathBuf::from(DEFAULT_CLUSTER_DIR),
+            });
         let kubeconfig = dir.join("admin.kubeconfig");
         let bin = dir.join("bin");
         let dir_for_up = dir.clone();
@@ -452,6 +459,24 @@ impl TestNamespace {
             .with_context(|| format!("pod {}/{name} has no IP", self.name))?;
         ip.parse()
             .with_context(|| format!("pod {}/{name} has IP {ip:?}", self.name))
+    }
+
+    /// Whether `ip` lies in the pod CIDR of node `node`.
+    pub async fn in_pod_cidr_of(&self, node: &str, ip: Ipv4Addr) -> Result<bool> {
+        let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(self.client.clone());
+        let cidr = nodes
+            .get(node)
+            .await?
+            .spec
+            .and_then(|s| s.pod_cidr)
+            .with_context(|| format!("node {node} has no pod CIDR"))?;
+        let (net, bits) = cidr
+            .split_once('/')
+            .with_context(|| format!("pod CIDR {cidr:?}"))?;
+        let net: Ipv4Addr = net.parse()?;
+        let bits: u32 = bits.parse()?;
+        let mask = u32::MAX.checked_shl(32 - bits).unwrap_or(0);
+        Ok(u32::from(ip) & mask == u32::from(net) & mask)
     }
 
     pub async fn node_of(&self, name: &str) -> Option<String> {
