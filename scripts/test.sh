@@ -2,8 +2,11 @@
 # Builds and tests the whole workspace on a Debian bookworm-like host, from a fresh clone, as root:
 #   1. scripts/setup.sh  (idempotent: runc, CRIU 4.x, containerd, busybox-static, ...)
 #   2. cargo build --release --workspace
-#   3. cargo test --release --workspace  (includes the runc + CRIU end-to-end suites)
-#   4. the suites that drive containerd again against containerd 1.6 (PODMIGRATE_CONTAINERD_BIN_DIR):
+#   3. scripts/local-up-cluster.sh up: a real two-node Kubernetes (built from source by
+#      scripts/kube-build.sh, cached under /var/cache/podmigrate) with podmigrate installed,
+#      for the suites that drive Kubernetes; torn down when this script ends
+#   4. cargo test --release --workspace  (includes the runc + CRIU end-to-end suites)
+#   5. the suites that drive containerd again against containerd 1.6 (PODMIGRATE_CONTAINERD_BIN_DIR):
 #      the shim's, the CRI lifecycle, the shim's checkpoint/restore and the two-node migration
 # Extra arguments are passed to `cargo test` (e.g. `scripts/test.sh -- --nocapture`).
 set -euo pipefail
@@ -25,6 +28,13 @@ section "toolchain"
 
 section "cargo build --release --workspace"
 cargo build --release --workspace
+
+section "a two-node Kubernetes cluster (scripts/local-up-cluster.sh up)"
+trap 'bash scripts/local-up-cluster.sh down >/dev/null 2>&1 || true' EXIT
+cluster_started=$(date +%s)
+# The suites find it by its state directory (tests/src/cluster.rs).
+PODMIGRATE_SKIP_BUILD=1 bash scripts/local-up-cluster.sh up >/dev/null
+printf 'cluster up in %ss (Kubernetes build included when not cached)\n' "$(( $(date +%s) - cluster_started ))"
 
 section "cargo test --release --workspace"
 export RUST_BACKTRACE=${RUST_BACKTRACE:-1}

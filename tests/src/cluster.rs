@@ -216,6 +216,13 @@ impl KubeCluster {
         self.dir.join("share")
     }
 
+    /// Where the archive of `namespace/pod`'s `container` is committed on the share, as the
+    /// host sees it.
+    pub fn archive(&self, namespace: &str, pod: &str, container: &str) -> PathBuf {
+        podmigrate_checkpoint::share::archive_path(&self.share(), namespace, pod, container)
+            .expect("valid names")
+    }
+
     /// A node's containerd socket, as the host reaches it.
     pub fn containerd_socket(&self, node: &str) -> PathBuf {
         self.node_path(node, "/run/containerd/containerd.sock")

@@ -12,17 +12,26 @@
 //! * a restored container that exits is restarted by kubelet fresh, never restored again;
 //! * a clone pod deleted mid-restore, and node-b's kubelet restarted mid-migration, leave the
 //!   source running (thawed) with an Event that says what happened;
+//! * an archive corrupted on the share (while node-b's kubelet is briefly down, so node-b's shim
+//!   only ever sees the corrupted archive) is refused by node-b's shim: the migration rolls
+//!   back, the source counts on, the CLI gives the shim's reason;
+//! * node-a's agent at `--max-outbound 1` with two migrations asked at once: one is queued
+//!   (reason and one `Queued` Event) while the other runs, never both at once;
 //! * the agent's ServiceAccount may do everything the agent does (Events repeated by kube's
 //!   recorder are patched).
 //!
 //! Each test works in its own namespace. Tests that stop a kubelet take the cluster alone.
 //! Needs root; skips otherwise, unless `PODMIGRATE_E2E_REQUIRE` is set, in which case it fails.
 
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use podmigrate_e2e::cli::{parse_summary, CliRun};
 use podmigrate_e2e::cluster::{
     counter_pod, skip_reason, KubeCluster, TestNamespace, AGENT_NAMESPACE, NODE_A, NODE_B, PHASE,
+    REASON,
 };
 use podmigrate_e2e::counter::Counter;
 use podmigrate_e2e::harness::skip;
@@ -423,6 +432,225 @@ async fn node_b_kubelet_restarted_mid_migration_loses_nothing() {
             "--timeout=60s",
         ])
         .unwrap();
+}
+
+/// Flips one byte in the middle of `path` as soon as it appears (polling every millisecond),
+/// for at most `limit`. Returns whether it did.
+fn corrupt_when_committed(path: PathBuf, limit: Duration) -> std::thread::JoinHandle<bool> {
+    std::thread::spawn(move || {
+        let started = Instant::now();
+        while started.elapsed() < limit {
+            if let Ok(file) = OpenOptions::new().read(true).write(true).open(&path) {
+                let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+                let offset = len / 2;
+                let mut byte = [0u8; 1];
+                if file.read_exact_at(&mut byte, offset).is_ok() {
+                    byte[0] ^= 0xff;
+                    if file.write_all_at(&byte, offset).is_ok() {
+                        let _ = file.sync_all();
+                        return true;
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        false
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_corrupt_archive_is_refused_and_the_source_rolls_back() {
+    let Some(cluster) = cluster().await else {
+        return;
+    };
+    let _alone = KubeCluster::exclusive().await;
+    let ns = cluster.namespace("corrupt").await.unwrap();
+    // Ballast, so the archive's middle lies deep in the memory pages' data.
+    ns.start_counters("fragile", NODE_A, &[counter().ballast(8)], WAIT)
+        .await
+        .unwrap();
+    assert_eq!(ns.hit("fragile", 8080).await.unwrap(), 1);
+    assert_eq!(ns.hit("fragile", 8080).await.unwrap(), 2);
+
+    // node-b's kubelet is down for a moment (as while it pulls an image), so the archive is
+    // committed, and corrupted "in flight", before node-b's shim looks for it: no race.
+    cluster.local_up(&["kubelet", NODE_B, "stop"]).unwrap();
+    let corrupter = corrupt_when_committed(cluster.archive(&ns.name, "fragile", "counter"), WAIT);
+    let cli = ns
+        .spawn_kubectl_migrate(&["fragile", "--to", NODE_B, "--timeout", "120s"])
+        .unwrap();
+    let corrupted = tokio::task::spawn_blocking(move || corrupter.join().unwrap())
+        .await
+        .unwrap();
+    cluster.local_up(&["kubelet", NODE_B, "start"]).unwrap();
+    assert!(corrupted, "the archive was not committed within {WAIT:?}");
+    let run = cli.finish(CLI_TIMEOUT).await.unwrap();
+    assert!(
+        !run.success,
+        "a corrupt archive must fail the migration: {run:?}"
+    );
+    let stderr = run.stderr.trim();
+    assert!(
+        stderr.starts_with(&format!(
+            "podmigrate: error: migration of {}/fragile rolled back: ",
+            ns.name
+        )) && stderr.contains("entry \"checkpoint/pages-")
+            && stderr.contains("the source was resumed"),
+        "the CLI must give node-b's shim's reason: {stderr}"
+    );
+    let clone = clone_name(&ns, "fragile").await;
+    assert_eq!(
+        ns.annotation(&clone, PHASE).await.as_deref(),
+        Some("RolledBack")
+    );
+    let reason = ns.annotation(&clone, REASON).await.unwrap_or_default();
+    assert!(reason.contains("fragile/counter.zip"), "{reason}");
+    // The source was thawed and counts on.
+    assert_eq!(ns.hit("fragile", 8080).await.unwrap(), 3);
+    assert_eq!(ns.node_of("fragile").await.as_deref(), Some(NODE_A));
+    cluster
+        .kubectl(&[
+            "wait",
+            "--for=condition=Ready",
+            "node/node-b",
+            "--timeout=60s",
+        ])
+        .unwrap();
+}
+
+/// Puts the shipped agent arguments back when dropped (also when a test fails).
+struct AgentArgs<'a>(&'a KubeCluster);
+
+impl Drop for AgentArgs<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.set_agent_args(&[]) {
+            eprintln!("restoring the agent's arguments: {e:#}");
+        }
+    }
+}
+
+/// The phases in which a migration holds one of its source node's `--max-outbound` slots.
+const IN_FLIGHT: [&str; 3] = ["Checkpointing", "Transferring", "Restoring"];
+
+#[tokio::test(flavor = "multi_thread")]
+async fn at_max_outbound_one_a_second_migration_is_queued_until_the_first_ends() {
+    let Some(cluster) = cluster().await else {
+        return;
+    };
+    let _alone = KubeCluster::exclusive().await;
+    cluster.set_agent_args(&["--max-outbound", "1"]).unwrap();
+    let _restore = AgentArgs(&cluster);
+    let ns = cluster.namespace("queue").await.unwrap();
+    // Some ballast, so that each migration holds its slot for a while.
+    let sources = [("first", 2u64), ("second", 3)];
+    for (name, count) in sources {
+        ns.start_counters(name, NODE_A, &[counter().ballast(64)], WAIT)
+            .await
+            .unwrap();
+        for expected in 1..=count {
+            assert_eq!(ns.hit(name, 8080).await.unwrap(), expected);
+        }
+    }
+    let runs = sources.map(|(name, _)| {
+        ns.spawn_kubectl_migrate(&[name, "--to", NODE_B, "--timeout", "140s"])
+            .unwrap()
+    });
+    let queued_reason =
+        format!("queued: 1 outbound migration(s) already run on node {NODE_A} (--max-outbound)");
+    let mut clones: [Option<String>; 2] = [None, None];
+    let mut seen_queued: Vec<(usize, String)> = Vec::new();
+    let mut both_in_flight = Vec::new();
+    let [run_first, run_second] = runs;
+    let finished = tokio::spawn(async move {
+        let first = run_first.finish(CLI_TIMEOUT).await.unwrap();
+        let second = run_second.finish(CLI_TIMEOUT).await.unwrap();
+        (first, second)
+    });
+    while !finished.is_finished() {
+        for (i, (source, _)) in sources.iter().enumerate() {
+            if clones[i].is_none() {
+                clones[i] = ns
+                    .clones_of(source)
+                    .await
+                    .unwrap()
+                    .first()
+                    .and_then(|c| c.metadata.name.clone());
+            }
+        }
+        if let [Some(c0), Some(c1)] = &clones {
+            let mut phases = [String::new(), String::new()];
+            let mut reasons = [String::new(), String::new()];
+            for (i, c) in [c0, c1].into_iter().enumerate() {
+                phases[i] = ns.annotation(c, PHASE).await.unwrap_or_default();
+                reasons[i] = ns.annotation(c, REASON).await.unwrap_or_default();
+            }
+            for i in 0..2 {
+                let seen = (i, phases[1 - i].clone());
+                if reasons[i] == queued_reason
+                    && matches!(phases[i].as_str(), "Pending" | "")
+                    && seen_queued.last() != Some(&seen)
+                {
+                    seen_queued.push(seen);
+                }
+            }
+            if phases.iter().all(|p| IN_FLIGHT.contains(&p.as_str())) {
+                both_in_flight.push(phases.clone());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let (run_first, run_second) = finished.await.unwrap();
+    for (run, source) in [(&run_first, "first"), (&run_second, "second")] {
+        assert_cli_ok(
+            run,
+            "migrated",
+            &format!("{}/{source}", ns.name),
+            NODE_A,
+            NODE_B,
+        );
+    }
+    assert!(
+        both_in_flight.is_empty(),
+        "both migrations held a slot at once: {both_in_flight:?}"
+    );
+    let names = clones.map(|c| c.expect("both clones were seen"));
+    let mut queued_events = Vec::new();
+    for name in &names {
+        let notes: Vec<String> = ns
+            .events(name, Some("Queued"))
+            .await
+            .unwrap()
+            .into_iter()
+            .filter_map(|e| e.message)
+            .collect();
+        queued_events.push(notes);
+    }
+    // Exactly one of them was queued, announced once, with the reason naming the setting,
+    // while the other one ran.
+    let queued: Vec<usize> = (0..2).filter(|&i| !queued_events[i].is_empty()).collect();
+    assert_eq!(queued.len(), 1, "Queued events: {queued_events:?}");
+    let waiter = queued[0];
+    assert_eq!(queued_events[waiter], [queued_reason.clone()]);
+    assert!(
+        seen_queued
+            .iter()
+            .any(|(i, other)| *i == waiter && IN_FLIGHT.contains(&other.as_str())),
+        "{} was never seen queued while the other was in flight: {seen_queued:?}",
+        names[waiter]
+    );
+    // Each was checkpointed once, and both counters continue on node-b.
+    for (i, (source, count)) in sources.into_iter().enumerate() {
+        let checkpoints = ns.events(&names[i], Some("Checkpointing")).await.unwrap();
+        assert_eq!(checkpoints.len(), 1, "{}", names[i]);
+        assert_eq!(checkpoints[0].count.unwrap_or(1), 1, "{}", names[i]);
+        ns.wait_running(&names[i], WAIT).await.unwrap();
+        assert_eq!(
+            ns.hit(&names[i], 8080).await.unwrap(),
+            count + 1,
+            "{source}"
+        );
+        ns.wait_gone(source, WAIT).await.unwrap();
+    }
 }
 
 #[test]
