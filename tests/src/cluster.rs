@@ -344,6 +344,359 @@ impl KubeCluster {
 
 static CLUSTER_LOCK: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
+/// What the fault suites do to a node: run commands in its mount namespace (where its own mounts
+/// live: host mounts never propagate into a node), mount small filesystems over its paths, stop
+/// and kill its agent, read its containerd's log (which carries the shims').
+impl KubeCluster {
+    /// The node's persistent mount namespace (scripts/local-up-cluster.sh's `$STATE/ns`).
+    pub fn mount_namespace(&self, node: &str) -> PathBuf {
+        self.dir.join("ns").join(format!("{node}.mnt"))
+    }
+
+    /// `program` run inside `node`'s mount namespace, where the node's paths are its own.
+    pub fn node_command(&self, node: &str, program: &str) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--mount={}", self.mount_namespace(node).display()))
+            .args(["--", program])
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs `args` in `node`'s mount namespace; fails with its stderr unless it succeeds.
+    pub fn on_node(&self, node: &str, args: &[&str]) -> Result<String> {
+        let (program, rest) = args.split_first().context("no command")?;
+        let out = self
+            .node_command(node, program)
+            .args(rest)
+            .output()
+            .with_context(|| format!("running {} on {node}", args.join(" ")))?;
+        ensure!(
+            out.status.success(),
+            "{} on {node}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The regular files under `dir` as `node` sees it (its own mounts included), absolute; none
+    /// if `dir` does not exist.
+    pub fn node_files(&self, node: &str, dir: &str) -> Vec<PathBuf> {
+        let script = "[ ! -d \"$1\" ] || find \"$1\" -type f";
+        self.on_node(node, &["sh", "-c", script, "sh", dir])
+            .map(|out| out.lines().map(PathBuf::from).collect())
+            .unwrap_or_default()
+    }
+
+    /// A `size_mib` tmpfs mounted over `path` in `node`'s mount namespace, until dropped.
+    pub fn mount_tmpfs(&self, node: &str, path: &str, size_mib: u64) -> Result<NodeMount> {
+        self.on_node(
+            node,
+            &[
+                "mount",
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size_mib}m,mode=0700"),
+                "podmigrate-fault",
+                path,
+            ],
+        )?;
+        Ok(NodeMount {
+            cluster_dir: self.dir.clone(),
+            path: path.to_owned(),
+            nodes: vec![node.to_owned()],
+            device: None,
+            image: None,
+        })
+    }
+
+    /// A fresh `size_mib` ext4 (a loop device, `errors=remount-ro`) mounted over `path` in each
+    /// of `nodes`' mount namespaces: one filesystem, so every node sees the same files (over
+    /// the share, node-b sees what node-a writes). Until dropped.
+    pub fn mount_ext4(&self, nodes: &[&str], path: &str, size_mib: u64) -> Result<NodeMount> {
+        let dir = self.dir.join("faults");
+        std::fs::create_dir_all(&dir)?;
+        let image = dir.join(format!("{}.img", unique_id("ext4")));
+        let file = std::fs::File::create(&image)
+            .with_context(|| format!("creating {}", image.display()))?;
+        file.set_len(size_mib << 20)?;
+        drop(file);
+        let mut mount = NodeMount {
+            cluster_dir: self.dir.clone(),
+            path: path.to_owned(),
+            nodes: Vec::new(),
+            device: None,
+            image: Some(image.clone()),
+        };
+        let device = host_run(
+            Command::new("losetup")
+                .args(["--find", "--show"])
+                .arg(&image),
+        )?;
+        let device = device.trim().to_owned();
+        mount.device = Some(device.clone());
+        host_run(Command::new("mkfs.ext4").args(["-q", "-F", "-m", "0", &device]))?;
+        for node in nodes {
+            self.on_node(node, &["mount", "-o", "errors=remount-ro", &device, path])?;
+            mount.nodes.push((*node).to_owned());
+        }
+        // lost+found would look like a leftover to a test listing the share.
+        self.on_node(nodes[0], &["rmdir", &format!("{path}/lost+found")])?;
+        Ok(mount)
+    }
+
+    /// The log of `node`'s containerd, which carries its shims' lines.
+    pub fn containerd_log(&self, node: &str) -> String {
+        let path = self.dir.join("logs").join(format!("{node}-containerd.log"));
+        String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned()
+    }
+
+    /// Checkpoint attempts node-a's shim made for `namespace/pod`, committed or failed.
+    pub fn checkpoint_attempts(&self, namespace: &str, pod: &str) -> usize {
+        let needle = format!("pod {namespace}/{pod}/");
+        self.containerd_log(NODE_A)
+            .lines()
+            .filter(|l| l.contains(&needle))
+            .filter(|l| {
+                l.contains("dumped and packed")
+                    || l.contains("checkpoint failed; the container keeps")
+            })
+            .count()
+    }
+
+    /// `ctr ARGS` against `node`'s containerd, in Kubernetes' namespace.
+    pub fn ctr(&self, node: &str, args: &[&str]) -> Result<String> {
+        host_run(
+            Command::new("ctr")
+                .arg("--address")
+                .arg(self.containerd_socket(node))
+                .args(["-n", "k8s.io"])
+                .args(args),
+        )
+    }
+
+    /// The ids of `node`'s containerd containers (sandboxes included) of pod `namespace/pod`.
+    pub fn containers_of(&self, node: &str, namespace: &str, pod: &str) -> Result<Vec<String>> {
+        let filter = format!(
+            "labels.\"io.kubernetes.pod.namespace\"=={namespace},labels.\"io.kubernetes.pod.name\"=={pod}"
+        );
+        Ok(self
+            .ctr(node, &["containers", "ls", "-q", &filter])?
+            .lines()
+            .map(str::to_owned)
+            .filter(|l| !l.is_empty())
+            .collect())
+    }
+
+    /// The containerd id of the agent's container on `node`, and its process (a host pid: the
+    /// nodes share the host's pid namespace).
+    pub async fn agent_process(&self, node: &str) -> Result<(String, i32)> {
+        let pod = self.agent_pod(node).await?;
+        let id = pod
+            .status
+            .and_then(|s| s.container_statuses)
+            .and_then(|cs| cs.into_iter().find(|c| c.name == "agent"))
+            .and_then(|c| c.container_id)
+            .and_then(|id| id.strip_prefix("containerd://").map(str::to_owned))
+            .with_context(|| format!("the agent on {node} has no container yet"))?;
+        let tasks = self.ctr(node, &["tasks", "ls"])?;
+        let pid = tasks
+            .lines()
+            .find_map(|l| {
+                let mut words = l.split_whitespace();
+                (words.next() == Some(id.as_str())).then(|| words.next()?.parse().ok())?
+            })
+            .with_context(|| format!("no task {id} on {node}: {tasks}"))?;
+        Ok((id, pid))
+    }
+
+    /// Sends `signal` to the agent's process on `node` (SIGSTOP: it stays, doing nothing;
+    /// SIGKILL: it dies at once, as in a crash, and kubelet starts it again); returns its
+    /// container's id.
+    pub async fn signal_agent(&self, node: &str, signal: i32) -> Result<String> {
+        let (id, pid) = self.agent_process(node).await?;
+        // SAFETY: kill(2) on the agent process of our own test cluster.
+        let rc = unsafe { libc::kill(pid, signal) };
+        ensure!(
+            rc == 0,
+            "kill({pid}, {signal}): {}",
+            std::io::Error::last_os_error()
+        );
+        Ok(id)
+    }
+
+    /// Waits until `node` runs a ready agent in a container other than `old` (kubelet restarts
+    /// a killed one; a pod in restart back-off is deleted, so the DaemonSet makes a fresh one).
+    pub async fn wait_agent_back(&self, node: &str, old: &str, timeout: Duration) -> Result<()> {
+        let started = Instant::now();
+        let mut deleted = false;
+        loop {
+            if let Ok(pod) = self.agent_pod(node).await {
+                let status = pod.status.as_ref().and_then(|s| s.container_statuses.as_ref());
+                let back = status.is_some_and(|cs| {
+                    cs.iter().any(|c| {
+                        c.ready
+                            && c.container_id
+                                .as_deref()
+                                .is_some_and(|id| !id.ends_with(old))
+                    })
+                });
+                if back {
+                    return Ok(());
+                }
+                if !deleted && started.elapsed() > Duration::from_secs(5) {
+                    let pods: Api<Pod> = Api::namespaced(self.client.clone(), AGENT_NAMESPACE);
+                    let name = pod.metadata.name.clone().unwrap_or_default();
+                    pods.delete(&name, &DeleteParams::default().grace_period(0))
+                        .await
+                        .with_context(|| format!("deleting agent pod {name}"))?;
+                    deleted = true;
+                }
+            }
+            ensure!(
+                started.elapsed() < timeout,
+                "no agent back on {node} after {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// What a migration of `namespace`'s pods left behind on both nodes: files in the work
+    /// space on disk and in memory (checkpoint images, restore copies; under `checkpoints/<uid>`
+    /// for the disk checkpoints of the pods `uids`) and on the share. The restore markers of
+    /// restored containers (`restored/`) are kept on purpose.
+    pub fn leftovers(&self, namespace: &str, uids: &[&str]) -> Vec<PathBuf> {
+        let mut dirs: Vec<String> = Vec::new();
+        for space in [WORK_IN_NODE, MEMORY_IN_NODE] {
+            dirs.push(format!("{space}/checkpoints/{namespace}"));
+            dirs.push(format!("{space}/restore/{namespace}"));
+            dirs.extend(uids.iter().map(|u| format!("{space}/checkpoints/{u}")));
+        }
+        let mut out = Vec::new();
+        for node in [NODE_A, NODE_B] {
+            for dir in &dirs {
+                out.extend(
+                    self.node_files(node, dir)
+                        .into_iter()
+                        .map(|f| Path::new(node).join(f.strip_prefix("/").unwrap_or(&f))),
+                );
+            }
+            out.extend(
+                self.node_files(node, &format!("{SHARE_IN_NODE}/{namespace}"))
+                    .into_iter()
+                    .map(|f| Path::new(node).join(f.strip_prefix("/").unwrap_or(&f))),
+            );
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+}
+
+/// A node's disk work space, and its memory-backed one.
+pub const WORK_IN_NODE: &str = "/var/lib/podmigrate/work";
+pub const MEMORY_IN_NODE: &str = "/dev/shm/podmigrate";
+
+fn host_run(cmd: &mut Command) -> Result<String> {
+    let text = format!("{cmd:?}");
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {text}"))?;
+    ensure!(
+        out.status.success(),
+        "{text}: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A filesystem mounted over a node path inside node mount namespaces
+/// ([`KubeCluster::mount_tmpfs`], [`KubeCluster::mount_ext4`]); unmounted (lazily) in each of
+/// them, and its loop device and image removed, when dropped, also when a test fails.
+pub struct NodeMount {
+    cluster_dir: PathBuf,
+    pub path: String,
+    nodes: Vec<String>,
+    /// `/dev/loopN` of an ext4 one.
+    pub device: Option<String>,
+    image: Option<PathBuf>,
+}
+
+impl NodeMount {
+    fn umount(&self, node: &str) -> Result<String> {
+        host_run(
+            Command::new("nsenter")
+                .arg(format!(
+                    "--mount={}",
+                    self.cluster_dir.join("ns").join(format!("{node}.mnt")).display()
+                ))
+                .args(["--", "umount", "-l", &self.path]),
+        )
+    }
+
+    /// What a disk error does to an ext4 mounted `errors=remount-ro`: from now on every write,
+    /// even through files already open, fails with EROFS, on every node.
+    pub fn fail_read_only(&self) -> Result<()> {
+        let device = self.device.as_deref().context("not an ext4 on a loop device")?;
+        let name = device.rsplit('/').next().unwrap_or(device);
+        let switch = Path::new("/sys/fs/ext4").join(name).join("trigger_fs_error");
+        std::fs::write(&switch, "podmigrate fault test")
+            .with_context(|| format!("writing {}", switch.display()))
+    }
+
+    /// Whether the filesystem is read-only now on `node` (`ro`, or ext4's `emergency_ro` after
+    /// an error).
+    pub fn is_read_only(&self, node: &str) -> bool {
+        host_run(
+            Command::new("nsenter")
+                .arg(format!(
+                    "--mount={}",
+                    self.cluster_dir.join("ns").join(format!("{node}.mnt")).display()
+                ))
+                .args(["--", "findmnt", "-n", "-o", "OPTIONS", "--mountpoint", &self.path]),
+        )
+        .is_ok_and(|o| {
+            o.lines()
+                .last()
+                .is_some_and(|l| l.split(',').any(|opt| opt == "ro" || opt == "emergency_ro"))
+        })
+    }
+
+    /// `umount -l` on `node` only: there, the path shows what it covered from now on; files
+    /// already open keep writing to the detached filesystem.
+    pub fn detach(&mut self, node: &str) -> Result<()> {
+        if let Some(i) = self.nodes.iter().position(|n| n == node) {
+            self.umount(node)?;
+            self.nodes.remove(i);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for NodeMount {
+    fn drop(&mut self) {
+        for node in std::mem::take(&mut self.nodes) {
+            if let Err(e) = self.umount(&node) {
+                eprintln!("unmounting {} on {node}: {e:#}", self.path);
+            }
+        }
+        if let Some(device) = &self.device {
+            // Lazily unmounted filesystems release the device once their last file closes.
+            let _ = Command::new("losetup")
+                .args(["-d", device])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+        if let Some(image) = &self.image {
+            let _ = std::fs::remove_file(image);
+        }
+    }
+}
+
+
 /// One test's namespace; deleted (without waiting) when dropped.
 pub struct TestNamespace {
     pub name: String,

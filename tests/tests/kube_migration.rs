@@ -653,6 +653,38 @@ async fn at_max_outbound_one_a_second_migration_is_queued_until_the_first_ends()
     }
 }
 
+/// A clone's Create waits for the archive inside kubelet's CreateContainer call: the shim's
+/// wait must end (with its own reason) before kubelet's runtime request timeout cancels the
+/// call with a bare "context deadline exceeded". Checked against the live kubelet's config.
+#[test]
+fn the_shims_archive_wait_ends_within_kubelets_runtime_request_timeout() {
+    if let Some(reason) = skip_reason() {
+        skip(&reason);
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let cluster = rt.block_on(KubeCluster::shared()).unwrap();
+    for node in [NODE_A, NODE_B] {
+        let configz = cluster
+            .kubectl(&[
+                "get",
+                "--raw",
+                &format!("/api/v1/nodes/{node}/proxy/configz"),
+            ])
+            .unwrap();
+        let config: serde_json::Value = serde_json::from_str(&configz).unwrap();
+        let timeout = config["kubeletconfig"]["runtimeRequestTimeout"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no runtimeRequestTimeout in {configz}"));
+        let timeout = humantime::parse_duration(timeout).unwrap();
+        let wait = containerd_shim_migrate::config::DEFAULT_ARCHIVE_WAIT;
+        assert!(
+            wait + Duration::from_secs(20) <= timeout,
+            "{node}: the shim waits {wait:?} for an archive, kubelet gives Create {timeout:?}"
+        );
+    }
+}
+
 #[test]
 fn the_agents_service_account_may_do_what_the_agent_does() {
     if let Some(reason) = skip_reason() {
