@@ -7,6 +7,7 @@
 #   scripts/local-up-cluster.sh down   # stop everything; no namespace, mount or process is left
 #   scripts/local-up-cluster.sh status # one line per component
 #   scripts/local-up-cluster.sh kubelet NODE stop|start   # what a node restart does to kubelet
+#   scripts/local-up-cluster.sh containerd NODE stop|start # containerd alone; its shims run on
 #
 # The control plane runs on the host: etcd, kube-apiserver (TLS, RBAC and NodeRestriction on,
 # certificates made here), kube-scheduler and kube-controller-manager. Each node (node-a, node-b)
@@ -29,6 +30,8 @@
 #                            /var/lib/podmigrate/cluster-<index>, its addresses 10.214.<index>.0/24
 #   PODMIGRATE_CLUSTER_DIR   state, certificates and logs (default /var/lib/podmigrate/cluster)
 #   PODMIGRATE_SKIP_BUILD=1  use the binaries already in target/release (scripts/test.sh built them)
+#   PODMIGRATE_CONTAINERD_BIN_DIR  the nodes' containerd, ctr and runc shim (default: containerd's
+#                            on PATH); a 1.6 gets docs/containerd.md's 1.6 stanza
 #   PODMIGRATE_AGENT_ARGS    extra arguments for `podmigrate agent` (patched into the DaemonSet)
 #   KUBE_VERSION             the Kubernetes release to build (scripts/kube-build.sh)
 set -euo pipefail
@@ -51,6 +54,9 @@ KUBERNETES_SVC_IP=10.96.0.1
 ETCD_PORT=$((12379 + IDX * 10))
 ETCD_PEER_PORT=$((12380 + IDX * 10))
 API_PORT=6443
+# Where containerd, ctr and containerd-shim-runc-v2 come from (scripts/setup.sh extracts 1.6 to
+# /var/cache/podmigrate/containerd-1.6/root/usr/bin).
+CONTAINERD_BIN=${PODMIGRATE_CONTAINERD_BIN_DIR:-$(dirname "$(command -v containerd 2>/dev/null || echo /usr/bin/containerd)")}
 SHARE_IN_NODE=/var/lib/podmigrate/share
 # The node paths each node has for its own (bound from $STATE/nodes/<node>/root/<path>).
 NODE_PATHS=(/run/containerd /var/lib/containerd /var/lib/kubelet /var/log/pods /var/log/containers
@@ -240,9 +246,35 @@ make_node_cgroup() {
   done < <(cgroup_roots)
 }
 
+# The migrate handler as docs/containerd.md gives it for this containerd: the 1.7 stanza from
+# 1.7.1 on, the 1.6 stanza (our shim found by its runtime type on containerd's PATH, runc's
+# options in a file of their own) before.
+migrate_stanza() {
+  if [[ $("$CONTAINERD_BIN/containerd" --version | awk '{print $3}') =~ ^v?1\.6\. ]]; then
+    cat <<EOF
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.migrate]
+      runtime_type = "io.containerd.runc.migrate.v2"
+      pod_annotations = ["podmigrate.io/*"]
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.migrate.options]
+        ConfigPath = "/etc/containerd/podmigrate-runc.toml"
+EOF
+  else
+    cat <<EOF
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.migrate]
+      runtime_type = "io.containerd.runc.v2"
+      runtime_path = "/usr/local/bin/containerd-shim-migrate-v2"
+      pod_annotations = ["podmigrate.io/*"]
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.migrate.options]
+        BinaryName = "/usr/sbin/runc"
+        SystemdCgroup = false
+EOF
+  fi
+}
+
 write_node_config() {
   local n=$1 root=$STATE/nodes/$1/root
-  # containerd: docs/containerd.md's 1.7 stanza beside an ordinary runc handler.
+  printf 'BinaryName = "/usr/sbin/runc"\nSystemdCgroup = false\n' >"$root/etc/containerd/podmigrate-runc.toml"
+  # containerd: docs/containerd.md's stanza beside an ordinary runc handler.
   cat >"$root/etc/containerd/config.toml" <<EOF
 version = 2
 root = "/var/lib/containerd"
@@ -269,13 +301,7 @@ state = "/run/containerd"
         SystemdCgroup = false
 
     # podmigrate (docs/containerd.md)
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.migrate]
-      runtime_type = "io.containerd.runc.v2"
-      runtime_path = "/usr/local/bin/containerd-shim-migrate-v2"
-      pod_annotations = ["podmigrate.io/*"]
-      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.migrate.options]
-        BinaryName = "/usr/sbin/runc"
-        SystemdCgroup = false
+$(migrate_stanza)
 EOF
   cat >"$root/etc/cni/net.d/10-podmigrate.conflist" <<EOF
 {
@@ -332,18 +358,39 @@ stop_kubelet() {
   rm -f "$f"
 }
 
+start_containerd() {
+  local n=$1
+  # containerd's own directory first on its PATH, so its runc shim serves the runc handler,
+  # and our shim delegates to that same runc shim.
+  start_on_node "$n" containerd \
+    env PODMIGRATE_SHARE_ROOT="$SHARE_IN_NODE" \
+    PODMIGRATE_DELEGATE_SHIM="$CONTAINERD_BIN/containerd-shim-runc-v2" \
+    PATH="$CONTAINERD_BIN:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
+    "$CONTAINERD_BIN/containerd" --config /etc/containerd/config.toml
+  wait_for 30 "containerd on $n" "$STATE/logs/$n-containerd.log" \
+    on_node "$n" "$CONTAINERD_BIN/ctr" --address /run/containerd/containerd.sock version
+}
+
+# What `systemctl restart containerd` stops (KillMode=process): containerd alone; the shims and
+# their containers run on, and containerd finds them again when it starts.
+stop_containerd() {
+  local f=$STATE/pids/$1-containerd.pid pid
+  [ -f "$f" ] || die "no containerd of $1 is running"
+  pid=$(cat "$f")
+  kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || { rm -f "$f"; return 0; }; sleep 0.1; done
+  kill -KILL "$pid" 2>/dev/null || true
+  rm -f "$f"
+}
+
 start_node() {
   local n=$1 ns pki=$STATE/pki
   ns=$(netns_of "$n")
-  start_on_node "$n" containerd \
-    env PODMIGRATE_SHARE_ROOT="$SHARE_IN_NODE" PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
-    containerd --config /etc/containerd/config.toml
-  wait_for 30 "containerd on $n" "$STATE/logs/$n-containerd.log" \
-    on_node "$n" ctr --address /run/containerd/containerd.sock version
+  start_containerd "$n"
   local img
   for img in "$STATE"/images/*.tar; do
     [ -e "$img" ] || continue
-    on_node "$n" ctr --address /run/containerd/containerd.sock -n k8s.io images import \
+    on_node "$n" "$CONTAINERD_BIN/ctr" --address /run/containerd/containerd.sock -n k8s.io images import \
       --no-unpack=false "$img" >/dev/null || die "importing $(basename "$img") into $n's containerd failed"
   done
   start_kubelet "$n"
@@ -546,5 +593,12 @@ case ${1:-} in
       start) [ ! -f "$STATE/pids/$node-kubelet.pid" ] || die "$node's kubelet is running"; start_kubelet "$node" ;;
       *) die "usage: scripts/local-up-cluster.sh kubelet NODE stop|start" ;;
     esac ;;
-  *) die "usage: scripts/local-up-cluster.sh up | down | status | kubelet NODE stop|start" ;;
+  containerd)
+    node=${2:-}; [ -n "${NODE_IP[$node]:-}" ] || die "no node ${node:-(none)}: the nodes are ${NODES[*]}"
+    case ${3:-} in
+      stop) stop_containerd "$node" ;;
+      start) [ ! -f "$STATE/pids/$node-containerd.pid" ] || die "$node's containerd is running"; start_containerd "$node" ;;
+      *) die "usage: scripts/local-up-cluster.sh containerd NODE stop|start" ;;
+    esac ;;
+  *) die "usage: scripts/local-up-cluster.sh up | down | status | kubelet|containerd NODE stop|start" ;;
 esac
