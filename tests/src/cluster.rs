@@ -533,7 +533,10 @@ impl KubeCluster {
         let mut deleted = false;
         loop {
             if let Ok(pod) = self.agent_pod(node).await {
-                let status = pod.status.as_ref().and_then(|s| s.container_statuses.as_ref());
+                let status = pod
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.container_statuses.as_ref());
                 let back = status.is_some_and(|cs| {
                     cs.iter().any(|c| {
                         c.ready
@@ -560,6 +563,42 @@ impl KubeCluster {
             );
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
+    }
+
+    /// `node`'s own filesystem tree, mounts included, as the host reaches it at once (through
+    /// its containerd's `/proc/<pid>/root`): for polling a node path every millisecond.
+    pub fn node_root(&self, node: &str) -> Result<PathBuf> {
+        let pidfile = self.dir.join("pids").join(format!("{node}-containerd.pid"));
+        let pid = std::fs::read_to_string(&pidfile)
+            .with_context(|| format!("reading {}", pidfile.display()))?;
+        Ok(PathBuf::from(format!("/proc/{}/root", pid.trim())))
+    }
+
+    /// Processes named `comm` running in `node`'s mount namespace (the nodes share the host's
+    /// pid namespace): (pid, command line).
+    pub fn processes_on(&self, node: &str, comm: &str) -> Vec<(i32, String)> {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(ns) = std::fs::metadata(self.mount_namespace(node)) else {
+            return Vec::new();
+        };
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm)
+            })
+            .filter(|pid| {
+                std::fs::metadata(format!("/proc/{pid}/ns/mnt"))
+                    .is_ok_and(|m| m.ino() == ns.ino() && m.dev() == ns.dev())
+            })
+            .map(|pid| {
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+                (pid, cmdline)
+            })
+            .collect()
     }
 
     /// What a migration of `namespace`'s pods left behind on both nodes: files in the work
@@ -630,7 +669,10 @@ impl NodeMount {
             Command::new("nsenter")
                 .arg(format!(
                     "--mount={}",
-                    self.cluster_dir.join("ns").join(format!("{node}.mnt")).display()
+                    self.cluster_dir
+                        .join("ns")
+                        .join(format!("{node}.mnt"))
+                        .display()
                 ))
                 .args(["--", "umount", "-l", &self.path]),
         )
@@ -639,9 +681,14 @@ impl NodeMount {
     /// What a disk error does to an ext4 mounted `errors=remount-ro`: from now on every write,
     /// even through files already open, fails with EROFS, on every node.
     pub fn fail_read_only(&self) -> Result<()> {
-        let device = self.device.as_deref().context("not an ext4 on a loop device")?;
+        let device = self
+            .device
+            .as_deref()
+            .context("not an ext4 on a loop device")?;
         let name = device.rsplit('/').next().unwrap_or(device);
-        let switch = Path::new("/sys/fs/ext4").join(name).join("trigger_fs_error");
+        let switch = Path::new("/sys/fs/ext4")
+            .join(name)
+            .join("trigger_fs_error");
         std::fs::write(&switch, "podmigrate fault test")
             .with_context(|| format!("writing {}", switch.display()))
     }
@@ -653,9 +700,20 @@ impl NodeMount {
             Command::new("nsenter")
                 .arg(format!(
                     "--mount={}",
-                    self.cluster_dir.join("ns").join(format!("{node}.mnt")).display()
+                    self.cluster_dir
+                        .join("ns")
+                        .join(format!("{node}.mnt"))
+                        .display()
                 ))
-                .args(["--", "findmnt", "-n", "-o", "OPTIONS", "--mountpoint", &self.path]),
+                .args([
+                    "--",
+                    "findmnt",
+                    "-n",
+                    "-o",
+                    "OPTIONS",
+                    "--mountpoint",
+                    &self.path,
+                ]),
         )
         .is_ok_and(|o| {
             o.lines()
@@ -695,7 +753,6 @@ impl Drop for NodeMount {
         }
     }
 }
-
 
 /// One test's namespace; deleted (without waiting) when dropped.
 pub struct TestNamespace {
@@ -850,6 +907,53 @@ impl TestNamespace {
             .list(&ListParams::default().labels(&format!("{CLONE_OF_LABEL}={source}")))
             .await?
             .items)
+    }
+
+    /// The first clone of `source` once it exists: (name, uid).
+    pub async fn wait_clone(&self, source: &str, timeout: Duration) -> Result<(String, String)> {
+        let started = Instant::now();
+        loop {
+            if let Some(c) = self.clones_of(source).await?.first() {
+                return Ok((
+                    c.metadata.name.clone().unwrap_or_default(),
+                    c.metadata.uid.clone().unwrap_or_default(),
+                ));
+            }
+            ensure!(
+                started.elapsed() < timeout,
+                "no clone of {}/{source} within {timeout:?}",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until pod `pod`'s phase annotation is one of `phases`; returns it.
+    pub async fn wait_phase(
+        &self,
+        pod: &str,
+        phases: &[&str],
+        timeout: Duration,
+    ) -> Result<String> {
+        let started = Instant::now();
+        loop {
+            let phase = self.annotation(pod, PHASE).await;
+            if let Some(p) = phase.as_deref().filter(|p| phases.contains(p)) {
+                return Ok(p.to_owned());
+            }
+            ensure!(
+                started.elapsed() < timeout,
+                "{}/{pod} did not reach {phases:?} within {timeout:?}: phase {phase:?}, reason {:?}",
+                self.name,
+                self.annotation(pod, REASON).await
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The uid of pod `name`.
+    pub async fn uid_of(&self, name: &str) -> Option<String> {
+        self.get_pod(name).await?.metadata.uid
     }
 
     /// The notes of the Events about pod `pod` with reason `reason` (any reason: `None`).
