@@ -32,6 +32,8 @@
 #   PODMIGRATE_SKIP_BUILD=1  use the binaries already in target/release (scripts/test.sh built them)
 #   PODMIGRATE_CONTAINERD_BIN_DIR  the nodes' containerd, ctr and runc shim (default: containerd's
 #                            on PATH); a 1.6 gets docs/containerd.md's 1.6 stanza
+#   PODMIGRATE_SHARE=smb     serve the share over SMB (smbd on the host, smbnetfs on each node;
+#                            docs/operations.md, "The share over SMB") instead of a bound directory
 #   PODMIGRATE_AGENT_ARGS    extra arguments for `podmigrate agent` (patched into the DaemonSet)
 #   KUBE_VERSION             the Kubernetes release to build (scripts/kube-build.sh)
 set -euo pipefail
@@ -58,6 +60,10 @@ API_PORT=6443
 # /var/cache/podmigrate/containerd-1.6/root/usr/bin).
 CONTAINERD_BIN=${PODMIGRATE_CONTAINERD_BIN_DIR:-$(dirname "$(command -v containerd 2>/dev/null || echo /usr/bin/containerd)")}
 SHARE_IN_NODE=/var/lib/podmigrate/share
+# The share: one host directory bound into every node, or (smb) that directory served by a
+# private smbd on the host bridge and mounted on each node through FUSE (smbnetfs).
+SHARE_KIND=${PODMIGRATE_SHARE:-directory}
+SMB_SHARE_NAME=podmigrate
 # The node paths each node has for its own (bound from $STATE/nodes/<node>/root/<path>).
 NODE_PATHS=(/run/containerd /var/lib/containerd /var/lib/kubelet /var/log/pods /var/log/containers
   /etc/cni/net.d /var/lib/cni /var/lib/podmigrate/work /var/lib/podmigrate/keys /run/podmigrate
@@ -227,7 +233,7 @@ make_node_namespace() {
     on_node "$n" mount --bind "$src" "$p"
   done
   mkdir -p "$STATE/share" "$SHARE_IN_NODE" /dev/shm/podmigrate
-  on_node "$n" mount --bind "$STATE/share" "$SHARE_IN_NODE"
+  [ "$SHARE_KIND" = smb ] || on_node "$n" mount --bind "$STATE/share" "$SHARE_IN_NODE"
   # The shims' memory work space (PODMIGRATE_MEMORY_DIR's default): memory-backed, the node's own.
   on_node "$n" mount -t tmpfs -o mode=0700 "$(cgroup_of "$n")" /dev/shm/podmigrate
   # Shared within the node, as systemd leaves a real node's mounts (mountPropagation needs it);
@@ -341,6 +347,61 @@ serializeImagePulls: false
 EOF
 }
 
+# smbd on the host bridge's address, serving $STATE/share as //HOST_IP/podmigrate to root.
+start_smb() {
+  local smb=$STATE/smb d password
+  for d in lock state cache pid private ncalrpc log; do mkdir -p "$smb/$d"; done
+  cat >"$smb/smb.conf" <<EOF
+[global]
+  server role = standalone server
+  interfaces = ${HOST_IP}
+  bind interfaces only = yes
+  smb ports = 445
+  disable netbios = yes
+  server min protocol = SMB2_10
+  lock directory = $smb/lock
+  state directory = $smb/state
+  cache directory = $smb/cache
+  pid directory = $smb/pid
+  private dir = $smb/private
+  ncalrpc dir = $smb/ncalrpc
+  passdb backend = tdbsam:$smb/private/passdb.tdb
+  log file = $STATE/logs/smbd.log
+  load printers = no
+  printing = bsd
+  printcap name = /dev/null
+  disable spoolss = yes
+  # A client's fsync is the server's fsync: the archive's commit relies on it.
+  strict sync = yes
+[${SMB_SHARE_NAME}]
+  path = $STATE/share
+  read only = no
+  valid users = root
+EOF
+  password=$(openssl rand -hex 12)
+  printf '%s\n%s\n' "$password" "$password" | smbpasswd -c "$smb/smb.conf" -s -a root >/dev/null \
+    || die "smbpasswd -a root failed"
+  (umask 077 && printf '%s\n' "$password" >"$smb/password")
+  start_host smbd smbd --foreground --no-process-group -s "$smb/smb.conf"
+  wait_for 30 smbd "$STATE/logs/smbd.log" bash -c "exec 3<>/dev/tcp/${HOST_IP}/445"
+}
+
+# smbnetfs in the node's namespaces at /run/podmigrate/smb; the share is bound from there.
+mount_smb_on_node() {
+  local n=$1 home=$STATE/nodes/$1/smbnetfs mnt=/run/podmigrate/smb
+  mkdir -p -m 0700 "$home/.smb"
+  (umask 077
+    printf '[global]\n  client min protocol = SMB2_10\n  client max protocol = SMB3\n' >"$home/.smb/smb.conf"
+    printf 'smb_query_browsers "false"\nauth "%s" "root" "%s"\nhost "%s" visible=true\n' \
+      "$HOST_IP" "$(cat "$STATE/smb/password")" "$HOST_IP" >"$home/.smb/smbnetfs.conf")
+  on_node "$n" mkdir -p "$mnt"
+  start_on_node "$n" smbnetfs env HOME="$home" smbnetfs "$mnt" -f -o \
+    "config=$home/.smb/smbnetfs.conf,log_file=$STATE/logs/$n-smbnetfs-fuse.log,entry_timeout=0,attr_timeout=0,negative_timeout=0,big_writes,max_write=131072"
+  wait_for 30 "the SMB share on $n" "$STATE/logs/$n-smbnetfs.log" \
+    on_node "$n" test -d "$mnt/$HOST_IP/$SMB_SHARE_NAME"
+  on_node "$n" mount --bind "$mnt/$HOST_IP/$SMB_SHARE_NAME" "$SHARE_IN_NODE"
+}
+
 start_kubelet() {
   local n=$1
   start_on_node "$n" kubelet "$STATE/bin/kubelet" \
@@ -424,6 +485,7 @@ build_everything() {
 
 up() {
   [ "$(id -u)" -eq 0 ] || die "must run as root (namespaces, mounts, containerd, kubelet)"
+  case $SHARE_KIND in directory|smb) ;; *) die "PODMIGRATE_SHARE must be directory or smb, not $SHARE_KIND" ;; esac
   build_everything
   down_quietly
   rm -rf "$STATE/logs"
@@ -481,10 +543,15 @@ up() {
     --authorization-kubeconfig="$STATE/scheduler.kubeconfig" \
     --bind-address="$HOST_IP" --secure-port=10259 --leader-elect=false
 
+  if [ "$SHARE_KIND" = smb ]; then
+    log "the share over SMB: //${HOST_IP}/${SMB_SHARE_NAME}"
+    start_smb
+  fi
   for n in "${NODES[@]}"; do
     log "node $n: ${NODE_IP[$n]}, pods ${POD_CIDR[$n]}"
     make_node_namespace "$n"
     make_node_cgroup "$n"
+    [ "$SHARE_KIND" != smb ] || mount_smb_on_node "$n"
     write_node_config "$n"
     start_node "$n"
   done
@@ -508,6 +575,7 @@ up() {
   kubectl_ -n podmigrate-system rollout status daemonset/podmigrate-agent --timeout=120s >&2 \
     || die "the podmigrate agent DaemonSet did not roll out: $(kubectl_ -n podmigrate-system get pods -o wide --no-headers 2>&1 | tr '\n' ';')"
   kubectl_ get nodes -o wide >&2
+  printf '%s\n' "$SHARE_KIND" >"$STATE/share-kind"
   log "up in $(( $(date +%s) - start ))s"
   printf 'KUBECONFIG=%s\n' "$STATE/admin.kubeconfig"
   printf 'PATH=%s:$PATH\n' "$STATE/bin"

@@ -50,12 +50,13 @@ cargo test --release --workspace "$@"
 # with docs/containerd.md's 1.6 stanza (runtime_type io.containerd.runc.migrate.v2, our shim on
 # containerd's PATH, runc options in a ConfigPath file): the CRI-level suites (their harness
 # takes containerd, ctr and the runc shim from PODMIGRATE_CONTAINERD_BIN_DIR), and the
-# Kubernetes suite on the cluster brought up again with 1.6 on both nodes.
+# Kubernetes suite on the cluster brought up again with 1.6 on both nodes and the share over
+# SMB (smbd on the host, smbnetfs on each node), so every migration also crosses SMB.
 containerd16=${CONTAINERD16_ROOT:-/var/cache/podmigrate/containerd-1.6}/root/usr/bin
 if [ -x "${containerd16}/containerd" ]; then
   section "containerd $("${containerd16}/containerd" --version | awk '{print $3}'): shim, CRI, checkpoint/restore and Kubernetes suites"
   export PODMIGRATE_CONTAINERD_BIN_DIR=$containerd16
-  PODMIGRATE_SKIP_BUILD=1 bash scripts/local-up-cluster.sh up >/dev/null
+  PODMIGRATE_SHARE=smb PODMIGRATE_SKIP_BUILD=1 bash scripts/local-up-cluster.sh up >/dev/null
   cargo test --release --workspace \
     --test containerd --test cri_lifecycle --test shim_checkpoint_restore --test kube_migration "$@"
   unset PODMIGRATE_CONTAINERD_BIN_DIR

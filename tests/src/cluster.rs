@@ -223,6 +223,29 @@ impl KubeCluster {
             .expect("valid names")
     }
 
+    /// How the cluster's share reaches the nodes: `directory` or `smb` (PODMIGRATE_SHARE).
+    pub fn share_kind(&self) -> String {
+        std::fs::read_to_string(self.dir.join("share-kind"))
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_default()
+    }
+
+    /// The filesystem type mounted at `path` as node `node` sees it (`findmnt` in its mount
+    /// namespace).
+    pub fn node_fstype(&self, node: &str, path: &str) -> Result<String> {
+        let ns = self.dir.join("ns").join(format!("{node}.mnt"));
+        let out = Command::new("nsenter")
+            .arg(format!("--mount={}", ns.display()))
+            .args(["--", "findmnt", "-n", "-o", "FSTYPE", path])
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "findmnt {path} on {node}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
     /// A node's containerd socket, as the host reaches it.
     pub fn containerd_socket(&self, node: &str) -> PathBuf {
         self.node_path(node, "/run/containerd/containerd.sock")

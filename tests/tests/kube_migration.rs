@@ -17,6 +17,9 @@
 //!   back, the source counts on, the CLI gives the shim's reason;
 //! * node-a's agent at `--max-outbound 1` with two migrations asked at once: one is queued
 //!   (reason and one `Queued` Event) while the other runs, never both at once;
+//! * the share is what the cluster was brought up with: a directory bound into each node, or
+//!   (`PODMIGRATE_SHARE=smb`, as scripts/test.sh's containerd 1.6 rerun does) an SMB share
+//!   mounted on each node through smbnetfs, so every test above also runs across SMB;
 //! * the agent's ServiceAccount may do everything the agent does (Events repeated by kube's
 //!   recorder are patched).
 //!
@@ -650,6 +653,27 @@ async fn at_max_outbound_one_a_second_migration_is_queued_until_the_first_ends()
             "{source}"
         );
         ns.wait_gone(source, WAIT).await.unwrap();
+    }
+}
+
+#[test]
+fn every_node_mounts_the_share_the_cluster_was_brought_up_with() {
+    if let Some(reason) = skip_reason() {
+        skip(&reason);
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let cluster = rt.block_on(KubeCluster::shared()).unwrap();
+    let kind = cluster.share_kind();
+    for node in [NODE_A, NODE_B] {
+        let fstype = cluster
+            .node_fstype(node, podmigrate_e2e::cluster::SHARE_IN_NODE)
+            .unwrap();
+        match kind.as_str() {
+            "smb" => assert_eq!(fstype, "fuse.smbnetfs", "{node}"),
+            "directory" => assert!(!fstype.starts_with("fuse"), "{node}: {fstype}"),
+            other => panic!("the cluster's share kind is {other:?}"),
+        }
     }
 }
 
