@@ -477,7 +477,7 @@ impl KubeCluster {
 
     /// Checkpoint attempts node-a's shim made for `namespace/pod`, committed or failed.
     pub fn checkpoint_attempts(&self, namespace: &str, pod: &str) -> usize {
-        let needle = format!("pod {namespace}/{pod}/");
+        let needle = format!("pod {namespace}/{pod} ");
         self.containerd_log(NODE_A)
             .lines()
             .filter(|l| l.contains(&needle))
