@@ -69,7 +69,7 @@ NODE_PATHS=(/run/containerd /var/lib/containerd /var/lib/kubelet /var/log/pods /
   /etc/cni/net.d /var/lib/cni /var/lib/podmigrate/work /var/lib/podmigrate/keys /run/podmigrate
   /etc/containerd /etc/kubernetes)
 
-log() { printf '[local-up] %s\n' "$*" >&2; }
+log() { printf "[local-up %4ss] %s\n" "$SECONDS" "$*" >&2; }
 die() { printf '[local-up] error: %s\n' "$*" >&2; exit 1; }
 
 netns_of() { printf 'podmigrate%s-%s' "$SUFFIX" "$1"; }
@@ -125,7 +125,7 @@ on_node() { # NODE COMMAND...: runs a command in the node's namespaces, in the f
 # ---------------------------------------------------------------------------------------------
 # Certificates
 
-gen_key() { openssl genrsa -out "$1" 2048 2>/dev/null; }
+gen_key() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" 2>/dev/null; }
 # sign NAME SUBJECT [SANS] [EXT_USAGE]: a key and a CA-signed certificate in $STATE/pki.
 sign() {
   local name=$1 subj=$2 sans=${3:-} usage=${4:-clientAuth}
@@ -185,8 +185,8 @@ make_pki() {
     sign "kubelet-$n" "/O=system:nodes/CN=system:node:$n"
     sign "kubelet-$n-serving" "/CN=$n" "IP:${NODE_IP[$n]},DNS:$n" serverAuth
   done
-  openssl genrsa -out "$pki/sa.key" 2048 2>/dev/null
-  openssl rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null
+  gen_key "$pki/sa.key"
+  openssl pkey -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null
   kubeconfig "$STATE/admin.kubeconfig" admin
   kubeconfig "$STATE/controller-manager.kubeconfig" controller-manager
   kubeconfig "$STATE/scheduler.kubeconfig" scheduler
