@@ -286,6 +286,9 @@ impl Checkpointer<'_> {
                         warn!(container = %self.identity.describe(), error = %crate::service::describe_ttrpc_error(&e), "resuming after a failed checkpoint");
                     }
                 }
+                // A CRIU that died mid-dump left its network lock: nothing would reach the
+                // container it thawed.
+                crate::net_lock::unlock(state.pid);
                 if created_local {
                     let _ = fs::remove_dir_all(&local_dir);
                 }

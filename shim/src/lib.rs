@@ -20,6 +20,7 @@ pub mod delegate;
 pub mod error;
 pub mod identity;
 pub mod logging;
+pub mod net_lock;
 pub mod restore;
 pub mod runtime_options;
 pub mod service;
