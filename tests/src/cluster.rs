@@ -294,19 +294,32 @@ impl KubeCluster {
 
     /// The agent's log on `node` (its current container's, at most `lines` lines).
     pub fn agent_log(&self, node: &str, lines: usize) -> String {
-        let selector = "app.kubernetes.io/component=agent".to_string();
         let field = format!("--field-selector=spec.nodeName={node}");
-        let tail = format!("--tail={lines}");
-        self.kubectl(&[
-            "-n",
-            AGENT_NAMESPACE,
-            "logs",
-            "-l",
-            &selector,
-            &field,
-            &tail,
-        ])
-        .unwrap_or_else(|e| format!("(no agent log: {e:#})"))
+        let log = self
+            .kubectl(&[
+                "-n",
+                AGENT_NAMESPACE,
+                "get",
+                "pods",
+                "-l",
+                "app.kubernetes.io/component=agent",
+                &field,
+                "-o",
+                "jsonpath={.items[0].metadata.name}",
+            ])
+            .and_then(|pod| {
+                let tail = format!("--tail={lines}");
+                self.kubectl(&[
+                    "-n",
+                    AGENT_NAMESPACE,
+                    "logs",
+                    pod.trim(),
+                    "-c",
+                    "agent",
+                    &tail,
+                ])
+            });
+        log.unwrap_or_else(|e| format!("(no agent log: {e:#})"))
     }
 
     /// What a failed test wants to see: nodes, agent pods, and each agent's last log lines.
