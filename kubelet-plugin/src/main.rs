@@ -7,7 +7,8 @@ use podmigrate_kubelet_plugin::cli::{self, Cli};
 
 fn main() -> ExitCode {
     let cli = Cli::parse_from(cli::arguments(std::env::args_os()));
-    cli::init_logging(cli.log_format);
+    let daemon = matches!(cli.command, cli::Command::Agent(_));
+    cli::init_logging(cli.log_format, daemon);
     match cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

@@ -122,10 +122,12 @@ pub fn one_line(err: &anyhow::Error) -> String {
     line
 }
 
-/// Logs go to stderr, quiet by default for interactive commands; `RUST_LOG` overrides.
-pub fn init_logging(format: LogFormat) {
+/// Logs go to stderr: quiet by default for interactive commands, each step for the agent (a
+/// daemon whose log is the record of what it did); `RUST_LOG` overrides.
+pub fn init_logging(format: LogFormat, daemon: bool) {
+    let default = if daemon { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

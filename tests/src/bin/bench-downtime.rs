@@ -1,11 +1,11 @@
 //! `bench-downtime`: podmigrate's frozen time on a real two-node migration, by phase, for
-//! `scripts/bench.sh downtime`. Two nodes as in the two-node suite (own network namespace,
-//! containerd with our shim, real agent, test kubelet; one API server stand-in, one share on
-//! disk). For each ballast size, a counter pod with `-m <MiB>` runs on node-a and is moved with
-//! `kubectl migrate` while this driver asks node-b's address for the counter every few
-//! milliseconds. The downtime runs from the agent's "freezing the source" log line to the first
-//! HTTP answer from node-b; the logs of the agent, both shims and node-b's containerd place
-//! each phase boundary on that same (wall) clock.
+//! `scripts/bench.sh downtime`, on the real cluster of `scripts/local-up-cluster.sh` (brought up
+//! if none answers; one share on disk). For each ballast size, a counter pod with `-m <MiB>`
+//! runs on node-a and is moved with `kubectl migrate` while this driver asks the clone's pod IP
+//! for the counter every few milliseconds. The downtime runs from the agent's "freezing the
+//! source" log line to the first HTTP answer from node-b; the logs of the agent (its pod's),
+//! both shims and node-b's containerd (the nodes' containerd logs, where the shims log too)
+//! place each phase boundary on that same (wall) clock.
 //!
 //! Usage: `bench-downtime <MiB>...`; prints one JSON object per size on stdout, progress on
 //! stderr. Exit status 1 when a migration fails or the restored counter does not continue.
@@ -15,10 +15,9 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, ensure, Context, Result};
-use podmigrate_e2e::nodes::{
-    counter_hit, counter_pod, parse_summary, skip_reason, wait_counter_ready, Binaries, Cluster,
-    ClusterOptions, Counter, NODE_A, NODE_B,
-};
+use podmigrate_e2e::cli::parse_summary;
+use podmigrate_e2e::cluster::{skip_reason, KubeCluster, TestNamespace, NODE_A, NODE_B};
+use podmigrate_e2e::counter::{counter_hit, Counter};
 use serde_json::{json, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
@@ -71,12 +70,25 @@ fn read(path: &Path) -> Result<String> {
     std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
 }
 
-/// Asks node-b's counter every 5 ms until it answers: (wall time of the answer, its count).
-async fn first_answer(ip: std::net::Ipv4Addr, port: u16, timeout: Duration) -> Result<(f64, u64)> {
+/// Asks the clone's counter every 5 ms (once the clone has an IP) until it answers: (wall
+/// time of the answer, its count).
+async fn first_answer(ns: &TestNamespace, source: &str, timeout: Duration) -> Result<(f64, u64)> {
     let started = Instant::now();
+    let mut ip = None;
     loop {
-        if let Ok(count) = counter_hit(ip, port).await {
-            return Ok((now_unix(), count));
+        if ip.is_none() {
+            if let Some(clone) = ns.clones_of(source).await?.first() {
+                ip = clone
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.pod_ip.as_deref())
+                    .and_then(|ip| ip.parse::<std::net::Ipv4Addr>().ok());
+            }
+        }
+        if let Some(ip) = ip {
+            if let Ok(count) = counter_hit(ip, PORT).await {
+                return Ok((now_unix(), count));
+            }
         }
         ensure!(
             started.elapsed() < timeout,
@@ -92,19 +104,18 @@ fn loadavg() -> String {
         .unwrap_or_default()
 }
 
-async fn measure(cluster: &Cluster, mib: u32) -> Result<Value> {
+async fn measure(cluster: &KubeCluster, mib: u32) -> Result<Value> {
     let pod = format!("bench-{mib}");
-    let (a, b) = (cluster.node(NODE_A).ip, cluster.node(NODE_B).ip);
+    let ns = cluster.namespace(&format!("bench-{mib}")).await?;
     let ready_within = Duration::from_secs(120 + u64::from(mib) / 10);
-    cluster
-        .create_pod(&counter_pod(
+    let a = ns
+        .start_counters(
             &pod,
             NODE_A,
             &[Counter::new("counter", PORT, COUNT_FILE).ballast(mib)],
-        ))
+            ready_within,
+        )
         .await?;
-    cluster.wait_running(&pod, ready_within).await?;
-    wait_counter_ready(a, PORT, ready_within).await?;
     for expected in 1..=3 {
         let got = counter_hit(a, PORT).await?;
         ensure!(
@@ -118,32 +129,26 @@ async fn measure(cluster: &Cluster, mib: u32) -> Result<Value> {
     let load_before = loadavg();
 
     let timeout = Duration::from_secs(300 + u64::from(mib) / 5);
-    let answer = tokio::spawn(first_answer(b, PORT, timeout));
-    let abort = answer.abort_handle();
-    let cli = cluster.spawn_kubectl_migrate(&[
+    let cli = ns.spawn_kubectl_migrate(&[
         &pod,
         "--to",
         NODE_B,
         "--timeout",
         &format!("{}s", timeout.as_secs()),
     ])?;
-    let run = cli.finish(timeout + Duration::from_secs(30)).await;
-    let run = match run {
-        Ok(run) => run,
-        Err(e) => {
-            abort.abort();
-            return Err(e);
-        }
-    };
+    let (run, answer) = tokio::join!(
+        cli.finish(timeout + Duration::from_secs(30)),
+        first_answer(&ns, &pod, timeout)
+    );
+    let run = run?;
     if !run.success {
-        abort.abort();
         bail!(
             "kubectl migrate {pod} failed: {}{}",
             run.stdout,
             run.stderr.trim()
         );
     }
-    let (answered_at, count) = answer.await.context("the poller")??;
+    let (answered_at, count) = answer?;
     ensure!(
         count == 4,
         "node-b's counter answered {count} first, not 4 (it did not carry on from 3)"
@@ -153,7 +158,7 @@ async fn measure(cluster: &Cluster, mib: u32) -> Result<Value> {
     let load_after = loadavg();
 
     // Phase boundaries, from the logs.
-    let agent_log = cluster.node(NODE_A).agent.log_text();
+    let agent_log = cluster.agent_log(NODE_A, 20_000);
     let freeze_line = last_line_with(&agent_log, &["freezing the source", &pod])
         .context("no \"freezing the source\" line in node-a's agent log")?;
     let freeze_json: Value = serde_json::from_str(freeze_line)?;
@@ -162,7 +167,7 @@ async fn measure(cluster: &Cluster, mib: u32) -> Result<Value> {
         .and_then(parse_rfc3339)
         .context("agent log line without timestamp")?;
 
-    let a_log = read(cluster.node(NODE_A).containerd.log_path())?;
+    let a_log = read(&cluster.dir.join(format!("logs/{NODE_A}-containerd.log")))?;
     let packed = last_line_with(&a_log, &["dumped and packed", &format!("/{pod} ")])
         .context("no \"dumped and packed\" line in node-a's containerd log")?;
     let t_packed = shim_time(packed).context("shim line without timestamp")?;
@@ -170,12 +175,14 @@ async fn measure(cluster: &Cluster, mib: u32) -> Result<Value> {
     let diff_s = field(packed, "diff_ms").unwrap_or(0.0) / 1e3;
     let pack_s = field(packed, "pack_ms").context("pack_ms")? / 1e3;
 
-    let b_log = read(cluster.node(NODE_B).containerd.log_path())?;
-    let clones = cluster.clones_of(&pod).await?;
-    let clone = clones
-        .first()
-        .and_then(|c| c.metadata.name.clone())
-        .context("no clone pod")?;
+    let b_log = read(&cluster.dir.join(format!("logs/{NODE_B}-containerd.log")))?;
+    let clones = ns.clones_of(&pod).await?;
+    let clone_pod = clones.first().context("no clone pod")?;
+    let clone = clone_pod
+        .metadata
+        .name
+        .clone()
+        .context("a clone without a name")?;
     let unpacked = last_line_with(
         &b_log,
         &["checkpoint unpacked for restore", &format!("/{clone} ")],
@@ -184,9 +191,15 @@ async fn measure(cluster: &Cluster, mib: u32) -> Result<Value> {
     let t_unpacked = shim_time(unpacked).context("shim line without timestamp")?;
     let unpack_s = field(unpacked, "unpack_ms").context("unpack_ms")? / 1e3;
     let archive_bytes = field(unpacked, "bytes").unwrap_or(0.0);
-    let id = cluster
-        .container_id(&clone, "counter")
-        .context("the clone's container id")?;
+    let id = clone_pod
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.name == "counter"))
+        .and_then(|c| c.container_id.as_deref())
+        .and_then(|id| id.rsplit("://").next())
+        .context("the clone's container id")?
+        .to_owned();
     let started = last_line_with(&b_log, &["StartContainer for", &id, "returns successfully"])
         .context("no StartContainer line for the clone in node-b's containerd log")?;
     let t_started = containerd_time(started).context("containerd line without time")?;
@@ -244,38 +257,27 @@ async fn measure(cluster: &Cluster, mib: u32) -> Result<Value> {
         "load_before": load_before,
         "load_after": load_after,
     });
-    cluster
-        .delete_all_pods(Duration::from_secs(120))
-        .await
-        .context("deleting the pods after the run")?;
+    // The namespace, and with it both pods, goes when `ns` drops.
     Ok(result)
 }
 
-async fn bench(sizes: &[u32], slot: &mut Option<Cluster>) -> Result<()> {
+async fn bench(sizes: &[u32]) -> Result<()> {
     if let Some(reason) = skip_reason() {
         bail!("this machine cannot run the benchmark: {reason}");
     }
-    let binaries = Binaries::beside_current_exe()?;
-    let mut options = ClusterOptions::new(binaries);
-    options.verbose = false;
-    let largest = sizes.iter().copied().max().unwrap_or(0);
-    options.archive_wait = Duration::from_secs(300 + u64::from(largest) / 5);
-    options.checkpoint_timeout = Duration::from_secs(300 + u64::from(largest) / 5);
-    options.clone_timeout = Duration::from_secs(300 + u64::from(largest) / 5);
-    let cluster = slot.insert(
-        Cluster::start(options)
-            .await
-            .context("bringing up the two nodes")?,
-    );
-    note(&format!("two nodes up; share {}", cluster.share.display()));
+    let cluster = KubeCluster::shared()
+        .await
+        .context("the two-node cluster (scripts/local-up-cluster.sh)")?;
+    note(&format!("cluster up; share {}", cluster.share().display()));
     for &mib in sizes {
-        let result = measure(cluster, mib)
-            .await
-            .with_context(|| format!("migrating the {mib} MiB counter"))?;
+        let result = measure(&cluster, mib).await.with_context(|| {
+            format!(
+                "migrating the {mib} MiB counter\n{}",
+                cluster.diagnostics(30)
+            )
+        })?;
         println!("{result}");
     }
-    let cluster = slot.take().expect("started above");
-    cluster.shutdown().await;
     Ok(())
 }
 
@@ -289,21 +291,14 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let mut cluster = None;
     let result = tokio::select! {
-        r = bench(&sizes, &mut cluster) => r,
+        r = bench(&sizes) => r,
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            if let Some(cluster) = &cluster {
-                eprintln!("{}", cluster.diagnostics(30));
-            }
             eprintln!("bench-downtime: {e:#}");
-            if let Some(cluster) = cluster.take() {
-                let _ = tokio::task::spawn_blocking(move || drop(cluster)).await;
-            }
             ExitCode::FAILURE
         }
     }
