@@ -136,6 +136,20 @@ impl KubeCluster {
         })
     }
 
+    /// For a test: the shared cluster, or `None` after reporting why this machine cannot run it
+    /// ([`skip_reason`], then `extra_skip`); fails the test if the cluster cannot be had.
+    pub async fn for_test(extra_skip: Option<String>) -> Option<KubeCluster> {
+        if let Some(reason) = skip_reason().or(extra_skip) {
+            crate::harness::skip(&reason);
+            return None;
+        }
+        Some(
+            KubeCluster::shared()
+                .await
+                .unwrap_or_else(|e| panic!("the cluster: {e:#}")),
+        )
+    }
+
     /// One test at a time for the tests that restart a node's components or reconfigure the
     /// agent; the others may run beside each other in their own namespaces.
     pub async fn exclusive() -> tokio::sync::RwLockWriteGuard<'static, ()> {
@@ -1082,15 +1096,7 @@ pub fn counter_pod(name: &str, node: &str, counters: &[Counter]) -> Pod {
     let containers: Vec<Value> = counters
         .iter()
         .map(|c| {
-            let mut args = vec![
-                "-p".to_owned(),
-                c.port.to_string(),
-                "-f".to_owned(),
-                c.file.clone(),
-            ];
-            if let Some(mib) = c.ballast_mib {
-                args.extend(["-m".to_owned(), mib.to_string()]);
-            }
+            let args = c.args();
             json!({
                 "name": c.name,
                 "image": COUNTER_IMAGE,

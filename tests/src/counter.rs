@@ -32,6 +32,20 @@ impl Counter {
         self.ballast_mib = Some(mib);
         self
     }
+
+    /// The counter's command-line arguments: port, count file, and ballast if any.
+    pub fn args(&self) -> Vec<String> {
+        let mut args = vec![
+            "-p".to_owned(),
+            self.port.to_string(),
+            "-f".to_owned(),
+            self.file.clone(),
+        ];
+        if let Some(mib) = self.ballast_mib {
+            args.extend(["-m".to_owned(), mib.to_string()]);
+        }
+        args
+    }
 }
 
 /// `GET <path>` on `addr` (one request per connection, as the counter answers); the body of a

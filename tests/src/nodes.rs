@@ -511,15 +511,7 @@ pub fn counter_pod(name: &str, node: &str, counters: &[Counter]) -> Pod {
     let containers: Vec<Value> = counters
         .iter()
         .map(|c| {
-            let mut args = vec![
-                "-p".to_owned(),
-                c.port.to_string(),
-                "-f".to_owned(),
-                c.file.clone(),
-            ];
-            if let Some(mib) = c.ballast_mib {
-                args.extend(["-m".to_owned(), mib.to_string()]);
-            }
+            let args = c.args();
             json!({ "name": c.name, "image": COUNTER_IMAGE, "args": args })
         })
         .collect();

@@ -28,11 +28,10 @@ use std::time::{Duration, Instant};
 
 use podmigrate_e2e::cli::{CliProcess, CliRun};
 use podmigrate_e2e::cluster::{
-    counter_pod, skip_reason, KubeCluster, TestNamespace, CLONE_OF_LABEL, MEMORY_IN_NODE, NODE_A,
-    NODE_B, PHASE, REASON, SHARE_IN_NODE, WORK_IN_NODE,
+    counter_pod, KubeCluster, TestNamespace, CLONE_OF_LABEL, MEMORY_IN_NODE, NODE_A, NODE_B, PHASE,
+    REASON, SHARE_IN_NODE, WORK_IN_NODE,
 };
 use podmigrate_e2e::counter::Counter;
-use podmigrate_e2e::harness::skip;
 
 /// Bound on pods coming up, going away, and similar waits.
 const WAIT: Duration = Duration::from_secs(60);
@@ -44,16 +43,7 @@ fn step(t0: Instant, what: &str) {
 }
 
 async fn cluster() -> Option<KubeCluster> {
-    let reason = skip_reason().or_else(podmigrate_e2e::loopfs::skip_reason);
-    if let Some(reason) = reason {
-        skip(&reason);
-        return None;
-    }
-    Some(
-        KubeCluster::shared()
-            .await
-            .unwrap_or_else(|e| panic!("the cluster: {e:#}")),
-    )
+    KubeCluster::for_test(podmigrate_e2e::loopfs::skip_reason()).await
 }
 
 fn counter() -> Counter {

@@ -45,15 +45,7 @@ const WAIT: Duration = Duration::from_secs(60);
 const CLI_TIMEOUT: Duration = Duration::from_secs(150);
 
 async fn cluster() -> Option<KubeCluster> {
-    if let Some(reason) = skip_reason() {
-        skip(&reason);
-        return None;
-    }
-    Some(
-        KubeCluster::shared()
-            .await
-            .unwrap_or_else(|e| panic!("the cluster: {e:#}")),
-    )
+    KubeCluster::for_test(None).await
 }
 
 fn counter() -> Counter {
