@@ -24,8 +24,9 @@ use std::path::{Path, PathBuf};
 pub const CRIU_CONFIG_ANNOTATION: &str = "org.criu.config";
 /// The node-wide file runc names when the annotation is absent.
 pub const RUNC_CRIU_CONFIG: &str = "/etc/criu/runc.conf";
-/// Our file's name in `<work_dir>/criu/`.
-const CONFIG_FILE: &str = "podmigrate.conf";
+/// Our file, directly in the work directory: not under `criu/`, whose entries are a dump's
+/// work units and go with garbage collection.
+const CONFIG_FILE: &str = "criu.conf";
 /// What podmigrate adds to the node's settings (see the module's documentation).
 const SETTINGS: &str = "# podmigrate: drop connections not yet accepted instead of failing the dump\nskip-in-flight\n# podmigrate: free each restored page from the unpacked image at once\nauto-dedup\n";
 
@@ -106,12 +107,11 @@ pub fn apply(
     Ok(Applied::Ours { config })
 }
 
-/// `<work_dir>/criu/podmigrate.conf`: the node's runc CRIU settings, then ours. A stable
-/// path, rewritten whole each time, because a container keeps the annotation for its lifetime
-/// and each of its checkpoints and restores reads the file.
+/// `<work_dir>/criu.conf`: the node's runc CRIU settings, then ours. A stable path, rewritten
+/// whole each time, because a container keeps the annotation for its lifetime and each of its
+/// checkpoints and restores reads the file.
 fn write_config(work_dir: &Path, node_config: &Path) -> Result<PathBuf, CriuConfigError> {
-    let dir = work_dir.join("criu");
-    fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
+    fs::create_dir_all(work_dir).map_err(io_err("creating", work_dir))?;
     let mut text = match fs::read_to_string(node_config) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
@@ -121,7 +121,7 @@ fn write_config(work_dir: &Path, node_config: &Path) -> Result<PathBuf, CriuConf
         text.push('\n');
     }
     text.push_str(SETTINGS);
-    let path = dir.join(CONFIG_FILE);
+    let path = work_dir.join(CONFIG_FILE);
     replace_file(&path, text.as_bytes())?;
     Ok(path)
 }
@@ -157,7 +157,7 @@ mod tests {
         let node = work.path().join("runc.conf");
         fs::write(&node, "tcp-established").unwrap();
         let done = apply(b.path(), work.path(), &node).unwrap();
-        let config = work.path().join("criu/podmigrate.conf");
+        let config = work.path().join(CONFIG_FILE);
         assert_eq!(
             done,
             Applied::Ours {
@@ -186,7 +186,7 @@ mod tests {
         let b = bundle(r#"{"ociVersion":"1.0.2"}"#);
         let work = tempfile::tempdir().unwrap();
         apply(b.path(), work.path(), &work.path().join("absent.conf")).unwrap();
-        let text = fs::read_to_string(work.path().join("criu/podmigrate.conf")).unwrap();
+        let text = fs::read_to_string(work.path().join(CONFIG_FILE)).unwrap();
         assert!(text == SETTINGS, "{text}");
     }
 
