@@ -44,7 +44,8 @@ export PODMIGRATE_E2E_REQUIRE=${PODMIGRATE_E2E_REQUIRE:-1}
 # Cases per property in crates/checkpoint/tests/hostile_properties.rs: short in CI, raise it
 # for a longer hunt (docs/security.md).
 export PODMIGRATE_PROPTEST_CASES=${PODMIGRATE_PROPTEST_CASES:-48}
-cargo test --release --workspace "$@"
+# --no-fail-fast: one failing suite must not hide the others.
+cargo test --release --workspace --no-fail-fast "$@"
 
 # The suites that drive containerd, once more against containerd 1.6 (extracted by setup.sh),
 # with docs/containerd.md's 1.6 stanza (runtime_type io.containerd.runc.migrate.v2, our shim on
@@ -57,7 +58,7 @@ if [ -x "${containerd16}/containerd" ]; then
   section "containerd $("${containerd16}/containerd" --version | awk '{print $3}'): shim, CRI, checkpoint/restore and Kubernetes suites"
   export PODMIGRATE_CONTAINERD_BIN_DIR=$containerd16
   PODMIGRATE_SHARE=smb PODMIGRATE_SKIP_BUILD=1 bash scripts/local-up-cluster.sh up >/dev/null
-  cargo test --release --workspace \
+  cargo test --release --workspace --no-fail-fast \
     --test containerd --test cri_lifecycle --test shim_checkpoint_restore --test kube_migration "$@"
   unset PODMIGRATE_CONTAINERD_BIN_DIR
 fi
