@@ -1,6 +1,5 @@
 //! Shared helpers for the end-to-end suites.
 //!
-//! * [`apiserver`]: an in-process kube-apiserver stand-in (real JSON and watch protocol on loopback).
 //! * [`bundle`]: OCI runtime bundles with a busybox-static rootfs.
 //! * [`cluster`]: the real two-node Kubernetes cluster of scripts/local-up-cluster.sh, one namespace per test.
 //! * [`cli`]: `kubectl migrate` runs and their summary line.
@@ -9,13 +8,11 @@
 //! * [`oci`]: OCI image-layout tarballs built locally (pause, busybox, counter) for `ctr import`.
 //! * [`containerd`]: a private containerd with the CRI plugin, cleaned up on drop.
 //! * [`cri`]: a CRI client that plays kubelet.
-//! * [`kubelet`]: a test kubelet: watches the API server for a node's pods and runs them via CRI.
 //! * [`loopfs`]: small loop-mounted ext4 filesystems to fill, fail read-only or unmount.
-//! * [`nodes`]: two nodes on one machine (network namespaces, containerd, agent, kubelet).
+//! * [`netns`]: network namespaces joined to the host by veth pairs, for the SMB suite.
 //! * [`smb`]: a private smbd and per-node FUSE (smbnetfs) mounts of its share, for the nodes.
 //! * [`migrate`]: containerd's Tasks API (checkpoint), the counter's HTTP side and the `podmigrate` CLI.
 
-pub mod apiserver;
 pub mod bundle;
 pub mod cli;
 pub mod cluster;
@@ -23,9 +20,8 @@ pub mod containerd;
 pub mod counter;
 pub mod cri;
 pub mod harness;
-pub mod kubelet;
 pub mod loopfs;
 pub mod migrate;
-pub mod nodes;
+pub mod netns;
 pub mod oci;
 pub mod smb;

@@ -427,7 +427,7 @@ fn random_hex(bytes: usize) -> Result<String> {
     Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// A server and one mount per node: what [`crate::nodes::Cluster`] and the race suite use.
+/// A server and one mount per node: what the SMB share suite uses.
 /// Mounts drop before the server.
 pub struct SmbShare {
     pub mounts: Vec<SmbMount>,

@@ -24,7 +24,8 @@ use std::time::{Duration, Instant};
 use podmigrate_checkpoint::archive::{self, PackOptions, UnpackOptions};
 use podmigrate_checkpoint::share::{archive_path, wait_for_archive};
 use podmigrate_e2e::harness::{is_root, skip, tree_contents, Scratch};
-use podmigrate_e2e::nodes::{unique_tag, NetNs, NETNS_PREFIX, NODE_A, NODE_B};
+use podmigrate_e2e::cluster::{NODE_A, NODE_B};
+use podmigrate_e2e::netns::{unique_tag, NetNs, NETNS_PREFIX};
 use podmigrate_e2e::smb::{self, SmbShare};
 
 /// One share at a time (the two tests would otherwise share two cores' worth of SMB traffic).
@@ -77,7 +78,7 @@ fn ready() -> Option<std::sync::MutexGuard<'static, ()>> {
     let reason = if !is_root() {
         Some("needs root (network namespaces, FUSE mounts)".to_string())
     } else {
-        smb::skip_reason().or_else(podmigrate_e2e::nodes::skip_reason)
+        smb::skip_reason().or_else(podmigrate_e2e::netns::skip_reason)
     };
     if let Some(reason) = reason {
         skip(&reason);
