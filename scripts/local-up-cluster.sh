@@ -64,10 +64,11 @@ SHARE_IN_NODE=/var/lib/podmigrate/share
 # private smbd on the host bridge and mounted on each node through FUSE (smbnetfs).
 SHARE_KIND=${PODMIGRATE_SHARE:-directory}
 SMB_SHARE_NAME=podmigrate
-# The node paths each node has for its own (bound from $STATE/nodes/<node>/root/<path>).
+# The node paths each node has for its own (bound from $STATE/nodes/<node>/root/<path>);
+# /run/netns too, so the pods' network namespaces (containerd's cni-*) stay with their node.
 NODE_PATHS=(/run/containerd /var/lib/containerd /var/lib/kubelet /var/log/pods /var/log/containers
   /etc/cni/net.d /var/lib/cni /var/lib/podmigrate/work /var/lib/podmigrate/keys /run/podmigrate
-  /etc/containerd /etc/kubernetes)
+  /etc/containerd /etc/kubernetes /run/netns)
 
 log() { printf "[local-up %4ss] %s\n" "$SECONDS" "$*" >&2; }
 die() { printf '[local-up] error: %s\n' "$*" >&2; exit 1; }
