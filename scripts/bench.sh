@@ -743,9 +743,10 @@ if docs:
         + ("One run per size and method, interleaved by size." if rounds == 1 else
            f"{rounds} rounds, each running every size and method in turn; each figure is the "
            "median run (all runs are listed after the tables)."), "",
-        "- **podmigrate**: a real two-node migration (`target/release/bench-downtime`, the "
-        "two-node harness: two network namespaces, each with containerd "
-        "and our shim, a real agent and a test kubelet; the API server stand-in; `kubectl "
+        "- **podmigrate**: a real two-node migration (`target/release/bench-downtime` on "
+        "`scripts/local-up-cluster.sh`'s cluster: stock kube-apiserver, scheduler, "
+        "controller-manager and two kubelets, each node a network namespace with its own "
+        "containerd and our shim, the agent as its DaemonSet pod; `kubectl "
         f"migrate`). The share is a directory on {env['TMPFS']} (the same disk as the baselines' "
         "share). As by default: CRIU writes the pages image into a pipe that node-a's shim packs "
         "onto the share as the pages arrive, so \"dump\" includes compressing and writing them, "

@@ -419,9 +419,8 @@ async fn a_failing_restore_on_the_target_rolls_back() {
     let t0 = Instant::now();
     let ns = cluster.namespace("blocked").await.unwrap();
     run_counter(&ns, "blocked", NODE_A, counter().ballast(128), 3).await;
-    // On the real cluster every pod has its own network namespace, so another pod cannot take
-    // the clone's port as on the stand-in's shared node network: node-b's CRIU is killed while
-    // it restores instead, which fails the restore (runc's Start) just the same.
+    // Every pod has its own network namespace, so no other pod can take the clone's port:
+    // node-b's CRIU is killed while it restores instead, which fails the restore (runc's Start).
     let cli = spawn_migrate(&ns, "blocked");
     let (clone, _) = ns.wait_clone("blocked", WAIT).await.unwrap();
     let killed = kill_criu(&cluster, NODE_B, "restore", Duration::from_millis(50)).await;
@@ -667,9 +666,8 @@ async fn the_target_agent_killed_at_each_phase_changes_nothing() {
     let _agent = AgentBack(&cluster, NODE_B);
     let t0 = Instant::now();
     let ns = cluster.namespace("dstagent").await.unwrap();
-    // Ballast, so that each phase lasts. (The stand-in held node-b's test kubelet back to keep
-    // the migration in Restoring; here node-b's kubelet must run to start the killed agent
-    // again, so the phases are caught as they pass.)
+    // Ballast, so that each phase lasts: node-b's kubelet must run to start the killed agent
+    // again, so the phases are caught as they pass.
     run_counter(&ns, "steady", NODE_A, counter().ballast(256), 3).await;
     let cli = spawn_migrate(&ns, "steady");
     let (clone, _) = ns.wait_clone("steady", WAIT).await.unwrap();
@@ -745,8 +743,7 @@ async fn containerd_restarted_while_the_clone_waits_leaks_nothing() {
     } else {
         assert_eq!(phase, "RolledBack");
         assert_eq!(ns.hit("waiter", 8080).await.unwrap(), 4);
-        // On the stand-in, the clone's shim gave up and no task was ever created. A real
-        // kubelet retries the Create that containerd's restart broke (attempt 1), which may
+        // Kubelet retries the Create that containerd's restart broke (attempt 1), which may
         // restore the archive the agent, back again, made meanwhile; but the agent has rolled
         // back on attempt 0's RunContainerError and deletes the clone: its containers go, in
         // containerd and in runc, and only the source counts on.
@@ -839,8 +836,7 @@ async fn wait_event(ns: &TestNamespace, pod: &str, reason: &str) -> Vec<String> 
     }
 }
 
-/// (From agent_loop.rs, where the agent ran in-process against the stand-in.) The real agents'
-/// watch, decide, patch and Event loop: a clone of a pod that did not opt in is marked Failed
+/// The agents' watch, decide, patch and Event loop: a clone of a pod that did not opt in is marked Failed
 /// and reported on both pods; a clone made by hand (the annotation only) is labelled, then
 /// refused because its source does not exist.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
