@@ -28,6 +28,7 @@ use podmigrate_checkpoint::layout::{
     ContainerConfig, CHECKPOINT_DIR, FIRST_PAGES_IMAGE, SPEC_DUMP,
 };
 use podmigrate_checkpoint::{criu, rootfs, runc, share, workspace};
+use podmigrate_vocabulary::RUNC_CHECKPOINT_OPTIONS_TYPE_URL;
 use tracing::{info, warn};
 
 use crate::config::ShimConfig;
@@ -94,10 +95,6 @@ fn stack_versions() -> &'static Versions {
         podmigrate: crate::VERSION.to_string(),
     })
 }
-
-/// The type URL of containerd's runc `CheckpointOptions`, the only checkpoint options the runc
-/// shim reads (and what containerd's client and our agent send).
-pub const RUNC_CHECKPOINT_OPTIONS_TYPE_URL: &str = "containerd.runc.v1.CheckpointOptions";
 
 /// The request's runc `CheckpointOptions`; none at all means the defaults. Options of another
 /// type are refused rather than misread.

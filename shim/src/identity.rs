@@ -11,14 +11,8 @@ pub const SANDBOX_NAME: &str = "io.kubernetes.cri.sandbox-name";
 pub const SANDBOX_UID: &str = "io.kubernetes.cri.sandbox-uid";
 pub const CONTAINER_NAME: &str = "io.kubernetes.cri.container-name";
 pub const IMAGE_NAME: &str = "io.kubernetes.cri.image-name";
-/// The pod this pod is a clone of (passed through from the pod by `pod_annotations`).
-pub const CLONE_POD: &str = "podmigrate.io/clone-pod";
-/// A pod's own cap on its checkpoint's bytes per second onto the share; it can only lower the
-/// node's `PODMIGRATE_BANDWIDTH_PER_MIGRATION`. Read at the container's Create, like all pod
-/// annotations the CRI plugin passes, so changing it later has no effect on that container.
-pub const BANDWIDTH: &str = "podmigrate.io/bandwidth-per-migration";
-/// `fresh`: start the container anew if its checkpoint cannot be restored.
-pub const FALLBACK: &str = "podmigrate.io/fallback";
+// podmigrate's own pod annotations, passed through by the CRI plugin's `pod_annotations`.
+pub use podmigrate_vocabulary::{BANDWIDTH, CLONE_POD, FALLBACK};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContainerIdentity {

@@ -41,9 +41,7 @@ pub const SHARE_IN_NODE: &str = "/var/lib/podmigrate/share";
 pub const AGENT_NAMESPACE: &str = "podmigrate-system";
 pub const AGENT_DAEMONSET: &str = "podmigrate-agent";
 /// The names podmigrate writes, as the suites check them.
-pub use podmigrate_kubelet_plugin::agent::vocabulary::{
-    CLONE_OF_LABEL, MIGRATABLE, PHASE, REASON, RUNTIME_CLASS,
-};
+pub use podmigrate_vocabulary::{CLONE_OF_LABEL, MIGRATABLE, PHASE, REASON, RUNTIME_CLASS};
 
 /// The running cluster.
 pub struct KubeCluster {

@@ -19,7 +19,8 @@ use containerd_client::tonic::transport::Channel;
 use containerd_client::tonic::Request;
 use containerd_client::types::v1::Status as TaskStatus;
 use containerd_client::with_namespace;
-use podmigrate_proto::v1::{RuncCheckpointOptions, RUNC_CHECKPOINT_OPTIONS_TYPE_URL};
+use podmigrate_proto::v1::RuncCheckpointOptions;
+use podmigrate_vocabulary::RUNC_CHECKPOINT_OPTIONS_TYPE_URL;
 use prost::Message;
 
 use crate::containerd::build_workspace_bins;

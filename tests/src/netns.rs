@@ -24,7 +24,9 @@ pub const NETNS_PREFIX: &str = "podmigrate-";
 
 /// Why namespaces cannot be made here, if they cannot: no `ip` (iproute2).
 pub fn skip_reason() -> Option<String> {
-    find_in_path("ip").is_none().then(|| "`ip` not found (scripts/setup.sh installs iproute2)".to_owned())
+    find_in_path("ip")
+        .is_none()
+        .then(|| "`ip` not found (scripts/setup.sh installs iproute2)".to_owned())
 }
 
 /// Runs `ip <args>`, bounded; fails with its stderr.

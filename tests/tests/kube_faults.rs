@@ -862,7 +862,7 @@ async fn refused_clones_are_marked_and_reported_and_hand_made_clones_labelled() 
         &source,
         NODE_B,
         "private-clone",
-        podmigrate_kubelet_plugin::agent::vocabulary::Mode::Migrate,
+        podmigrate_vocabulary::Mode::Migrate,
         false,
     );
     ns.create_pod(&clone).await.unwrap();

@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use podmigrate_checkpoint::archive::{self, PackOptions, UnpackOptions};
 use podmigrate_checkpoint::share::{archive_path, wait_for_archive};
-use podmigrate_e2e::harness::{is_root, skip, tree_contents, Scratch};
 use podmigrate_e2e::cluster::{NODE_A, NODE_B};
+use podmigrate_e2e::harness::{is_root, skip, tree_contents, Scratch};
 use podmigrate_e2e::netns::{unique_tag, NetNs, NETNS_PREFIX};
 use podmigrate_e2e::smb::{self, SmbShare};
 

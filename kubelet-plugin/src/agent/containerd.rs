@@ -12,7 +12,8 @@ use containerd_client::services::v1::{
 use containerd_client::tonic::{self, Request};
 use containerd_client::types::v1::Status;
 use containerd_client::Client;
-use podmigrate_proto::v1::{RuncCheckpointOptions, RUNC_CHECKPOINT_OPTIONS_TYPE_URL};
+use podmigrate_proto::v1::RuncCheckpointOptions;
+use podmigrate_vocabulary::RUNC_CHECKPOINT_OPTIONS_TYPE_URL;
 use prost::Message;
 
 /// The containerd namespace of kubelet's pods.

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::reference::{annotation, pod_name};
-use super::vocabulary::{Phase, CLONE_OF_LABEL, PHASE};
+use podmigrate_vocabulary::{Phase, CLONE_OF_LABEL, PHASE};
 
 /// Clones whose migration has not ended protect their source's share directory and their
 /// checkpoint work unit (`checkpoints/<clone-uid>`), whatever the leases say; every clone that

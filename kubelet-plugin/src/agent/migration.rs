@@ -3,7 +3,7 @@
 //! then delete the source (migrate mode) or let it run on (clone mode). Anything failing after
 //! the freeze thaws the source where it stands: no state is lost.
 //!
-//! Progress is written on the clone as annotations (see [`vocabulary`]) and as Events on both
+//! Progress is written on the clone as annotations (see [`podmigrate_vocabulary`]) and as Events on both
 //! pods, so `kubectl describe`, `kubectl migrate` and `podmigrate status` all read the same
 //! record, and a restarted agent knows where it was.
 
@@ -25,7 +25,7 @@ use super::containerd::{AppContainer, Containerd, TaskState};
 use super::metrics::{Metrics, Outcome};
 use super::policy::{self, Decision};
 use super::reference::{annotation, clone_reference, pod_name};
-use super::vocabulary::{
+use podmigrate_vocabulary::{
     Mode, Phase, ARCHIVE_BYTES, ARCHIVE_DIGEST, CLONE_OF_LABEL, FROZEN_AT, FROZEN_MS, KEEP_ARCHIVE,
     PHASE, PHASE_TIMINGS, REASON, SOURCE_NODE,
 };

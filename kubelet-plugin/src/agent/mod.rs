@@ -7,5 +7,4 @@ pub mod metrics;
 pub mod migration;
 pub mod policy;
 pub mod reference;
-pub mod vocabulary;
 pub mod watch;

@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 use super::reference::{
     annotation, clone_mode, clone_reference, pod_name, CloneRef, ModeError, ReferenceError,
 };
-use super::vocabulary::{Mode, Phase, MIGRATABLE, PHASE, RUNTIME_CLASS, SOURCE_NODE};
+use podmigrate_vocabulary::{Mode, Phase, MIGRATABLE, PHASE, RUNTIME_CLASS, SOURCE_NODE};
 
 /// The annotation the kubelet puts on the API mirror of a static pod.
 const MIRROR_POD_ANNOTATION: &str = "kubernetes.io/config.mirror";

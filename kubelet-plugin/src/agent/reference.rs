@@ -9,7 +9,7 @@
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::Value;
 
-use super::vocabulary::{Mode, CLONE_POD, MODE, SPEC_CLONE_POD_FIELD};
+use podmigrate_vocabulary::{Mode, CLONE_POD, MODE, SPEC_CLONE_POD_FIELD};
 
 /// A pod's valid clone reference.
 #[derive(Debug, Clone, PartialEq, Eq)]

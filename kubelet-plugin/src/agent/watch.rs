@@ -19,7 +19,7 @@ use tracing::{debug, info, warn};
 
 use super::migration::{Agent, AgentError};
 use super::reference::{annotation, clone_reference_raw, pod_name};
-use super::vocabulary::{Phase, CLONE_OF_LABEL, PHASE, REASON};
+use podmigrate_vocabulary::{Phase, CLONE_OF_LABEL, PHASE, REASON};
 
 async fn reconcile(clone: Arc<Pod>, agent: Arc<Agent>) -> Result<Action, AgentError> {
     Ok(match agent.reconcile(&clone).await? {

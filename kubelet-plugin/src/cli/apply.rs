@@ -9,7 +9,7 @@
 use serde_json::{Map, Value};
 
 use crate::agent::reference::{clone_reference_raw, raw_pod_name, ModeError, ReferenceError};
-use crate::agent::vocabulary::{
+use podmigrate_vocabulary::{
     Mode, CLONE_OF_LABEL, CLONE_POD, MODE, RUNTIME_CLASS, SPEC_CLONE_POD_FIELD,
 };
 

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-use crate::agent::vocabulary::{
+use podmigrate_vocabulary::{
     Mode, Phase, CLONE_OF_LABEL, CLONE_POD, KEEP_ARCHIVE, MODE, PHASE, PREFIX, RUNTIME_CLASS,
 };
 
@@ -238,7 +238,7 @@ mod tests {
         );
     }
     use crate::agent::reference::is_valid_pod_name;
-    use crate::agent::vocabulary::{MIGRATABLE, REASON, SOURCE_NODE};
+    use podmigrate_vocabulary::{MIGRATABLE, REASON, SOURCE_NODE};
     use serde_json::json;
 
     /// A Deployment's pod as the API server returns it.

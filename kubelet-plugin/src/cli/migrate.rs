@@ -13,7 +13,7 @@ use super::clone_pod::{build_clone_pod, default_clone_name, HOSTNAME_LABEL};
 use crate::agent::migration::phase_timings;
 use crate::agent::policy::not_opted_in;
 use crate::agent::reference::{annotation, pod_name};
-use crate::agent::vocabulary::{Mode, Phase, ARCHIVE_BYTES, FROZEN_MS, PHASE, REASON};
+use podmigrate_vocabulary::{Mode, Phase, ARCHIVE_BYTES, FROZEN_MS, PHASE, REASON};
 
 #[derive(Debug, Args)]
 pub struct MigrateArgs {
@@ -251,7 +251,7 @@ mod tests {
     use serde_json::{json, Value};
 
     use super::*;
-    use crate::agent::vocabulary::MIGRATABLE;
+    use podmigrate_vocabulary::MIGRATABLE;
 
     /// `shop/web-0`, Running on node-a, opted in by its own label.
     fn pod_json() -> Value {

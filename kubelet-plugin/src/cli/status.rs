@@ -9,7 +9,7 @@ use kube::api::{Api, ListParams};
 
 use super::archive::human_bytes;
 use crate::agent::reference::annotation;
-use crate::agent::vocabulary::{
+use podmigrate_vocabulary::{
     ARCHIVE_BYTES, CLONE_OF_LABEL, CLONE_POD, FROZEN_MS, MODE, PHASE, REASON, SOURCE_NODE,
 };
 

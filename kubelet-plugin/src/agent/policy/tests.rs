@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 
 use super::*;
 use crate::agent::reference::clone_reference_raw;
-use crate::agent::vocabulary::{CLONE_POD, MODE, SPEC_CLONE_POD_FIELD};
+use podmigrate_vocabulary::{CLONE_POD, MODE, SPEC_CLONE_POD_FIELD};
 
 const SOURCE_NODE_NAME: &str = "node-a";
 const TARGET_NODE: &str = "node-b";

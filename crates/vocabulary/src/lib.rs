@@ -1,5 +1,6 @@
-//! The names podmigrate writes on Kubernetes objects: one place, so the agent, the CLI and the
-//! docs cannot drift apart.
+//! The names podmigrate shares between its parts: the annotations, labels and finalizer it
+//! writes on Kubernetes objects, the phases of a migration, and the type URLs on the wire. One
+//! place, so the shim, the agent, the CLI and the docs cannot drift apart.
 
 /// Every annotation and label podmigrate writes starts with this; a clone drops the source's.
 pub const PREFIX: &str = "podmigrate.io/";
@@ -32,11 +33,36 @@ pub const FROZEN_AT: &str = "podmigrate.io/frozen-at";
 pub const KEEP_ARCHIVE: &str = "podmigrate.io/keep-archive";
 /// On a clone pod: `fresh` starts its containers anew if the checkpoint cannot be restored.
 pub const FALLBACK: &str = "podmigrate.io/fallback";
+/// On a source pod: its own cap on its checkpoint's bytes per second onto the share; it can
+/// only lower the node's `PODMIGRATE_BANDWIDTH_PER_MIGRATION`. The shim reads it at the
+/// container's Create, like all pod annotations the CRI plugin passes.
+pub const BANDWIDTH: &str = "podmigrate.io/bandwidth-per-migration";
+/// On a clone pod: who asked to cancel the migration (`kubectl migrate cancel`). The source's
+/// agent rolls the migration back in whatever phase it stands, until the source is deleted.
+pub const CANCEL: &str = "podmigrate.io/cancel";
+/// On a clone pod: how long the migration may take per GiB of the source's memory (a
+/// duration, `800s`), overriding the agent's `--completion-timeout-per-gib`.
+pub const COMPLETION_TIMEOUT_PER_GIB: &str = "podmigrate.io/completion-timeout-per-gib";
+/// On a clone pod: how long the migration may move no bytes (a duration, `150s`), overriding
+/// the agent's `--progress-timeout`.
+pub const PROGRESS_TIMEOUT: &str = "podmigrate.io/progress-timeout";
+/// On a clone pod: the source's memory in bytes when the migration was claimed, which scales
+/// its completion timeout.
+pub const MEMORY_BYTES: &str = "podmigrate.io/memory-bytes";
+/// On a clone pod: when the migration last moved bytes, in Unix milliseconds, and how many it
+/// had moved then (`<ms>:<bytes>`): its progress timeout runs from there.
+pub const PROGRESS: &str = "podmigrate.io/progress";
+/// The finalizer the source's agent puts on a clone it claims: a clone deleted mid-migration
+/// stays until its migration is rolled back (the source thawed, the archives swept).
+pub const FINALIZER: &str = "podmigrate.io/migration";
 /// Label on a source pod or its namespace: `"true"` opts in to being cloned. Memory can hold
 /// secrets, so nobody may clone what its owner did not offer.
 pub const MIGRATABLE: &str = "podmigrate.io/migratable";
 /// The RuntimeClass whose handler is our shim.
 pub const RUNTIME_CLASS: &str = "migrate";
+/// The type URL containerd's runc shim expects on an Any holding runc's CheckpointOptions
+/// (`podmigrate_proto::v1::RuncCheckpointOptions`).
+pub const RUNC_CHECKPOINT_OPTIONS_TYPE_URL: &str = "containerd.runc.v1.CheckpointOptions";
 /// The field the original proof of concept added to PodSpec; a stock API server drops it, so
 /// `podmigrate apply` moves it into [`CLONE_POD`].
 pub const SPEC_CLONE_POD_FIELD: &str = "clonePod";
@@ -138,6 +164,15 @@ mod tests {
             KEEP_ARCHIVE,
             FALLBACK,
             MIGRATABLE,
+            BANDWIDTH,
+            CANCEL,
+            COMPLETION_TIMEOUT_PER_GIB,
+            PROGRESS_TIMEOUT,
+            MEMORY_BYTES,
+            PROGRESS,
+            FINALIZER,
+            CLONE_OF_LABEL,
+            FROZEN_AT,
         ] {
             assert!(name.starts_with(PREFIX), "{name}");
         }
