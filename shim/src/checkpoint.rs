@@ -409,6 +409,7 @@ impl Checkpointer<'_> {
         share::create_archive_dir(&self.config.share_root, &archive_path)
             .map_err(|e| step("creating the archive's directory")(e.to_string()))?;
         let clone_pod_uid = self.clone_made_for(&archive_path)?;
+        let record_uid = clone_pod_uid.clone().unwrap_or_default();
         let pack_options = PackOptions {
             source: Source {
                 node: self.config.node_name.clone(),
@@ -472,6 +473,20 @@ impl Checkpointer<'_> {
             sealed_with = summary.sealed_with.as_deref().unwrap_or("-"),
             "dumped and packed"
         );
+        // The agent reads what the commit took from this record, not from the archive.
+        share::write_commit_record(
+            &summary.archive,
+            &share::CommitRecord {
+                clone_pod_uid: record_uid,
+                manifest_sha256: summary.manifest_sha256.clone(),
+                archive_bytes: summary.archive_bytes,
+                dump_ms: dumped_in.as_millis() as u64,
+                diff_ms: extras_in.as_millis() as u64,
+                pack_ms: pack_after.as_millis() as u64,
+                committed_unix_ms: unix_millis() as u64,
+            },
+        )
+        .map_err(|e| step("recording the commit")(e.to_string()))?;
         Ok(Committed {
             archive: summary.archive,
             manifest_sha256: summary.manifest_sha256,

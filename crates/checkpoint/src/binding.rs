@@ -15,7 +15,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tracing::warn;
 
-use crate::gc::{Lease, LEASE_PREFIX};
+use crate::gc::Lease;
+use crate::share::lease_clone_uid;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BindingError {
@@ -48,11 +49,7 @@ pub fn clone_for_pack(pod_dir: &Path, now: SystemTime) -> Result<Option<String>,
     for entry in entries {
         let entry = entry.map_err(err)?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(uid) = name
-            .strip_prefix(LEASE_PREFIX)
-            .and_then(|rest| rest.strip_suffix(".json"))
-            .filter(|uid| !uid.is_empty())
-        else {
+        let Some(uid) = lease_clone_uid(&name).filter(|uid| !uid.is_empty()) else {
             continue;
         };
         let path = entry.path();
@@ -118,7 +115,8 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::gc::{lease_path, write_lease};
+    use crate::gc::write_lease;
+    use crate::share::lease_path;
 
     fn lease(deadline: SystemTime) -> Lease {
         Lease {

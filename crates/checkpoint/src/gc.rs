@@ -1,15 +1,15 @@
 //! Garbage collection of archives on the share and of node-local work directories.
 //!
 //! What goes: archives (`<share>/<ns>/<pod>/<container>.zip`) older than the age limit or beyond
-//! the newest N; temporary files of interrupted packs (`.<name>.zip.tmp-*`) older than their own
-//! limit; expired leases; and work units (`<work>/checkpoints/<x>`, `<work>/restore/<ns>/<x>`,
-//! `<work>/criu/<x>`, and a pod's restore markers `<work>/restored/<pod-uid>`) in which nothing
+//! the newest N; temporary files of interrupted packs and migrations' scratch records (commit
+//! records, reservations; the names are [`crate::share`]'s) older than their own limit; expired
+//! leases; and work units (`<work>/checkpoints/<x>`, `<work>/restore/<ns>/<x>`, `<work>/criu/<x>`, and a pod's restore markers `<work>/restored/<pod-uid>`) in which nothing
 //! changed (ctime) for longer than the age limit. Archives are aged by their mtime, so `touch`
 //! renews one.
 //!
 //! What never goes:
-//! - anything a migration in flight references. The agent writes a **lease**,
-//!   `<share>/<ns>/<pod>/.lease-<clone-uid>.json`, before it freezes the source and removes it
+//! - anything a migration in flight references. The agent writes a **lease**
+//!   ([`crate::share::lease_path`]) before it freezes the source and removes it
 //!   when the migration ends; it names a deadline (past which it no longer protects anything, so a
 //!   crashed agent's lease cannot pin forever) and the work units the migration uses. A pod
 //!   directory with a live lease is left whole. Callers can add more (the CLI and the agent add
@@ -30,12 +30,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::share::RESTORED_DIR;
-
-/// Leases are hidden files with this prefix in a pod's share directory.
-pub const LEASE_PREFIX: &str = ".lease-";
-/// A pin: `<archive>.keep`, or this name in a pod directory or work unit.
-pub const KEEP: &str = ".keep";
+use crate::share::{self, KEEP, LEASE_PREFIX, RESTORED_DIR};
 /// Work-directory subtrees whose children are units.
 const WORK_UNITS: [(&str, usize); 4] = [
     ("checkpoints", 1),
@@ -73,20 +68,15 @@ fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
 }
 
-/// The lease of the migration to the clone with uid `id`, in the source's `pod_dir`.
-pub fn lease_path(pod_dir: &Path, id: &str) -> PathBuf {
-    pod_dir.join(format!("{LEASE_PREFIX}{id}.json"))
-}
-
 /// Writes a lease for `id` (the clone's uid) in `pod_dir`, atomically (temporary name and rename).
 pub fn write_lease(pod_dir: &Path, id: &str, lease: &Lease) -> Result<PathBuf, GcError> {
-    let path = lease_path(pod_dir, id);
+    let path = share::lease_path(pod_dir, id);
     let err = |source| GcError::Lease {
         path: path.clone(),
         source,
     };
     fs::create_dir_all(pod_dir).map_err(err)?;
-    let temp = pod_dir.join(format!(".{LEASE_PREFIX}{id}.json.tmp"));
+    let temp = share::lease_temp_path(pod_dir, id);
     fs::write(
         &temp,
         serde_json::to_vec(lease).expect("a lease serializes"),
@@ -289,8 +279,10 @@ fn leases(
     (live, expired)
 }
 
+/// Temporary archives and the scratch records of migrations: they go by the temporary files'
+/// age limit.
 fn is_temp(name: &str) -> bool {
-    name.starts_with('.') && name.contains(".zip.tmp-")
+    share::is_temp_archive_name(name) || share::is_scratch_name(name)
 }
 
 /// Decides what to remove. Reads only; never follows a symbolic link.
@@ -362,7 +354,7 @@ pub fn plan(
                     .any(|(p, m)| m.is_file() && p.file_name().is_some_and(|n| n == KEEP));
                 for (path, meta) in &files {
                     let name = path.file_name().unwrap_or_default().to_string_lossy();
-                    let is_archive = name.ends_with(".zip") && !name.starts_with('.');
+                    let is_archive = share::is_archive_name(&name);
                     if !(is_archive || is_temp(&name)) {
                         continue;
                     }
@@ -401,7 +393,7 @@ pub fn plan(
                         }
                         continue;
                     }
-                    let pin = pod_dir.join(format!("{name}{KEEP}"));
+                    let pin = share::pin_path(path);
                     if dir_pinned || fs::symlink_metadata(&pin).is_ok_and(|m| m.is_file()) {
                         plan.keep.push(Kept {
                             path: path.clone(),

@@ -8,8 +8,8 @@
 //! reserves that much in its work space and says it is ready; the agent waits (bounded) for
 //! that, then freezes. The unpack later writes the pages image into the reserved file.
 //!
-//! Both files live in the source pod's directory on the share, next to the lease:
-//! `.<container>.prepare` (the clone's uid and a byte count) and `.<container>.prepared` (the
+//! Both files live in the source pod's directory on the share, next to the lease, named by
+//! [`crate::share`]: the expectation (the clone's uid and a byte count) and the ready mark (the
 //! clone's uid). They only ever speed things up: a missing, stale or garbled file means no
 //! reservation, never a failed migration.
 
@@ -18,6 +18,8 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+
+use crate::share::{expectation_path, is_reservation_name, ready_path};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PrefaultError {
@@ -44,14 +46,6 @@ pub struct Expectation {
     pub clone_pod_uid: String,
     /// About how large the container's pages image will be.
     pub bytes: u64,
-}
-
-pub fn expectation_path(pod_dir: &Path, container: &str) -> PathBuf {
-    pod_dir.join(format!(".{container}.prepare"))
-}
-
-pub fn ready_path(pod_dir: &Path, container: &str) -> PathBuf {
-    pod_dir.join(format!(".{container}.prepared"))
 }
 
 /// Writes `path` atomically (temporary name, rename), mode 0600.
@@ -119,7 +113,7 @@ pub fn withdraw(pod_dir: &Path, clone_pod_uid: &str) {
     for entry in entries.flatten() {
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        if !(name.starts_with('.') && (name.ends_with(".prepare") || name.ends_with(".prepared"))) {
+        if !is_reservation_name(&name) {
             continue;
         }
         let ours = fs::read_to_string(entry.path())

@@ -1,11 +1,39 @@
-//! Where archives live on the share, and how a reader waits for one.
+//! The share protocol: every name on the share, and every record the nodes leave there for
+//! each other. The shims, the agent, the CLI and GC all name share paths through this module
+//! and no other.
 //!
-//! Layout: `<share>/<namespace>/<pod>/<container>.zip`. The writer commits an archive by renaming
-//! it into place (see [`crate::archive::pack`]), so a reader that sees the final name sees a
-//! complete archive; temporary names start with a dot and are never matched.
+//! One directory per source pod, `<share>/<namespace>/<pod>/`, holds:
+//!
+//! | name | written by | read by | what |
+//! |---|---|---|---|
+//! | `<container>.zip` | source's shim (rename = commit) | clone's shim | the archive |
+//! | `.<container>.zip.tmp-<pid>-<ns>` | source's shim | agent (progress), GC | an archive being packed |
+//! | `.<container>.commit` | source's shim, after the commit | source's agent | [`CommitRecord`]: digest, bytes, timings |
+//! | `.lease-<clone-uid>.json` | source's agent | GC | [`crate::gc::Lease`]: a migration in flight |
+//! | `.<container>.prepare` | source's agent | clone's shim | memory to reserve ([`crate::prefault`]) |
+//! | `.<container>.prepared` | clone's shim | source's agent | the reservation is made |
+//! | `<container>.zip.keep`, `.keep` | agent, operator | GC | pins an archive, or the directory |
+//!
+//! The writer commits an archive by renaming it into place (see [`crate::archive::pack`]), so a
+//! reader that sees the final name sees a complete archive; hidden names are never archives.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+mod commit;
+pub use commit::{read_commit_record, write_commit_record, CommitRecord};
+
+/// An archive's extension.
+const ARCHIVE_SUFFIX: &str = ".zip";
+/// Leases are hidden files with this prefix in a pod's share directory.
+pub const LEASE_PREFIX: &str = ".lease-";
+/// A pin: `<archive>.keep`, or this name in a pod directory or work unit.
+pub const KEEP: &str = ".keep";
+/// What follows an archive's name in its temporary names.
+const TEMP_MARK: &str = ".tmp-";
+const COMMIT_SUFFIX: &str = ".commit";
+const PREPARE_SUFFIX: &str = ".prepare";
+const PREPARED_SUFFIX: &str = ".prepared";
 
 /// Default mount point of the share on every node.
 pub const DEFAULT_SHARE_ROOT: &str = "/var/lib/podmigrate/share";
@@ -68,6 +96,99 @@ pub fn archive_path(
 ) -> Result<PathBuf, ShareError> {
     Ok(pod_dir(share_root, namespace, pod)?
         .join(format!("{}.zip", component("container", container)?)))
+}
+
+/// Whether a file name in a pod directory is a (committed) archive.
+pub fn is_archive_name(name: &str) -> bool {
+    name.ends_with(ARCHIVE_SUFFIX) && !name.starts_with('.')
+}
+
+/// A hidden name beside `archive`, unique to this process and moment, to pack it under.
+pub fn temp_archive_path(archive: &Path) -> Option<PathBuf> {
+    let file_name = archive.file_name()?.to_str()?;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_nanos();
+    Some(archive.with_file_name(format!(
+        ".{file_name}{TEMP_MARK}{}-{nanos:09}",
+        std::process::id()
+    )))
+}
+
+/// Whether a file name is an archive being packed (or an interrupted pack's leftover).
+pub fn is_temp_archive_name(name: &str) -> bool {
+    name.starts_with('.') && name.contains(&format!("{ARCHIVE_SUFFIX}{TEMP_MARK}"))
+}
+
+/// Bytes written so far to the archives of `container` being packed in `pod_dir` (0 when none
+/// is): the agent's measure of a checkpoint's progress.
+pub fn packing_bytes(pod_dir: &Path, container: &str) -> u64 {
+    let prefix = format!(".{container}{ARCHIVE_SUFFIX}{TEMP_MARK}");
+    std::fs::read_dir(pod_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// The commit record of `archive` (see [`CommitRecord`]).
+pub fn commit_record_path(archive: &Path) -> PathBuf {
+    let stem = archive
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let stem = stem.strip_suffix(ARCHIVE_SUFFIX).unwrap_or(&stem);
+    archive.with_file_name(format!(".{stem}{COMMIT_SUFFIX}"))
+}
+
+/// Whether a file name is a scratch record of a migration (a commit record, a reservation
+/// handshake), which GC removes by the age limit of temporary files.
+pub fn is_scratch_name(name: &str) -> bool {
+    name.starts_with('.')
+        && [COMMIT_SUFFIX, PREPARE_SUFFIX, PREPARED_SUFFIX]
+            .iter()
+            .any(|suffix| name.ends_with(suffix))
+}
+
+/// The lease of the migration to the clone with uid `clone_uid`, in the source's `pod_dir`.
+pub fn lease_path(pod_dir: &Path, clone_uid: &str) -> PathBuf {
+    pod_dir.join(format!("{LEASE_PREFIX}{clone_uid}.json"))
+}
+
+/// The temporary name a lease is written under before its rename.
+pub fn lease_temp_path(pod_dir: &Path, clone_uid: &str) -> PathBuf {
+    pod_dir.join(format!(".{LEASE_PREFIX}{clone_uid}.json.tmp"))
+}
+
+/// The clone uid a lease's file name holds, if `name` is a lease's.
+pub fn lease_clone_uid(name: &str) -> Option<&str> {
+    name.strip_prefix(LEASE_PREFIX)?.strip_suffix(".json")
+}
+
+/// The pin that keeps `archive` from GC.
+pub fn pin_path(archive: &Path) -> PathBuf {
+    let mut pin = archive.as_os_str().to_owned();
+    pin.push(KEEP);
+    PathBuf::from(pin)
+}
+
+/// The memory the source's agent announces for `container`'s clone to reserve.
+pub fn expectation_path(pod_dir: &Path, container: &str) -> PathBuf {
+    pod_dir.join(format!(".{container}{PREPARE_SUFFIX}"))
+}
+
+/// The clone's shim's answer: the reservation for `container` is made.
+pub fn ready_path(pod_dir: &Path, container: &str) -> PathBuf {
+    pod_dir.join(format!(".{container}{PREPARED_SUFFIX}"))
+}
+
+/// Whether a file name is one of the reservation handshake's.
+pub fn is_reservation_name(name: &str) -> bool {
+    name.starts_with('.') && (name.ends_with(PREPARE_SUFFIX) || name.ends_with(PREPARED_SUFFIX))
 }
 
 /// The restore markers of the pod with uid `pod_uid`, relative to the work directory: one
@@ -180,6 +301,47 @@ mod tests {
         for (uid, c) in [("", "app"), ("..", "app"), ("uid-1", "a/b"), ("uid-1", ".")] {
             assert!(restored_marker(work, uid, c).is_err(), "{uid}/{c}");
         }
+    }
+
+    #[test]
+    fn every_name_in_a_pod_directory_is_told_apart() {
+        let archive = Path::new("/share/ns/pod/app.zip");
+        let temp = temp_archive_path(archive).unwrap();
+        let name = |p: &Path| p.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(name(&temp).starts_with(".app.zip.tmp-"), "{temp:?}");
+        assert_eq!(temp.parent(), archive.parent());
+        let record = commit_record_path(archive);
+        assert_eq!(record, Path::new("/share/ns/pod/.app.commit"));
+        let lease = lease_path(Path::new("/share/ns/pod"), "uid-1");
+        assert_eq!(lease_clone_uid(&name(&lease)), Some("uid-1"));
+        assert_eq!(pin_path(archive), Path::new("/share/ns/pod/app.zip.keep"));
+        let pod = Path::new("/share/ns/pod");
+        let (prepare, prepared) = (expectation_path(pod, "app"), ready_path(pod, "app"));
+        for (path, archive_, temp_, scratch, reservation) in [
+            (archive.to_path_buf(), true, false, false, false),
+            (temp, false, true, false, false),
+            (record, false, false, true, false),
+            (lease, false, false, false, false),
+            (prepare, false, false, true, true),
+            (prepared, false, false, true, true),
+            (pin_path(archive), false, false, false, false),
+        ] {
+            let n = name(&path);
+            assert_eq!(is_archive_name(&n), archive_, "{n}");
+            assert_eq!(is_temp_archive_name(&n), temp_, "{n}");
+            assert_eq!(is_scratch_name(&n), scratch, "{n}");
+            assert_eq!(is_reservation_name(&n), reservation, "{n}");
+        }
+    }
+
+    #[test]
+    fn packing_bytes_sums_the_containers_temporary_archives_only() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(".app.zip.tmp-1-000000001"), [0u8; 300]).unwrap();
+        std::fs::write(dir.path().join(".other.zip.tmp-1-000000001"), [0u8; 50]).unwrap();
+        std::fs::write(dir.path().join("app.zip"), [0u8; 7]).unwrap();
+        assert_eq!(packing_bytes(dir.path(), "app"), 300);
+        assert_eq!(packing_bytes(dir.path(), "none"), 0);
     }
 
     #[test]

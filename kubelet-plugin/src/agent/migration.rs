@@ -16,7 +16,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::Resource;
-use podmigrate_checkpoint::{archive, prefault, share};
+use podmigrate_checkpoint::{prefault, share};
 use serde_json::json;
 use tokio::sync::Semaphore;
 use tracing::{info, warn};
@@ -48,9 +48,6 @@ pub struct AgentConfig {
     pub prepare_wait: Duration,
     /// How often to look at the clone while waiting for it.
     pub poll_interval: Duration,
-    /// The cluster's archive key, which sealed the archives this agent checks, when the file
-    /// exists (read at each use, so a rotated key applies without a restart).
-    pub key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -586,32 +583,28 @@ impl Agent {
         let source_name = source.metadata.name.clone().unwrap_or_default();
         let mut digests = Vec::new();
         let mut bytes = 0u64;
-        // The key if one is installed: the shims enforce the key policy, the agent only reads
-        // the archives they wrote.
-        let key = self
-            .config
-            .key_file
-            .as_deref()
-            .filter(|path| path.exists())
-            .map(archive::ArchiveKey::load)
-            .transpose();
+        let uid = clone.metadata.uid.as_deref().unwrap_or_default();
         for c in targets {
             let Some(path) = self.archive_path(&namespace, &source_name, &c.name) else {
                 continue;
             };
-            let opened = match &key {
-                Ok(key) => archive::open_with_key(&path, key.as_ref()).map_err(|e| e.to_string()),
+            let record = match share::read_commit_record(&path, uid) {
+                Ok(Some(record)) => Ok(record),
+                Ok(None) => Err(format!(
+                    "no commit record for clone {uid} beside {}",
+                    path.display()
+                )),
                 Err(e) => Err(e.to_string()),
             };
-            match opened {
-                Ok(opened) => {
-                    digests.push(format!("{}={}", c.name, opened.manifest_sha256));
-                    bytes += opened.archive_bytes;
+            match record {
+                Ok(record) => {
+                    digests.push(format!("{}={}", c.name, record.manifest_sha256));
+                    bytes += record.archive_bytes;
                 }
                 Err(e) => {
                     // Both modes froze the source; clone mode thaws it only further on.
                     self.thaw(targets).await;
-                    let reason = format!("the committed archive of {} is unreadable: {e}", c.name);
+                    let reason = format!("the commit of {}'s archive is unreadable: {e}", c.name);
                     return self
                         .finish(
                             clone,
@@ -898,16 +891,16 @@ impl Agent {
         if let Some(uid) = clone.metadata.uid.as_deref() {
             let _ = std::fs::remove_dir_all(self.config.work_dir.join("checkpoints").join(uid));
             if let Ok(dir) = share::pod_dir(&self.config.share_root, &namespace, &source_name) {
-                let _ = std::fs::remove_file(podmigrate_checkpoint::gc::lease_path(&dir, uid));
+                let _ = std::fs::remove_file(share::lease_path(&dir, uid));
                 prefault::withdraw(&dir, uid);
             }
         }
         for c in targets {
             if let Some(path) = self.archive_path(&namespace, &source_name, &c.name) {
+                let _ = std::fs::remove_file(share::commit_record_path(&path));
                 if keep_archive {
                     // Kept on request: pinned, so GC leaves it too.
-                    let mut pin = path.into_os_string();
-                    pin.push(podmigrate_checkpoint::gc::KEEP);
+                    let pin = share::pin_path(&path);
                     if let Err(e) = std::fs::write(&pin, b"") {
                         warn!(pin = ?pin, error = %e, "pinning a kept archive");
                     }
@@ -943,7 +936,15 @@ impl Agent {
         let committed = |targets: &[AppContainer]| {
             targets.iter().all(|c| {
                 self.archive_path(&namespace, &source_name, &c.name)
-                    .is_some_and(|p| archive_is_fresh(&p, clone))
+                    .is_some_and(|p| {
+                        matches!(
+                            share::read_commit_record(
+                                &p,
+                                clone.metadata.uid.as_deref().unwrap_or_default()
+                            ),
+                            Ok(Some(_))
+                        )
+                    })
             })
         };
         // The shim may still be packing what the previous agent asked for.
@@ -971,26 +972,6 @@ impl Agent {
         )
         .await
     }
-}
-
-/// An archive committed after the clone was created: made for this migration, not a leftover.
-fn archive_is_fresh(path: &Path, clone: &Pod) -> bool {
-    let Ok(meta) = std::fs::metadata(path) else {
-        return false;
-    };
-    let created = clone
-        .metadata
-        .creation_timestamp
-        .as_ref()
-        .map(|t| t.0.as_second())
-        .unwrap_or(0);
-    let modified = meta
-        .modified()
-        .ok()
-        .and_then(|m| m.duration_since(UNIX_EPOCH).ok())
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    modified + 1 >= created
 }
 
 /// Phase timings as the clone records them.

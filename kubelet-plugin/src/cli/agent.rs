@@ -59,11 +59,6 @@ pub struct AgentArgs {
     /// GC keeps at most this many archives on the share (default: no count limit).
     #[arg(long, env = "PODMIGRATE_GC_KEEP_LAST")]
     pub gc_keep_last: Option<usize>,
-    /// The cluster's archive key as installed on the node (`podmigrate key install`): when the
-    /// file exists, the agent authenticates the archives it records with it. The shim, which
-    /// enforces the key policy, reads PODMIGRATE_KEY_FILE from containerd's environment.
-    #[arg(long, env = "PODMIGRATE_KEY_FILE", value_name = "FILE")]
-    pub key_file: Option<PathBuf>,
 }
 
 fn at_least_one(value: &str) -> Result<usize, String> {
@@ -113,7 +108,6 @@ async fn serve(args: AgentArgs) -> anyhow::Result<()> {
         clone_timeout: args.clone_timeout,
         prepare_wait: args.prepare_wait,
         poll_interval: Duration::from_millis(250),
-        key_file: args.key_file,
     };
     info!(node = %config.node_name, share = %config.share_root.display(), max_outbound = config.max_outbound, "agent starting");
     let agent = Arc::new(Agent::new(

@@ -661,23 +661,12 @@ fn parent_dir(path: &Path) -> PathBuf {
     }
 }
 
-/// A hidden name beside the archive, unique to this process and moment.
+/// The share's temporary name for `archive` (see [`crate::share::temp_archive_path`]).
 fn temp_name(archive: &Path) -> Result<PathBuf, ArchiveError> {
-    let file_name = archive
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| ArchiveError::BadInput {
-            path: archive.to_path_buf(),
-            reason: "archive path has no file name".to_string(),
-        })?;
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .subsec_nanos();
-    Ok(parent_dir(archive).join(format!(
-        ".{file_name}.tmp-{}-{nanos:09}",
-        std::process::id()
-    )))
+    crate::share::temp_archive_path(archive).ok_or_else(|| ArchiveError::BadInput {
+        path: archive.to_path_buf(),
+        reason: "archive path has no file name".to_string(),
+    })
 }
 
 /// Makes the rename durable: on NFS and most local filesystems a directory fsync is what
