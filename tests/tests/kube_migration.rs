@@ -625,7 +625,7 @@ async fn at_max_outbound_one_a_second_migration_is_queued_until_the_first_ends()
     let queued: Vec<usize> = (0..2).filter(|&i| !queued_events[i].is_empty()).collect();
     assert_eq!(queued.len(), 1, "Queued events: {queued_events:?}");
     let waiter = queued[0];
-    assert_eq!(queued_events[waiter], [queued_reason.clone()]);
+    assert_eq!(queued_events[waiter], std::slice::from_ref(&queued_reason));
     assert!(
         seen_queued
             .iter()

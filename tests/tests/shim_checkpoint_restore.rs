@@ -927,7 +927,7 @@ async fn a_tampered_spec_in_the_archive_changes_nothing_the_clone_gets() {
         .wait_container_state(&source_id, ContainerState::ContainerExited, WAIT)
         .await
         .unwrap();
-    tamper_spec(&node.archive("counter"), &node.scratch.path().to_path_buf());
+    tamper_spec(&node.archive("counter"), node.scratch.path());
     step(
         t0,
         "source checkpointed; archive's spec.dump and config.dump tampered",

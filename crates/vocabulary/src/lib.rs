@@ -49,9 +49,13 @@ pub const PROGRESS_TIMEOUT: &str = "podmigrate.io/progress-timeout";
 /// On a clone pod: the source's memory in bytes when the migration was claimed, which scales
 /// its completion timeout.
 pub const MEMORY_BYTES: &str = "podmigrate.io/memory-bytes";
-/// On a clone pod: when the migration last moved bytes, in Unix milliseconds, and how many it
-/// had moved then (`<ms>:<bytes>`): its progress timeout runs from there.
+/// On a clone pod: when the migration last made progress, in Unix milliseconds, and what it
+/// had reached then (`<ms>:<mark>`: bytes packed while checkpointing, the clone's container
+/// states while restoring): its progress timeout runs from there.
 pub const PROGRESS: &str = "podmigrate.io/progress";
+/// On a clone pod: when the source's agent claimed the migration, in Unix milliseconds: its
+/// completion timeout runs from there.
+pub const STARTED_AT: &str = "podmigrate.io/started-at";
 /// The finalizer the source's agent puts on a clone it claims: a clone deleted mid-migration
 /// stays until its migration is rolled back (the source thawed, the archives swept).
 pub const FINALIZER: &str = "podmigrate.io/migration";
@@ -170,6 +174,7 @@ mod tests {
             PROGRESS_TIMEOUT,
             MEMORY_BYTES,
             PROGRESS,
+            STARTED_AT,
             FINALIZER,
             CLONE_OF_LABEL,
             FROZEN_AT,

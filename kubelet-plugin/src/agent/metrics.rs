@@ -113,10 +113,9 @@ impl Metrics {
         self.bytes_moved.inc_by(bytes);
     }
 
-    /// Counts a migration in flight until the guard drops.
-    pub fn in_flight(self: &Arc<Self>) -> InFlight {
-        self.in_flight.inc();
-        InFlight(Arc::clone(self))
+    /// How many migrations this node's agent drives now.
+    pub fn set_in_flight(&self, n: i64) {
+        self.in_flight.set(n);
     }
 
     /// The text exposition format.
@@ -124,14 +123,6 @@ impl Metrics {
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
-    }
-}
-
-pub struct InFlight(Arc<Metrics>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.in_flight.dec();
     }
 }
 
@@ -175,7 +166,7 @@ mod tests {
         metrics.record_outcome(Outcome::RolledBack);
         metrics.record_phase(Phase::Checkpointing, 1.5);
         metrics.record_bytes(1234);
-        let guard = metrics.in_flight();
+        metrics.set_in_flight(1);
         let text = metrics.render();
         assert!(
             text.contains("podmigrate_migrations_total{result=\"succeeded\"} 1"),
@@ -194,7 +185,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("podmigrate_migrations_in_flight 1"), "{text}");
-        drop(guard);
+        metrics.set_in_flight(0);
         assert!(metrics
             .render()
             .contains("podmigrate_migrations_in_flight 0"));

@@ -1,10 +1,19 @@
-//! The node agent (`podmigrate agent`, a DaemonSet): watches pods on its node and drives the
-//! checkpoint of any pod that another pod asks to be a clone of.
+//! The node agent (`podmigrate agent`, a DaemonSet): watches clone pods and, for those whose
+//! source runs on its node, drives the migration as a phase machine.
+//!
+//! Read top-down: [`watch`] (the controller) → [`machine`] (the phases, their record and
+//! their endings) → [`phases`] (one step per phase) → [`ports`] (the Kubernetes API,
+//! containerd and the share behind traits; the share's names are
+//! `podmigrate_checkpoint::share`'s).
 
 pub mod containerd;
 pub mod gc;
+pub mod limits;
+pub mod machine;
 pub mod metrics;
-pub mod migration;
+mod phases;
 pub mod policy;
+pub mod ports;
 pub mod reference;
+pub mod timeouts;
 pub mod watch;

@@ -601,26 +601,6 @@ pub fn decide_with_reference(
     }
 }
 
-/// A clone waiting for one of the node's outbound slots: what its reason says, and whether
-/// that is news (an Event is due only when a clone first queues, not on every retry).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Queued {
-    pub reason: String,
-    pub announce: bool,
-}
-
-/// The queued state of a clone whose checkpoint found all `max_outbound` slots of `node` taken.
-/// It stays `Pending` and is retried: a full node delays a migration, never fails it.
-pub fn queued(max_outbound: usize, node: &str, current_reason: Option<&str>) -> Queued {
-    let reason = format!(
-        "queued: {max_outbound} outbound migration(s) already run on node {node} (--max-outbound)"
-    );
-    Queued {
-        announce: current_reason != Some(reason.as_str()),
-        reason,
-    }
-}
-
 fn not_mine(reason: NotMineReason) -> Decision {
     Decision::NotMine { reason }
 }

@@ -17,26 +17,32 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::migration::{Agent, AgentError};
+use super::containerd::Containerd;
+use super::machine::{event, Agent, AgentError, Next};
+use super::ports::{Cluster, DirShare, KubeCluster};
 use super::reference::{annotation, clone_reference_raw, pod_name};
 use podmigrate_vocabulary::{Phase, CLONE_OF_LABEL, PHASE, REASON};
 
-async fn reconcile(clone: Arc<Pod>, agent: Arc<Agent>) -> Result<Action, AgentError> {
+/// The agent on the real Kubernetes API, containerd and share.
+pub type LiveAgent = Agent<KubeCluster, Containerd, DirShare>;
+
+async fn reconcile(clone: Arc<Pod>, agent: Arc<LiveAgent>) -> Result<Action, AgentError> {
     Ok(match agent.reconcile(&clone).await? {
-        Some(after) => Action::requeue(after),
-        None => Action::await_change(),
+        Next::Now => Action::requeue(Duration::ZERO),
+        Next::After(after) => Action::requeue(after),
+        Next::OnChange => Action::await_change(),
     })
 }
 
-fn error_policy(clone: Arc<Pod>, error: &AgentError, _agent: Arc<Agent>) -> Action {
+fn error_policy(clone: Arc<Pod>, error: &AgentError, _agent: Arc<LiveAgent>) -> Action {
     warn!(clone = %pod_name(&clone), %error, "reconciliation failed; retrying");
     Action::requeue(Duration::from_secs(5))
 }
 
-/// Runs until `shutdown` fires; a migration in progress is finished first (the controller
-/// drains its reconcilers), so no source is left frozen by an orderly stop.
-pub async fn run(agent: Arc<Agent>, shutdown: CancellationToken) {
-    let clones: Api<Pod> = Api::all(agent.kube.clone());
+/// Runs until `shutdown` fires; a step in progress is finished first (the controller drains
+/// its reconcilers), and the next agent resumes from the recorded phase.
+pub async fn run(agent: Arc<LiveAgent>, shutdown: CancellationToken) {
+    let clones: Api<Pod> = Api::all(agent.cluster.client.clone());
     let controller = Controller::new(clones, watcher::Config::default().labels(CLONE_OF_LABEL))
         .graceful_shutdown_on(shutdown.clone().cancelled_owned())
         .run(reconcile, error_policy, Arc::clone(&agent))
@@ -61,9 +67,9 @@ pub async fn run(agent: Arc<Agent>, shutdown: CancellationToken) {
 /// starts, which is before any agent could add one, and a clone that silently started fresh
 /// would, in migrate mode, cost the source its state. So it is refused, with the way out
 /// (`podmigrate apply` moves the field into the annotation before the pod exists).
-async fn label_hand_made_clones(agent: Arc<Agent>, shutdown: CancellationToken) {
+async fn label_hand_made_clones(agent: Arc<LiveAgent>, shutdown: CancellationToken) {
     let resource = ApiResource::erase::<Pod>(&());
-    let pods: Api<DynamicObject> = Api::all_with(agent.kube.clone(), &resource);
+    let pods: Api<DynamicObject> = Api::all_with(agent.cluster.client.clone(), &resource);
     let config =
         watcher::Config::default().fields(&format!("spec.nodeName={}", agent.config.node_name));
     let mut stream = watcher(pods, config)
@@ -118,7 +124,7 @@ async fn label_hand_made_clones(agent: Arc<Agent>, shutdown: CancellationToken) 
                 json!({ PHASE: Phase::Failed.as_str(), REASON: reason });
         }
         let api: Api<Pod> = Api::namespaced(
-            agent.kube.clone(),
+            agent.cluster.client.clone(),
             pod.metadata.namespace.as_deref().unwrap_or_default(),
         );
         match api
@@ -131,15 +137,14 @@ async fn label_hand_made_clones(agent: Arc<Agent>, shutdown: CancellationToken) 
         {
             Ok(_) if refusal.is_some() => {
                 warn!(clone = %pod_name(&pod), "refused a clone named only in spec.clonePod");
-                agent
-                    .event(
-                        &pod,
-                        kube::runtime::events::EventType::Warning,
-                        "CloneFieldOnly",
-                        "Refuse",
-                        refusal.as_deref().unwrap_or_default(),
-                    )
-                    .await;
+                let note = refusal.as_deref().unwrap_or_default();
+                let refused = event(
+                    kube::runtime::events::EventType::Warning,
+                    "CloneFieldOnly",
+                    "Refuse",
+                    note,
+                );
+                agent.cluster.event(&pod, refused).await;
             }
             Ok(_) => info!(clone = %pod_name(&pod), "labelled a clone made by hand"),
             Err(e) => warn!(clone = %pod_name(&pod), error = %e, "labelling a clone"),

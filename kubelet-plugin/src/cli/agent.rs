@@ -15,8 +15,11 @@ use tracing::info;
 
 use crate::agent::containerd::Containerd;
 use crate::agent::gc::{self, GcSchedule};
+use crate::agent::limits::Limits;
+use crate::agent::machine::{Agent, AgentConfig};
 use crate::agent::metrics::{self, Metrics};
-use crate::agent::migration::{Agent, AgentConfig};
+use crate::agent::ports::{DirShare, KubeCluster};
+use crate::agent::timeouts::Timeouts;
 use crate::agent::watch;
 
 #[derive(Debug, Args)]
@@ -40,12 +43,20 @@ pub struct AgentArgs {
     /// Where /metrics and /healthz are served.
     #[arg(long, env = "PODMIGRATE_METRICS_ADDR", default_value = "0.0.0.0:9477")]
     pub metrics_addr: SocketAddr,
-    /// How long one container's checkpoint may take.
-    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
-    pub checkpoint_timeout: Duration,
-    /// How long a clone may take to run once the archives are committed.
-    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
-    pub clone_timeout: Duration,
+    /// Inbound migrations at once into one node; more wait, marked queued.
+    #[arg(long, env = "PODMIGRATE_MAX_INBOUND", default_value_t = 2, value_parser = at_least_one)]
+    pub max_inbound: usize,
+    /// Migrations at once in the whole cluster; more wait, marked queued.
+    #[arg(long, env = "PODMIGRATE_MAX_CLUSTER", default_value_t = 5, value_parser = at_least_one)]
+    pub max_cluster: usize,
+    /// How long a migration may take per GiB of the source's memory (counted as at least
+    /// 1 GiB); a clone's podmigrate.io/completion-timeout-per-gib overrides it.
+    #[arg(long, env = "PODMIGRATE_COMPLETION_TIMEOUT_PER_GIB", default_value = "800s", value_parser = humantime::parse_duration)]
+    pub completion_timeout_per_gib: Duration,
+    /// How long a migration may make no progress (no archive bytes packed, no change in the
+    /// clone's containers); a clone's podmigrate.io/progress-timeout overrides it.
+    #[arg(long, env = "PODMIGRATE_PROGRESS_TIMEOUT", default_value = "150s", value_parser = humantime::parse_duration)]
+    pub progress_timeout: Duration,
     /// How long to wait before freezing for the clone to reserve memory for the checkpoint (it
     /// freezes anyway after that; `0`: do not wait).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
@@ -100,22 +111,30 @@ async fn serve(args: AgentArgs) -> anyhow::Result<()> {
     let gc_kube = kube.clone();
     let config = AgentConfig {
         node_name: args.node_name,
-        share_root: args.share_root,
         work_dir: args.work_dir,
-        containerd_socket: args.containerd_socket,
-        max_outbound: args.max_outbound,
-        checkpoint_timeout: args.checkpoint_timeout,
-        clone_timeout: args.clone_timeout,
+        limits: Limits {
+            max_outbound: args.max_outbound,
+            max_inbound: args.max_inbound,
+            max_cluster: args.max_cluster,
+        },
+        timeouts: Timeouts {
+            completion_per_gib: args.completion_timeout_per_gib,
+            progress: args.progress_timeout,
+        },
         prepare_wait: args.prepare_wait,
-        poll_interval: Duration::from_millis(250),
     };
-    info!(node = %config.node_name, share = %config.share_root.display(), max_outbound = config.max_outbound, "agent starting");
+    info!(node = %config.node_name, share = %args.share_root.display(), limits = ?config.limits, timeouts = ?config.timeouts, "agent starting");
     let agent = Arc::new(Agent::new(
-        kube,
+        KubeCluster {
+            client: kube,
+            recorder,
+        },
         containerd,
+        DirShare {
+            root: args.share_root,
+        },
         config,
         Arc::clone(&metrics),
-        recorder,
     ));
 
     let shutdown = CancellationToken::new();

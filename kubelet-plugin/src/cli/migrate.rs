@@ -10,7 +10,7 @@ use kube::api::{Api, PostParams};
 
 use super::archive::human_bytes;
 use super::clone_pod::{build_clone_pod, default_clone_name, HOSTNAME_LABEL};
-use crate::agent::migration::phase_timings;
+use crate::agent::machine::timings as phase_timings;
 use crate::agent::policy::not_opted_in;
 use crate::agent::reference::{annotation, pod_name};
 use podmigrate_vocabulary::{Mode, Phase, ARCHIVE_BYTES, FROZEN_MS, PHASE, REASON};
@@ -61,7 +61,7 @@ async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
         .get_opt(&args.namespace)
         .await
         .with_context(|| format!("reading namespace {}", args.namespace))?;
-    let target = Api::<Node>::all(kube)
+    let target = Api::<Node>::all(kube.clone())
         .get_opt(&args.to)
         .await
         .with_context(|| format!("reading node {}", args.to))?;
@@ -151,16 +151,31 @@ async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
             }
             _ => {}
         }
-        if started.elapsed() >= args.timeout {
+        // Giving up stops the migration too: nothing is left running that nobody follows.
+        let gave_up = if started.elapsed() >= args.timeout {
+            Some(format!(
+                "did not finish within {}",
+                humantime::format_duration(args.timeout)
+            ))
+        } else {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(200)) => None,
+                _ = tokio::signal::ctrl_c() => Some("was interrupted".to_string()),
+            }
+        };
+        if let Some(why) = gave_up {
+            let who = format!(
+                "kubectl migrate ({} {why})",
+                super::cancel::whoami(kube.clone()).await
+            );
+            super::cancel::request_cancel(&pods, &current, &who).await?;
             bail!(
-                "migration of {}/{} did not finish within {} (clone {name} is {})",
+                "migration of {}/{} {why} (clone {name} was {}); it was cancelled and the source runs on",
                 args.namespace,
                 args.pod,
-                humantime::format_duration(args.timeout),
                 phase.map(|p| p.as_str()).unwrap_or("Pending")
             );
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 

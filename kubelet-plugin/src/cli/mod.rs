@@ -3,6 +3,7 @@
 mod agent;
 pub mod apply;
 mod archive;
+mod cancel;
 pub mod clone_pod;
 mod gc;
 mod key;
@@ -46,6 +47,8 @@ pub enum Command {
     Key(key::KeyCommand),
     /// Move a running pod to another node (`kubectl migrate` runs this).
     Migrate(migrate::MigrateArgs),
+    /// Stop a migration in any phase before its source is deleted; the source runs on.
+    Cancel(cancel::CancelArgs),
     /// Create Pods from a manifest, moving `spec.clonePod` into the clone annotation.
     Apply(apply::ApplyArgs),
     /// List migrations in flight and recent results.
@@ -67,6 +70,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect(args) => archive::inspect(args),
         Command::Key(command) => key::run(command),
         Command::Migrate(args) => migrate::run(args),
+        Command::Cancel(args) => cancel::run(args),
         Command::Apply(args) => apply::run(args),
         Command::Status(args) => status::run(args),
         Command::Agent(args) => agent::run(*args),
@@ -86,7 +90,9 @@ fn end_quietly_when_reader_leaves() {
 
 /// What `kubectl migrate WORD ...` runs as a command of its own rather than as the migration of
 /// a pod named WORD (a pod of that name moves with `kubectl migrate migrate WORD --to ...`).
-const PLUGIN_COMMANDS: [&str; 6] = ["migrate", "apply", "status", "help", "--help", "-h"];
+const PLUGIN_COMMANDS: [&str; 7] = [
+    "migrate", "cancel", "apply", "status", "help", "--help", "-h",
+];
 
 /// The command line, with `migrate` put first when we run as `kubectl-migrate` and the first
 /// word is not one of [`PLUGIN_COMMANDS`]: kubectl runs a plugin by that name for

@@ -848,27 +848,3 @@ fn every_refusal_is_one_line_naming_a_pod() {
         assert!(!refusal.event_reason().contains(' '));
     }
 }
-
-#[test]
-fn a_full_node_queues_a_clone_and_announces_it_once() {
-    let first = queued(2, "node-a", None);
-    assert!(first.announce);
-    assert!(
-        first
-            .reason
-            .starts_with("queued: 2 outbound migration(s) already run on node node-a"),
-        "{}",
-        first.reason
-    );
-    // Retried while still full: the same reason, no new Event.
-    let again = queued(2, "node-a", Some(&first.reason));
-    assert_eq!(
-        again,
-        Queued {
-            announce: false,
-            ..first.clone()
-        }
-    );
-    // Another reason on the clone (say, from a refusal) is replaced and announced.
-    assert!(queued(2, "node-a", Some("waiting for the source")).announce);
-}
