@@ -12,6 +12,8 @@
 //! * a restored container that exits is restarted by kubelet fresh, never restored again;
 //! * a clone pod deleted mid-restore, and node-b's kubelet restarted mid-migration, leave the
 //!   source running (thawed) with an Event that says what happened;
+//! * `kubectl migrate cancel` mid-restore, and a `kubectl migrate` that times out, thaw the
+//!   source, remove the clone and sweep the archive;
 //! * an archive corrupted on the share (while node-b's kubelet is briefly down, so node-b's shim
 //!   only ever sees the corrupted archive) is refused by node-b's shim: the migration rolls
 //!   back, the source counts on, the CLI gives the shim's reason;
@@ -379,6 +381,82 @@ async fn wait_source_event(ns: &TestNamespace, what: &str) {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// After a cancelled or abandoned migration: the clone is gone and so are its archives.
+async fn assert_swept(cluster: &KubeCluster, ns: &TestNamespace, clone: &str) {
+    ns.wait_gone(clone, WAIT).await.unwrap();
+    let archive = cluster.archive(&ns.name, "counter", "counter");
+    assert!(!archive.exists(), "{} left", archive.display());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kubectl_migrate_cancel_mid_restore_thaws_the_source_and_removes_the_clone() {
+    let Some(cluster) = cluster().await else {
+        return;
+    };
+    let _turn = KubeCluster::shared_turn().await;
+    let ns = cluster.namespace("cancel").await.unwrap();
+    let (clone, cli) = migration_reaching(&ns, 256, "Restoring").await;
+    let cancel = ns
+        .kubectl_migrate(&["cancel", "counter"], WAIT)
+        .await
+        .unwrap();
+    assert!(cancel.success, "{cancel:?}");
+    assert!(
+        cancel
+            .stdout
+            .contains(&format!("migration to {}/{clone} cancelled", ns.name)),
+        "{cancel:?}"
+    );
+    let run = cli.finish(CLI_TIMEOUT).await.unwrap();
+    assert!(!run.success, "{run:?}");
+    assert_source_runs_on(&ns, 6).await;
+    // Who cancelled, on the source: the admin kubeconfig's user.
+    wait_source_event(&ns, "cancelled by").await;
+    assert_swept(&cluster, &ns, &clone).await;
+    // Nothing left to cancel: one line saying so.
+    let again = ns
+        .kubectl_migrate(&["cancel", "counter"], WAIT)
+        .await
+        .unwrap();
+    assert!(
+        !again.success && again.stderr.contains("no migration of pod"),
+        "{again:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kubectl_migrate_that_times_out_cancels_its_migration() {
+    let Some(cluster) = cluster().await else {
+        return;
+    };
+    let _turn = KubeCluster::shared_turn().await;
+    let ns = cluster.namespace("cli-timeout").await.unwrap();
+    ns.start_counters("counter", NODE_A, &[counter().ballast(256)], WAIT)
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        ns.hit("counter", 8080).await.unwrap();
+    }
+    let run = ns
+        .kubectl_migrate(&["counter", "--to", NODE_B, "--timeout", "1s"], CLI_TIMEOUT)
+        .await
+        .unwrap();
+    assert!(!run.success, "{run:?}");
+    assert!(
+        run.stderr.contains("did not finish within 1s") && run.stderr.contains("cancelled"),
+        "{run:?}"
+    );
+    let clone = run
+        .stdout
+        .split(" as ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the CLI names the clone")
+        .to_string();
+    assert_source_runs_on(&ns, 6).await;
+    assert_swept(&cluster, &ns, &clone).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -45,7 +45,7 @@ pub enum ContainerdError {
 /// Which setting bounds a containerd call, for its timeout error.
 fn timeout_setting(call: &str) -> &'static str {
     if call == "Checkpoint" {
-        "agent --checkpoint-timeout"
+        "what was left of the agent's --completion-timeout-per-gib budget"
     } else {
         "the agent's 30s bound on quick containerd calls"
     }
