@@ -691,7 +691,7 @@ impl Drop for ContainerdBack<'_> {
     }
 }
 
-#[ignore = "on a real kubelet the retried Create restores after the agent rolled back: two copies ran for ~8 s (agent bug, open)"]
+#[ignore = "open: kubelet's retried Create can restore the archive in the moment between the agent's rollback (on attempt 0's stale RunContainerError) and its sweep; the rolled-back clone is kept for its record, not deleted"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn containerd_restarted_while_the_clone_waits_leaks_nothing() {
     let Some(cluster) = cluster().await else {

@@ -232,11 +232,10 @@ impl<C: Cluster, R: Runtime, S: Share> Agent<C, R, S> {
                 return self.finish(&m, Ending::Failed(reason)).await;
             }
         };
-        self.in_flight
-            .lock()
-            .expect("in-flight set")
-            .insert(m.uid.clone());
-        self.update_gauge();
+        // A migration this agent did not claim or step before: a predecessor did.
+        if self.track(&m.uid) {
+            info!(clone = %pod_name(&m.clone), %phase, "resuming after an agent restart");
+        }
         if let Some(reason) = stop_request(&m.clone) {
             return self.roll_back(&m, Ending::Cancelled(reason)).await;
         }
@@ -485,6 +484,17 @@ impl<C: Cluster, R: Runtime, S: Share> Agent<C, R, S> {
         self.in_flight.lock().expect("in-flight set").remove(&uid);
         self.update_gauge();
         Ok(())
+    }
+
+    /// Counts a migration as driven by this agent; true when it was not yet.
+    pub(super) fn track(&self, uid: &str) -> bool {
+        let added = self
+            .in_flight
+            .lock()
+            .expect("in-flight set")
+            .insert(uid.to_string());
+        self.update_gauge();
+        added
     }
 
     fn update_gauge(&self) {

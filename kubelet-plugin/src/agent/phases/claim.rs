@@ -195,6 +195,7 @@ impl<C: Cluster, R: Runtime, S: Share> Agent<C, R, S> {
             Err(ClusterError::Conflict { .. }) => return Ok(Next::Now),
             Err(e) => return Err(e.into()),
         };
+        self.track(clone.metadata.uid.as_deref().unwrap_or_default());
         info!(clone = %pod_name(&clone), source = %pod_name(source), ?mode, memory_bytes = total, completion_timeout = ?budget.completion, progress_timeout = ?budget.progress, "migration started");
         let m = Migration {
             uid: clone.metadata.uid.clone().unwrap_or_default(),
