@@ -6,7 +6,7 @@
 use k8s_openapi::api::core::v1::Pod;
 use podmigrate_vocabulary::{Phase, PHASE, SOURCE_NODE};
 
-use super::reference::annotation;
+use crate::pod::annotation;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {

@@ -25,7 +25,7 @@
 //! forgotten. Cancelling ([`CANCEL`], `kubectl migrate cancel`) rolls back the same way in any
 //! phase before the source is deleted, and then deletes the clone.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -42,8 +42,8 @@ use super::containerd::{AppContainer, ContainerdError, TaskState};
 use super::limits::Limits;
 use super::metrics::{Metrics, Outcome};
 use super::ports::{Cluster, ClusterError, Runtime, Share};
-use super::reference::{annotation, clone_mode, pod_name};
 use super::timeouts::{self, Budget, Timeouts};
+use crate::pod::{annotation, clone_mode, pod_name, timings};
 
 /// The agent's settings.
 #[derive(Debug, Clone)]
@@ -509,13 +509,6 @@ pub(super) fn spec_names(pod: &Pod) -> Vec<String> {
         .iter()
         .flat_map(|s| s.containers.iter().map(|c| c.name.clone()))
         .collect()
-}
-
-/// Phase timings as the clone records them.
-pub fn timings(pod: &Pod) -> BTreeMap<String, u64> {
-    annotation(pod, PHASE_TIMINGS)
-        .and_then(|v| serde_json::from_str(v).ok())
-        .unwrap_or_default()
 }
 
 #[cfg(test)]

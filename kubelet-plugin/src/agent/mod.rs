@@ -7,13 +7,10 @@
 //! `podmigrate_checkpoint::share`'s).
 
 pub mod containerd;
-pub mod gc;
 pub mod limits;
 pub mod machine;
 pub mod metrics;
 mod phases;
-pub mod policy;
 pub mod ports;
-pub mod reference;
 pub mod timeouts;
 pub mod watch;

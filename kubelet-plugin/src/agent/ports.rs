@@ -18,7 +18,7 @@ use podmigrate_vocabulary::CLONE_OF_LABEL;
 use tracing::warn;
 
 use super::containerd::{AppContainer, Containerd, ContainerdError, TaskState};
-use super::reference::pod_name;
+use crate::pod::pod_name;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Pod;
 use podmigrate_vocabulary::{COMPLETION_TIMEOUT_PER_GIB, PROGRESS_TIMEOUT};
 
-use super::reference::annotation;
+use crate::pod::annotation;
 
 const GIB: u64 = 1 << 30;
 

@@ -20,7 +20,7 @@ use tracing::{debug, info, warn};
 use super::containerd::Containerd;
 use super::machine::{event, Agent, AgentError, Next};
 use super::ports::{Cluster, DirShare, KubeCluster};
-use super::reference::{annotation, clone_reference_raw, pod_name};
+use crate::pod::{annotation, clone_reference_raw, pod_name};
 use podmigrate_vocabulary::{Phase, CLONE_OF_LABEL, PHASE, REASON};
 
 /// The agent on the real Kubernetes API, containerd and share.
@@ -107,7 +107,7 @@ async fn label_hand_made_clones(agent: Arc<LiveAgent>, shutdown: CancellationTok
         if (labelled && !reference.from_field) || phase.is_some_and(|p| p != "Pending") {
             continue;
         }
-        if !super::reference::is_valid_pod_name(&reference.source) {
+        if !crate::pod::is_valid_pod_name(&reference.source) {
             continue;
         }
         let mut patch = json!({ "metadata": { "labels": { CLONE_OF_LABEL: reference.source } } });

@@ -14,13 +14,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::agent::containerd::Containerd;
-use crate::agent::gc::{self, GcSchedule};
 use crate::agent::limits::Limits;
 use crate::agent::machine::{Agent, AgentConfig};
 use crate::agent::metrics::{self, Metrics};
 use crate::agent::ports::{DirShare, KubeCluster};
 use crate::agent::timeouts::Timeouts;
 use crate::agent::watch;
+use crate::gc::{self, GcSchedule};
 
 #[derive(Debug, Args)]
 pub struct AgentArgs {

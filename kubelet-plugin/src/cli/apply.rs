@@ -8,7 +8,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::agent::reference::{clone_reference_raw, raw_pod_name, ModeError, ReferenceError};
+use crate::pod::{clone_reference_raw, raw_pod_name, ModeError, ReferenceError};
 use podmigrate_vocabulary::{
     Mode, CLONE_OF_LABEL, CLONE_POD, MODE, RUNTIME_CLASS, SPEC_CLONE_POD_FIELD,
 };
@@ -297,7 +297,7 @@ spec:
         );
         // What we send is a Pod the typed API accepts, and a clone by its annotation.
         let typed: k8s_openapi::api::core::v1::Pod = serde_json::from_value(pod.clone()).unwrap();
-        let reference = crate::agent::reference::clone_reference(&typed).unwrap();
+        let reference = crate::pod::clone_reference(&typed).unwrap();
         assert_eq!(reference.unwrap().source, "web-0");
     }
 

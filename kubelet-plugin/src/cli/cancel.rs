@@ -12,7 +12,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use podmigrate_vocabulary::{Phase, CANCEL, CLONE_OF_LABEL, CLONE_POD, PHASE, REASON};
 use serde_json::json;
 
-use crate::agent::reference::annotation;
+use crate::pod::annotation;
 
 #[derive(Debug, Args)]
 pub struct CancelArgs {

@@ -237,7 +237,7 @@ mod tests {
             Some(&["node-b".to_owned()][..])
         );
     }
-    use crate::agent::reference::is_valid_pod_name;
+    use crate::pod::is_valid_pod_name;
     use podmigrate_vocabulary::{MIGRATABLE, REASON, SOURCE_NODE};
     use serde_json::json;
 

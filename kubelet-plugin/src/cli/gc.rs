@@ -10,7 +10,7 @@ use podmigrate_checkpoint::gc::{self, GcPolicy, InFlight};
 use podmigrate_checkpoint::share::{DEFAULT_SHARE_ROOT, DEFAULT_WORK_DIR};
 
 use super::archive::human_bytes;
-use crate::agent::gc::in_flight_from_api;
+use crate::gc::in_flight_from_api;
 
 #[derive(Debug, Args)]
 pub struct GcArgs {

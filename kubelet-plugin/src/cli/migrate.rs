@@ -10,9 +10,8 @@ use kube::api::{Api, PostParams};
 
 use super::archive::human_bytes;
 use super::clone_pod::{build_clone_pod, default_clone_name, HOSTNAME_LABEL};
-use crate::agent::machine::timings as phase_timings;
-use crate::agent::policy::not_opted_in;
-use crate::agent::reference::{annotation, pod_name};
+use crate::pod::{annotation, pod_name, timings as phase_timings};
+use crate::policy::not_opted_in;
 use podmigrate_vocabulary::{Mode, Phase, ARCHIVE_BYTES, FROZEN_MS, PHASE, REASON};
 
 #[derive(Debug, Args)]

@@ -8,7 +8,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
 
 use super::archive::human_bytes;
-use crate::agent::reference::annotation;
+use crate::pod::annotation;
 use podmigrate_vocabulary::{
     ARCHIVE_BYTES, CLONE_OF_LABEL, CLONE_POD, FROZEN_MS, MODE, PHASE, REASON, SOURCE_NODE,
 };

@@ -17,7 +17,7 @@ use crate::agent::machine::{
     millis, progress, unix_millis, Agent, AgentError, Ending, Migration, Next,
 };
 use crate::agent::ports::{Cluster, Runtime, Share};
-use crate::agent::reference::pod_name;
+use crate::pod::pod_name;
 
 /// How often an interrupted checkpoint is looked at.
 const RECOVERY_POLL: Duration = Duration::from_secs(1);

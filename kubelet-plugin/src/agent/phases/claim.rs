@@ -1,4 +1,4 @@
-//! Pending: decide ([`crate::agent::policy`]), then claim the migration, queue it behind the
+//! Pending: decide ([`crate::policy`]), then claim the migration, queue it behind the
 //! limits, or refuse it. A claim records the phase Checkpointing, the budget's inputs and this
 //! node on the clone with its finalizer, writes the lease, and announces the memory the clone
 //! should reserve. Nothing is frozen yet.
@@ -13,16 +13,16 @@ use podmigrate_vocabulary::{
 use serde_json::json;
 use tracing::{debug, info, warn};
 
-use crate::agent::gc::lease_for;
 use crate::agent::limits::queued_reason;
 use crate::agent::machine::{
     event, finalizers_with, spec_names, unix_millis, Agent, AgentError, Ending, Migration, Next,
 };
 use crate::agent::metrics::Outcome;
-use crate::agent::policy::{self, Decision};
 use crate::agent::ports::{Cluster, ClusterError, Runtime, Share};
-use crate::agent::reference::{annotation, clone_reference, is_valid_pod_name, pod_name};
 use crate::agent::timeouts;
+use crate::gc::lease_for;
+use crate::pod::{annotation, clone_reference, is_valid_pod_name, pod_name};
+use crate::policy::{self, Decision};
 
 impl<C: Cluster, R: Runtime, S: Share> Agent<C, R, S> {
     /// A clone not (or no longer) claimed by this node: what the policy says.

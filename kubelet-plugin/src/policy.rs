@@ -10,7 +10,7 @@ use std::fmt;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 
-use super::reference::{
+use crate::pod::{
     annotation, clone_mode, clone_reference, pod_name, CloneRef, ModeError, ReferenceError,
 };
 use podmigrate_vocabulary::{Mode, Phase, MIGRATABLE, PHASE, RUNTIME_CLASS, SOURCE_NODE};
@@ -373,7 +373,7 @@ pub fn decide(
 }
 
 /// [`decide`] with the reference already read, e.g. by
-/// [`clone_reference_raw`](super::reference::clone_reference_raw) from a pod's raw JSON
+/// [`clone_reference_raw`](crate::pod::clone_reference_raw) from a pod's raw JSON
 /// where an API server keeps `spec.clonePod`.
 pub fn decide_with_reference(
     clone: &Pod,

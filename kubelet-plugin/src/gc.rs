@@ -12,7 +12,7 @@ use podmigrate_checkpoint::gc::{self, GcPolicy, InFlight, Lease};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::reference::{annotation, pod_name};
+use crate::pod::{annotation, pod_name};
 use podmigrate_vocabulary::{Phase, CLONE_OF_LABEL, PHASE};
 
 /// Clones whose migration has not ended protect their source's share directory and their

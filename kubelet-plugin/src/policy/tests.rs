@@ -5,7 +5,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 use serde_json::{json, Value};
 
 use super::*;
-use crate::agent::reference::clone_reference_raw;
+use crate::pod::clone_reference_raw;
 use podmigrate_vocabulary::{CLONE_POD, MODE, SPEC_CLONE_POD_FIELD};
 
 const SOURCE_NODE_NAME: &str = "node-a";

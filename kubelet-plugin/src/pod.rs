@@ -1,4 +1,5 @@
-//! Reading what a pod asks to be a clone of, and how.
+//! What a pod says to podmigrate: what it asks to be a clone of, and how, and what its clone
+//! records (annotations, phase timings).
 //!
 //! A clone names its source with the [`CLONE_POD`] annotation. The proof of concept put the
 //! same name in `spec.clonePod` instead; k8s-openapi's `PodSpec` silently drops fields it does
@@ -199,6 +200,13 @@ fn qualified(namespace: Option<&str>, name: Option<&str>) -> String {
 /// RFC 6901: annotation keys contain '/', which a JSON pointer must escape.
 fn escape_pointer(key: &str) -> String {
     key.replace('~', "~0").replace('/', "~1")
+}
+
+/// Phase timings as the clone records them (milliseconds by phase name).
+pub fn timings(pod: &Pod) -> std::collections::BTreeMap<String, u64> {
+    annotation(pod, podmigrate_vocabulary::PHASE_TIMINGS)
+        .and_then(|v| serde_json::from_str(v).ok())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
