@@ -345,65 +345,9 @@ fn clone_pod(name: &str, uid: &str, mode: &str) -> Value {
 
 struct World {
     _share: tempfile::TempDir,
-    _work: tempfile::TempDir,
-    agent: Agent<Arc<FakeCluster>, Arc<FakeRuntime>, DirShare>,
-    cluster: Arc<FakeCluster>,
-    runtime: Arc<FakeRuntime>,
+    work: tempfile::TempDir,
+    agent: Agent<FakeCluster, FakeRuntime, DirShare>,
     share_root: std::path::PathBuf,
-}
-
-impl<T: Cluster> Cluster for Arc<T> {
-    async fn pod(&self, namespace: &str, name: &str) -> Result<Option<Pod>, ClusterError> {
-        (**self).pod(namespace, name).await
-    }
-    async fn namespace(&self, name: &str) -> Result<Option<Namespace>, ClusterError> {
-        (**self).namespace(name).await
-    }
-    async fn clones(&self, of: Option<(&str, &str)>) -> Result<Vec<Pod>, ClusterError> {
-        (**self).clones(of).await
-    }
-    async fn patch(&self, pod: &Pod, patch: Value) -> Result<Pod, ClusterError> {
-        (**self).patch(pod, patch).await
-    }
-    async fn delete(&self, namespace: &str, name: &str) -> Result<(), ClusterError> {
-        (**self).delete(namespace, name).await
-    }
-    async fn event(&self, pod: &Pod, event: Event) {
-        (**self).event(pod, event).await
-    }
-}
-
-impl<T: Runtime> Runtime for Arc<T> {
-    async fn app_containers(
-        &self,
-        namespace: &str,
-        pod: &str,
-    ) -> Result<Vec<AppContainer>, ContainerdError> {
-        (**self).app_containers(namespace, pod).await
-    }
-    async fn task_state(&self, id: &str) -> Result<TaskState, ContainerdError> {
-        (**self).task_state(id).await
-    }
-    async fn pause(&self, id: &str) -> Result<(), ContainerdError> {
-        (**self).pause(id).await
-    }
-    async fn resume(&self, id: &str) -> Result<(), ContainerdError> {
-        (**self).resume(id).await
-    }
-    async fn kill(&self, id: &str, signal: i32) -> Result<(), ContainerdError> {
-        (**self).kill(id, signal).await
-    }
-    async fn checkpoint(
-        &self,
-        id: &str,
-        image: &Path,
-        timeout: Duration,
-    ) -> Result<(), ContainerdError> {
-        (**self).checkpoint(id, image, timeout).await
-    }
-    async fn memory(&self, id: &str) -> Option<u64> {
-        (**self).memory(id).await
-    }
 }
 
 fn config(work: &Path) -> AgentConfig {
@@ -420,14 +364,13 @@ impl World {
     fn new(mode: &str) -> World {
         let share = tempfile::tempdir().unwrap();
         let work = tempfile::tempdir().unwrap();
-        let cluster = Arc::new(FakeCluster::default());
+        let cluster = FakeCluster::default();
         cluster.put(source_pod());
         cluster.put(clone_pod(CLONE, CLONE_UID, mode));
-        let runtime = Arc::new(FakeRuntime::new(share.path()));
         World {
             agent: Agent::new(
-                Arc::clone(&cluster),
-                Arc::clone(&runtime),
+                cluster,
+                FakeRuntime::new(share.path()),
                 DirShare {
                     root: share.path().to_path_buf(),
                 },
@@ -436,31 +379,45 @@ impl World {
             ),
             share_root: share.path().to_path_buf(),
             _share: share,
-            _work: work,
-            cluster,
-            runtime,
+            work,
         }
+    }
+
+    fn cluster(&self) -> &FakeCluster {
+        &self.agent.cluster
+    }
+
+    fn runtime(&self) -> &FakeRuntime {
+        &self.agent.runtime
     }
 
     /// What a restarted agent is: the same world, no memory of it.
     fn restart_agent(&mut self) {
-        self.agent = Agent::new(
-            Arc::clone(&self.cluster),
-            Arc::clone(&self.runtime),
+        let placeholder = Agent::new(
+            FakeCluster::default(),
+            FakeRuntime::new(&self.share_root),
             DirShare {
                 root: self.share_root.clone(),
             },
-            config(self._work.path()),
+            config(self.work.path()),
+            Arc::new(crate::agent::metrics::Metrics::default()),
+        );
+        let old = std::mem::replace(&mut self.agent, placeholder);
+        self.agent = Agent::new(
+            old.cluster,
+            old.runtime,
+            old.share,
+            old.config,
             Arc::new(crate::agent::metrics::Metrics::default()),
         );
     }
 
     fn clone(&self) -> Pod {
-        self.cluster.get(CLONE).expect("the clone exists")
+        self.cluster().get(CLONE).expect("the clone exists")
     }
 
     fn phase(&self) -> Option<String> {
-        self.cluster
+        self.cluster()
             .get(CLONE)
             .and_then(|c| annotation(&c, PHASE).map(str::to_string))
     }
@@ -472,7 +429,7 @@ impl World {
     }
 
     async fn step(&self) -> Next {
-        let clone = self.cluster.get(CLONE).expect("the clone exists");
+        let clone = self.cluster().get(CLONE).expect("the clone exists");
         self.agent.reconcile(&clone).await.expect("a step")
     }
 
@@ -488,14 +445,17 @@ impl World {
             self.phase().as_deref(),
             Some(phase.as_str()),
             "reason: {:?}",
-            self.cluster
+            self.cluster()
                 .get(CLONE)
                 .map(|c| annotation(&c, REASON).map(str::to_string))
         );
     }
 
     fn source_states(&self) -> (TaskState, TaskState) {
-        (self.runtime.state("id-web"), self.runtime.state("id-log"))
+        (
+            self.runtime().state("id-web"),
+            self.runtime().state("id-log"),
+        )
     }
 
     fn pod_dir_names(&self) -> Vec<String> {
@@ -511,7 +471,7 @@ impl World {
     }
 
     fn clone_runs(&self) {
-        self.cluster.edit(
+        self.cluster().edit(
             CLONE,
             json!({"status": {"phase": "Running", "containerStatuses": [running("web"), running("log")]}}),
         );
@@ -524,7 +484,7 @@ impl World {
             Vec::<String>::new(),
             "share files left"
         );
-        if let Some(clone) = self.cluster.get(CLONE) {
+        if let Some(clone) = self.cluster().get(CLONE) {
             assert!(!has_finalizer(&clone), "finalizer left");
         }
     }
@@ -557,7 +517,7 @@ async fn a_migration_walks_every_phase_and_retires_the_source() {
     // Checkpointing → Transferring: frozen, both checkpointed while frozen, once each.
     assert_eq!(w.step().await, Next::Now);
     assert_eq!(w.phase().as_deref(), Some("Transferring"));
-    let checkpoints = w.runtime.checkpoints.lock().unwrap().clone();
+    let checkpoints = w.runtime().checkpoints.lock().unwrap().clone();
     assert_eq!(checkpoints.len(), 2);
     assert!(checkpoints
         .iter()
@@ -577,15 +537,15 @@ async fn a_migration_walks_every_phase_and_retires_the_source() {
     w.clone_runs();
     assert_eq!(w.step().await, Next::OnChange);
     assert_eq!(w.phase().as_deref(), Some("Running"));
-    assert!(w.cluster.get(SOURCE).is_none(), "the source is deleted");
-    assert_eq!(w.runtime.killed.lock().unwrap().len(), 2);
+    assert!(w.cluster().get(SOURCE).is_none(), "the source is deleted");
+    assert_eq!(w.runtime().killed.lock().unwrap().len(), 2);
     assert!(annotation(&w.clone(), FROZEN_MS).is_some());
     assert!(timings(&w.clone()).contains_key("Restoring"));
-    assert_eq!(w.cluster.events_with("Migrated").len(), 2);
+    assert_eq!(w.cluster().events_with("Migrated").len(), 2);
     w.assert_released();
     // A finished migration is never started again.
     assert_eq!(w.step().await, Next::OnChange);
-    assert_eq!(w.runtime.checkpoints.lock().unwrap().len(), 2);
+    assert_eq!(w.runtime().checkpoints.lock().unwrap().len(), 2);
 }
 
 #[tokio::test]
@@ -596,17 +556,17 @@ async fn clone_mode_thaws_the_source_once_the_archives_are_committed_and_keeps_i
     w.clone_runs();
     w.until(Phase::Running, 2).await;
     assert!(
-        w.cluster.get(SOURCE).is_some(),
+        w.cluster().get(SOURCE).is_some(),
         "clone mode keeps the source"
     );
-    assert!(w.runtime.killed.lock().unwrap().is_empty());
+    assert!(w.runtime().killed.lock().unwrap().is_empty());
     w.assert_released();
 }
 
 #[tokio::test]
 async fn a_failed_checkpoint_rolls_back_and_thaws_the_source() {
     let w = World::new("migrate");
-    *w.runtime.fail_checkpoint.lock().unwrap() = Some("CRIU: dump failed".into());
+    *w.runtime().fail_checkpoint.lock().unwrap() = Some("CRIU: dump failed".into());
     w.until(Phase::RolledBack, 3).await;
     assert!(
         w.reason().contains("checkpointing container") && w.reason().contains("CRIU: dump failed"),
@@ -615,9 +575,9 @@ async fn a_failed_checkpoint_rolls_back_and_thaws_the_source() {
     );
     assert!(w.reason().ends_with("the source was resumed"));
     assert_eq!(w.source_states(), RUNNING);
-    assert!(w.cluster.get(SOURCE).is_some());
+    assert!(w.cluster().get(SOURCE).is_some());
     assert_eq!(
-        w.cluster.events_with("RolledBack").len(),
+        w.cluster().events_with("RolledBack").len(),
         2,
         "on the clone and the source"
     );
@@ -628,7 +588,7 @@ async fn a_failed_checkpoint_rolls_back_and_thaws_the_source() {
 async fn a_clone_that_fails_to_restore_rolls_back_and_thaws_the_source() {
     let w = World::new("migrate");
     w.until(Phase::Restoring, 4).await;
-    w.cluster.edit(
+    w.cluster().edit(
         CLONE,
         json!({"status": {"containerStatuses": [
         {"name": "web", "image": "x", "imageID": "", "ready": false, "restartCount": 0,
@@ -658,14 +618,14 @@ async fn a_missing_commit_record_rolls_back_in_transferring() {
 async fn cancel_in(phase: Phase) {
     let w = World::new("migrate");
     w.until(phase, 4).await;
-    w.cluster.edit(
+    w.cluster().edit(
         CLONE,
         json!({"metadata": {"annotations": {CANCEL: "alice"}}}),
     );
     w.step().await;
     // The clone is deleted once the record is written, and its finalizer released.
     assert!(
-        w.cluster.get(CLONE).is_none(),
+        w.cluster().get(CLONE).is_none(),
         "the clone is removed in {phase}"
     );
     assert_eq!(
@@ -673,8 +633,8 @@ async fn cancel_in(phase: Phase) {
         RUNNING,
         "the source runs on after a cancel in {phase}"
     );
-    assert!(w.cluster.get(SOURCE).is_some());
-    let events = w.cluster.events_with("Cancelled");
+    assert!(w.cluster().get(SOURCE).is_some());
+    let events = w.cluster().events_with("Cancelled");
     assert_eq!(events.len(), 2, "{events:?}");
     assert!(
         events
@@ -704,12 +664,12 @@ async fn cancel_while_restoring_rolls_back() {
 async fn deleting_the_clone_mid_restore_rolls_back_through_the_finalizer() {
     let w = World::new("migrate");
     w.until(Phase::Restoring, 4).await;
-    w.cluster.delete(NS, CLONE).await.unwrap();
-    assert!(w.cluster.get(CLONE).is_some(), "held by the finalizer");
+    w.cluster().delete(NS, CLONE).await.unwrap();
+    assert!(w.cluster().get(CLONE).is_some(), "held by the finalizer");
     w.step().await;
-    assert!(w.cluster.get(CLONE).is_none(), "gone once rolled back");
+    assert!(w.cluster().get(CLONE).is_none(), "gone once rolled back");
     assert_eq!(w.source_states(), RUNNING);
-    let events = w.cluster.events_with("Cancelled");
+    let events = w.cluster().events_with("Cancelled");
     assert!(
         events
             .iter()
@@ -727,7 +687,7 @@ async fn the_completion_timeout_scales_with_memory_and_rolls_back_with_why() {
     w.until(Phase::Restoring, 4).await;
     // 128 MiB counts as 1 GiB: 800 s. Started 801 s ago.
     let past = unix_millis() - 801_000;
-    w.cluster.edit(
+    w.cluster().edit(
         CLONE,
         json!({"metadata": {"annotations": {STARTED_AT: past.to_string()}}}),
     );
@@ -745,7 +705,7 @@ async fn the_completion_timeout_scales_with_memory_and_rolls_back_with_why() {
 #[tokio::test]
 async fn the_progress_timeout_rolls_back_a_clone_that_stands_still() {
     let w = World::new("migrate");
-    w.cluster.edit(
+    w.cluster().edit(
         CLONE,
         json!({"metadata": {"annotations": {PROGRESS_TIMEOUT: "5s"}}}),
     );
@@ -755,7 +715,7 @@ async fn the_progress_timeout_rolls_back_a_clone_that_stands_still() {
     let (since, mark) = progress(&w.clone())
         .map(|(s, m)| (s, m.to_string()))
         .unwrap();
-    w.cluster.edit(
+    w.cluster().edit(
         CLONE,
         json!({"status": {"containerStatuses": [
         {"name": "web", "image": "x", "imageID": "", "ready": false, "restartCount": 0,
@@ -766,7 +726,7 @@ async fn the_progress_timeout_rolls_back_a_clone_that_stands_still() {
     assert_eq!(w.phase().as_deref(), Some("Restoring"));
     // Then nothing moves for longer than 5 s.
     let stale = format!("{}:{}", since - 6_000, progress(&w.clone()).unwrap().1);
-    w.cluster.edit(
+    w.cluster().edit(
         CLONE,
         json!({"metadata": {"annotations": {PROGRESS: stale}}}),
     );
@@ -779,7 +739,7 @@ async fn the_progress_timeout_rolls_back_a_clone_that_stands_still() {
 #[tokio::test]
 async fn a_timeout_annotation_that_is_not_a_duration_fails_before_the_freeze() {
     let w = World::new("migrate");
-    w.cluster.edit(
+    w.cluster().edit(
         CLONE,
         json!({"metadata": {"annotations": {COMPLETION_TIMEOUT_PER_GIB: "forever"}}}),
     );
@@ -790,7 +750,7 @@ async fn a_timeout_annotation_that_is_not_a_duration_fails_before_the_freeze() {
         "{}",
         w.reason()
     );
-    assert!(w.runtime.checkpoints.lock().unwrap().is_empty());
+    assert!(w.runtime().checkpoints.lock().unwrap().is_empty());
     assert_eq!(w.source_states(), RUNNING);
 }
 
@@ -821,18 +781,18 @@ async fn each_limit_queues_a_clone_with_one_event_until_a_slot_frees() {
         other["spec"]["nodeName"] = json!(other_node);
         other["metadata"]["annotations"][PHASE] = json!("Restoring");
         other["metadata"]["annotations"][SOURCE_NODE] = json!(other_source_node);
-        w.cluster.put(other);
+        w.cluster().put(other);
         assert_eq!(w.step().await, Next::After(Duration::from_secs(2)));
         assert_eq!(w.step().await, Next::After(Duration::from_secs(2)));
         assert_eq!(w.phase(), None, "still Pending under {limit}");
         assert!(w.reason().contains(limit), "{}", w.reason());
         assert_eq!(
-            w.cluster.events_with("Queued").len(),
+            w.cluster().events_with("Queued").len(),
             1,
             "announced once under {limit}"
         );
         // The other migration ends: this one goes.
-        w.cluster.edit(
+        w.cluster().edit(
             "other",
             json!({"metadata": {"annotations": {PHASE: "Running"}}}),
         );
@@ -853,11 +813,11 @@ async fn an_agent_restarted_in_each_phase_resumes_from_the_record() {
         w.clone_runs();
         w.until(Phase::Running, 2).await;
         assert_eq!(
-            w.runtime.checkpoints.lock().unwrap().len(),
+            w.runtime().checkpoints.lock().unwrap().len(),
             2,
             "checkpointed once when restarted in {phase}"
         );
-        assert!(w.cluster.get(SOURCE).is_none());
+        assert!(w.cluster().get(SOURCE).is_none());
         w.assert_released();
     }
 }
@@ -868,18 +828,18 @@ async fn an_agent_restarted_mid_checkpoint_never_checkpoints_twice() {
     let mut w = World::new("migrate");
     w.until(Phase::Checkpointing, 1).await;
     let frozen = unix_millis().to_string();
-    w.cluster.edit(
+    w.cluster().edit(
         CLONE,
         json!({"metadata": {"annotations": {FROZEN_AT: frozen}}}),
     );
-    w.runtime.pause("id-web").await.unwrap();
-    w.runtime.pause("id-log").await.unwrap();
+    w.runtime().pause("id-web").await.unwrap();
+    w.runtime().pause("id-log").await.unwrap();
     w.restart_agent();
     // Nothing committed yet, and the pack is not stalled: it waits.
     assert_eq!(w.step().await, Next::After(Duration::from_secs(1)));
     assert_eq!(w.phase().as_deref(), Some("Checkpointing"));
     for c in ["web", "log"] {
-        w.runtime
+        w.runtime()
             .checkpoint(
                 &format!("id-{c}"),
                 Path::new("/unused"),
@@ -891,7 +851,7 @@ async fn an_agent_restarted_mid_checkpoint_never_checkpoints_twice() {
     w.step().await;
     assert_eq!(w.phase().as_deref(), Some("Transferring"));
     assert_eq!(
-        w.runtime.checkpoints.lock().unwrap().len(),
+        w.runtime().checkpoints.lock().unwrap().len(),
         2,
         "only the shim's own"
     );
@@ -901,19 +861,19 @@ async fn an_agent_restarted_mid_checkpoint_never_checkpoints_twice() {
     let mut w = World::new("migrate");
     w.until(Phase::Checkpointing, 1).await;
     let long_ago = unix_millis() - 200_000;
-    w.cluster.edit(
+    w.cluster().edit(
         CLONE,
         json!({"metadata": {"annotations": {
         FROZEN_AT: long_ago.to_string(), PROGRESS: format!("{long_ago}:0")}}}),
     );
-    w.runtime.pause("id-web").await.unwrap();
-    w.runtime.pause("id-log").await.unwrap();
+    w.runtime().pause("id-web").await.unwrap();
+    w.runtime().pause("id-log").await.unwrap();
     w.restart_agent();
     w.step().await;
     assert_eq!(w.phase().as_deref(), Some("RolledBack"));
     assert!(w.reason().contains("interrupted"), "{}", w.reason());
     assert_eq!(w.source_states(), RUNNING);
-    assert!(w.runtime.checkpoints.lock().unwrap().is_empty());
+    assert!(w.runtime().checkpoints.lock().unwrap().is_empty());
     w.assert_released();
 }
 
@@ -922,7 +882,7 @@ async fn an_agent_restarted_after_the_ending_releases_what_is_left() {
     let w = World::new("migrate");
     w.until(Phase::Restoring, 4).await;
     // Ended, but the agent died before releasing.
-    w.cluster.edit(
+    w.cluster().edit(
         CLONE,
         json!({"metadata": {"annotations": {PHASE: "RolledBack"}}}),
     );
