@@ -691,7 +691,7 @@ impl Drop for ContainerdBack<'_> {
     }
 }
 
-#[ignore = "open: kubelet's retried Create can restore the archive in the moment between the agent's rollback (on attempt 0's stale RunContainerError) and its sweep; the rolled-back clone is kept for its record, not deleted"]
+#[ignore = "open: the agent rolls back on the RunContainerError of kubelet's first Create (broken by the restart, before any archive existed), and kubelet's retry may restore meanwhile; the fix is for the clone's shim to report a restore failure through the share protocol, so the agent stops reading kubelet's transient errors as the restore's"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn containerd_restarted_while_the_clone_waits_leaks_nothing() {
     let Some(cluster) = cluster().await else {
