@@ -33,7 +33,9 @@ use tracing::{info, warn};
 
 use crate::config::ShimConfig;
 use crate::delegate::Delegate;
+use crate::error::describe_ttrpc_error;
 use crate::identity::ContainerIdentity;
+use crate::mounts::upperdir;
 
 /// The packer gives up on a dump that has not finished by then (containerd's own checkpoint
 /// calls are bounded well below it).
@@ -59,18 +61,6 @@ pub struct Committed {
     /// The local checkpoint directory, when it is kept: one in the caller's image path stays;
     /// one in memory-backed work space is removed once the archive is committed.
     pub local_dir: Option<PathBuf>,
-}
-
-/// The container's overlay upper directory, where all of its own writes are.
-pub fn upperdir(rootfs: &[Mount]) -> Option<PathBuf> {
-    rootfs
-        .iter()
-        .filter(|m| m.type_ == "overlay")
-        .find_map(|m| {
-            m.options
-                .iter()
-                .find_map(|o| o.strip_prefix("upperdir=").map(PathBuf::from))
-        })
 }
 
 fn unix_millis() -> u128 {
@@ -136,7 +126,7 @@ impl Checkpointer<'_> {
     ) -> Result<T, CheckpointError> {
         result.map_err(|e| CheckpointError::Step {
             what: what.to_string(),
-            reason: crate::service::describe_ttrpc_error(&e),
+            reason: describe_ttrpc_error(&e),
         })
     }
 
@@ -280,7 +270,7 @@ impl Checkpointer<'_> {
                             ..Default::default()
                         },
                     ) {
-                        warn!(container = %self.identity.describe(), error = %crate::service::describe_ttrpc_error(&e), "resuming after a failed checkpoint");
+                        warn!(container = %self.identity.describe(), error = %describe_ttrpc_error(&e), "resuming after a failed checkpoint");
                     }
                 }
                 // A CRIU that died mid-dump left its network lock: nothing would reach the

@@ -13,7 +13,7 @@ use containerd_shim::protos::protobuf::Message;
 use containerd_shim::protos::shim::shim::DeleteResponse;
 use containerd_shim::protos::{ttrpc, TaskClient};
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// Environment variable through which our `start` tells our serving process where the
 /// delegate listens.

@@ -1,6 +1,11 @@
-//! Typed errors of the shim library.
+//! Typed errors of the shim library, and how a failed Task RPC is answered: a ttrpc status
+//! naming the shim.
 
 use std::path::PathBuf;
+
+use containerd_shim::protos::ttrpc;
+
+use crate::BINARY_NAME;
 
 /// Result alias for the shim library.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -90,4 +95,17 @@ pub fn chain(err: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     out
+}
+
+/// A ttrpc status naming this shim, so an operator knows which component said it.
+pub fn status(code: ttrpc::Code, message: impl std::fmt::Display) -> ttrpc::Error {
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, format!("{BINARY_NAME}: {message}")))
+}
+
+/// The message inside a ttrpc error, without the transport's wrapping.
+pub fn describe_ttrpc_error(err: &ttrpc::Error) -> String {
+    match err {
+        ttrpc::Error::RpcStatus(s) => s.message.clone(),
+        other => other.to_string(),
+    }
 }

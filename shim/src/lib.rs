@@ -1,13 +1,15 @@
 //! `containerd-shim-migrate-v2`: the containerd runtime shim (task API v2) of podmigrate.
 //!
 //! containerd launches one shim per pod (or per container outside Kubernetes) and talks to it
-//! over ttrpc. The shim is where checkpoint and restore will happen, because it is the only
-//! component that sees both containerd's runc options (CRIU image/work paths) and the runc
-//! container itself.
+//! over ttrpc. The shim stands in front of containerd's own runc shim and forwards every Task
+//! RPC to it, but two: Checkpoint, and Create for a clone's container, which it restores from
+//! the source's checkpoint. It is the only component that sees both containerd's runc options
+//! (CRIU image/work paths) and the runc container itself.
 //!
-//! Today this crate is a *skeleton*: it speaks the shim protocol for real (`start`, `delete`,
-//! the ttrpc socket, `Connect`, `Shutdown`) and answers every other Task RPC with ttrpc
-//! `UNIMPLEMENTED`, so containerd reports an honest "not implemented" instead of a fake success.
+//! How the modules stand: [`shim`] (the protocol's `start` and `delete`) serves [`service`], the
+//! Task RPCs, which asks [`checkpoint`] and [`restore`]; those two share nothing but the lower
+//! modules ([`mounts`], [`identity`], [`config`], [`delegate`], [`error`]), and nothing below
+//! `service` imports it.
 //!
 //! The protocol plumbing (flag parsing, daemonising, socket, signal handling, reaping) comes
 //! from the `containerd-shim` crate, pinned at 0.11 because 0.12 speaks task API v3, which
@@ -20,6 +22,7 @@ pub mod delegate;
 pub mod error;
 pub mod identity;
 pub mod logging;
+pub mod mounts;
 pub mod net_lock;
 pub mod restore;
 pub mod runtime_options;

@@ -21,7 +21,7 @@ use std::{
 
 use tracing_subscriber::{fmt::writer::BoxMakeWriter, EnvFilter};
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// Name of the FIFO containerd creates in the bundle directory.
 pub const LOG_FIFO: &str = "log";

@@ -12,9 +12,9 @@ use podmigrate_checkpoint::layout::{CHECKPOINT_DIR, FIRST_PAGES_IMAGE};
 use podmigrate_checkpoint::{criu, prefault, rootfs, share};
 use tracing::{info, warn};
 
-use crate::checkpoint::upperdir;
 use crate::config::ShimConfig;
 use crate::identity::ContainerIdentity;
+use crate::mounts::{lowerdirs, upperdir};
 
 /// A restore that failed, with everything an operator needs to act on it: kubelet shows this
 /// message in the pod's events.
@@ -306,20 +306,6 @@ fn reserve_ahead(
         warn!(container = %identity.describe(), error = %e, "could not tell the source the clone is ready");
     }
     Some(reserved)
-}
-
-/// The image's layers under the new container's overlay, topmost first: a diff may carry
-/// set-id bits and xattrs only where these already have them.
-pub fn lowerdirs(rootfs: &[Mount]) -> Vec<PathBuf> {
-    rootfs
-        .iter()
-        .filter(|m| m.type_ == "overlay")
-        .flat_map(|m| m.options.iter())
-        .filter_map(|o| o.strip_prefix("lowerdir="))
-        .flat_map(|dirs| dirs.split(':'))
-        .filter(|d| !d.is_empty())
-        .map(PathBuf::from)
-        .collect()
 }
 
 /// Removes a restore's local copy.

@@ -21,21 +21,9 @@ use tracing::{debug, info, warn};
 use crate::checkpoint::Checkpointer;
 use crate::config::ShimConfig;
 use crate::delegate::Delegate;
+use crate::error::{describe_ttrpc_error, status};
 use crate::identity::ContainerIdentity;
-use crate::{criu_config, restore, BINARY_NAME};
-
-/// A ttrpc status naming this shim, so an operator knows which component said it.
-pub fn status(code: ttrpc::Code, message: impl std::fmt::Display) -> ttrpc::Error {
-    ttrpc::Error::RpcStatus(ttrpc::get_status(code, format!("{BINARY_NAME}: {message}")))
-}
-
-/// The message inside a ttrpc error, without the transport's wrapping.
-pub fn describe_ttrpc_error(err: &ttrpc::Error) -> String {
-    match err {
-        ttrpc::Error::RpcStatus(s) => s.message.clone(),
-        other => other.to_string(),
-    }
-}
+use crate::{criu_config, restore};
 
 /// What we remember of each container the runc shim created for us.
 struct Record {

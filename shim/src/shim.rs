@@ -11,7 +11,8 @@ use tracing::{debug, info, warn};
 
 use crate::config::ShimConfig;
 use crate::delegate::{self, Delegate};
-use crate::{service::TaskService, Error, Result};
+use crate::error::{Error, Result};
+use crate::service::TaskService;
 
 /// OCI annotations that put several containers into one shim, in priority order. Same list as
 /// containerd's runc v2 shim: CRI sets the sandbox id on every container of a pod, so a pod
