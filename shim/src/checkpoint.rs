@@ -37,20 +37,13 @@ use crate::error::describe_ttrpc_error;
 use crate::identity::ContainerIdentity;
 use crate::mounts::upperdir;
 
+mod error;
+
+pub use error::{CheckpointError, CheckpointFailure};
+
 /// The packer gives up on a dump that has not finished by then (containerd's own checkpoint
 /// calls are bounded well below it).
 const FOLLOW_TIMEOUT: Duration = Duration::from_secs(30 * 60);
-
-#[derive(Debug, thiserror::Error)]
-pub enum CheckpointError {
-    #[error("{what}: {reason}")]
-    Step { what: String, reason: String },
-}
-
-fn step(what: impl Into<String>) -> impl FnOnce(String) -> CheckpointError {
-    let what = what.into();
-    move |reason| CheckpointError::Step { what, reason }
-}
 
 /// What a committed checkpoint produced.
 #[derive(Debug, Clone)]
@@ -90,7 +83,7 @@ fn stack_versions() -> &'static Versions {
 /// type are refused rather than misread.
 pub fn checkpoint_options(
     req: &CheckpointTaskRequest,
-) -> Result<CheckpointOptions, CheckpointError> {
+) -> Result<CheckpointOptions, CheckpointFailure> {
     let Some(any) = req
         .options
         .as_ref()
@@ -100,13 +93,16 @@ pub fn checkpoint_options(
     };
     let type_url = any.type_url.rsplit('/').next().unwrap_or_default();
     if type_url != RUNC_CHECKPOINT_OPTIONS_TYPE_URL {
-        return Err(step("reading checkpoint options")(format!(
-            "options of type {:?}; only {RUNC_CHECKPOINT_OPTIONS_TYPE_URL} is understood",
-            any.type_url
-        )));
+        return Err(CheckpointFailure::OptionsType {
+            type_url: any.type_url.clone(),
+        });
     }
-    CheckpointOptions::parse_from_bytes(&any.value)
-        .map_err(|e| step(format!("reading checkpoint options ({})", any.type_url))(e.to_string()))
+    CheckpointOptions::parse_from_bytes(&any.value).map_err(|error| {
+        CheckpointFailure::OptionsUnreadable {
+            type_url: any.type_url.clone(),
+            error,
+        }
+    })
 }
 
 pub struct Checkpointer<'a> {
@@ -121,41 +117,32 @@ pub struct Checkpointer<'a> {
 impl Checkpointer<'_> {
     fn call<T>(
         &self,
-        what: &str,
+        step: &'static str,
         result: containerd_shim::protos::ttrpc::Result<T>,
-    ) -> Result<T, CheckpointError> {
-        result.map_err(|e| CheckpointError::Step {
-            what: what.to_string(),
-            reason: describe_ttrpc_error(&e),
-        })
+    ) -> Result<T, CheckpointFailure> {
+        result.map_err(|error| CheckpointFailure::Delegate { step, error })
     }
 
-    /// A failed dump's reason, with CRIU's own last error lines appended: runc names only the
-    /// log, which goes with the CRIU work directory or the task's bundle.
-    fn with_criu_errors(
-        &self,
-        error: CheckpointError,
-        dump: &CheckpointTaskRequest,
-    ) -> CheckpointError {
-        let CheckpointError::Step { what, reason } = error;
+    /// CRIU's own last error lines of a failed dump: runc names only the log, which goes with
+    /// the CRIU work directory or the task's bundle.
+    fn criu_errors(&self, dump: &CheckpointTaskRequest) -> String {
         let work = CheckpointOptions::parse_from_bytes(&dump.options.value)
             .map(|o| PathBuf::from(o.work_path))
             .unwrap_or_default();
         let logs = [work.join("dump.log"), self.bundle.join("criu-dump.log")];
-        let errors = logs
-            .iter()
+        logs.iter()
             .find_map(|log| fs::read_to_string(log).ok())
             .map(|text| criu_error_lines(&text, 3))
-            .unwrap_or_default();
-        let reason = if errors.is_empty() {
-            reason
-        } else {
-            format!("{reason}; CRIU: {errors}")
-        };
-        CheckpointError::Step { what, reason }
+            .unwrap_or_default()
     }
 
+    /// Checkpoints the container; a failure names it.
     pub fn run(&self, req: &CheckpointTaskRequest) -> Result<Committed, CheckpointError> {
+        self.checkpoint(req)
+            .map_err(|failure| CheckpointError::new(self.identity.describe(), failure))
+    }
+
+    fn checkpoint(&self, req: &CheckpointTaskRequest) -> Result<Committed, CheckpointFailure> {
         let started = Instant::now();
         let id = self.identity.id.as_str();
         let mut options = checkpoint_options(req)?;
@@ -201,11 +188,7 @@ impl Checkpointer<'_> {
                 true
             }
             Status::PAUSED => false,
-            other => {
-                return Err(step("checking the task state")(format!(
-                    "the task is {other:?}; only a running or paused container can be checkpointed"
-                )))
-            }
+            status => return Err(CheckpointFailure::TaskState { status }),
         };
 
         let result = self.dump_and_commit(&mut options, &local_dir, &criu_work);
@@ -300,7 +283,7 @@ impl Checkpointer<'_> {
         req: &CheckpointTaskRequest,
         options: &CheckpointOptions,
         memory: Option<&PathBuf>,
-    ) -> Result<(PathBuf, bool), CheckpointError> {
+    ) -> Result<(PathBuf, bool), CheckpointFailure> {
         let dir = if memory.is_none() && !options.image_path.is_empty() {
             PathBuf::from(&options.image_path)
         } else if memory.is_none() && !req.path.is_empty() {
@@ -319,25 +302,21 @@ impl Checkpointer<'_> {
                 .map(|mut d| d.next().is_some())
                 .unwrap_or(true)
         {
-            return Err(step("preparing the checkpoint directory")(format!(
-                "{} exists and is not empty",
-                dir.display()
-            )));
+            return Err(CheckpointFailure::DirNotEmpty { dir });
         }
-        fs::create_dir_all(&dir)
-            .map_err(|e| step(format!("creating {}", dir.display()))(e.to_string()))?;
+        fs::create_dir_all(&dir).map_err(creating(&dir))?;
         Ok((dir, !existed))
     }
 
     /// The node's cap, lowered by the pod's annotation if it asks for less.
-    fn bandwidth(&self) -> Result<Bandwidth, CheckpointError> {
-        let node = self.config.bandwidth.clone().map_err(|e| {
-            step(format!("reading {}", crate::config::ENV_BANDWIDTH))(e.to_string())
-        })?;
+    fn bandwidth(&self) -> Result<Bandwidth, CheckpointFailure> {
+        let node = self
+            .config
+            .bandwidth
+            .clone()
+            .map_err(CheckpointFailure::NodeBandwidth)?;
         let pod = match &self.identity.bandwidth {
-            Some(value) => Bandwidth::parse(value).map_err(|e| {
-                step(format!("reading annotation {}", crate::identity::BANDWIDTH))(e.to_string())
-            })?,
+            Some(value) => Bandwidth::parse(value).map_err(CheckpointFailure::PodBandwidth)?,
             None => Bandwidth::UNLIMITED,
         };
         Ok(node.stricter(pod))
@@ -345,10 +324,10 @@ impl Checkpointer<'_> {
 
     /// The clone this checkpoint is for, named by the agent's lease beside the archive
     /// (`None` for a checkpoint taken without one, e.g. by `ctr`).
-    fn clone_made_for(&self, archive: &Path) -> Result<Option<String>, CheckpointError> {
+    fn clone_made_for(&self, archive: &Path) -> Result<Option<String>, CheckpointFailure> {
         let pod_dir = archive.parent().unwrap_or(archive);
         let uid = podmigrate_checkpoint::binding::clone_for_pack(pod_dir, SystemTime::now())
-            .map_err(|e| step("naming the clone the archive is for")(e.to_string()))?;
+            .map_err(CheckpointFailure::Leases)?;
         info!(container = %self.identity.describe(), clone_pod_uid = uid.as_deref().unwrap_or("-"), "archive made for clone");
         Ok(uid)
     }
@@ -358,15 +337,13 @@ impl Checkpointer<'_> {
         options: &mut CheckpointOptions,
         local_dir: &Path,
         criu_work: &Path,
-    ) -> Result<Committed, CheckpointError> {
+    ) -> Result<Committed, CheckpointFailure> {
         let id = self.identity.id.as_str();
         // Before anything is dumped: a node configured with a key never writes a plain archive.
         let key = match &self.config.key_file {
-            Some(path) => {
-                Some(Arc::new(ArchiveKey::load(path).map_err(|e| {
-                    step("loading the archive key")(e.to_string())
-                })?))
-            }
+            Some(path) => Some(Arc::new(
+                ArchiveKey::load(path).map_err(CheckpointFailure::Key)?,
+            )),
             None => None,
         };
         let images = local_dir.join(CHECKPOINT_DIR);
@@ -380,14 +357,13 @@ impl Checkpointer<'_> {
                 type_url: RUNC_CHECKPOINT_OPTIONS_TYPE_URL.to_string(),
                 value: options
                     .write_to_bytes()
-                    .map_err(|e| step("encoding checkpoint options")(e.to_string()))?,
+                    .map_err(CheckpointFailure::EncodeOptions)?,
                 ..Default::default()
             }),
             ..Default::default()
         };
         // runc creates CRIU's work directory with a plain mkdir, so its parent must exist.
-        fs::create_dir_all(criu_work)
-            .map_err(|e| step(format!("creating {}", criu_work.display()))(e.to_string()))?;
+        fs::create_dir_all(criu_work).map_err(creating(criu_work))?;
 
         let archive_path = share::archive_path(
             &self.config.share_root,
@@ -395,9 +371,9 @@ impl Checkpointer<'_> {
             &self.identity.pod,
             &self.identity.container,
         )
-        .map_err(|e| step("naming the archive")(e.to_string()))?;
+        .map_err(CheckpointFailure::ArchiveName)?;
         share::create_archive_dir(&self.config.share_root, &archive_path)
-            .map_err(|e| step("creating the archive's directory")(e.to_string()))?;
+            .map_err(CheckpointFailure::ArchiveDir)?;
         let clone_pod_uid = self.clone_made_for(&archive_path)?;
         let record_uid = clone_pod_uid.clone().unwrap_or_default();
         let pack_options = PackOptions {
@@ -420,10 +396,9 @@ impl Checkpointer<'_> {
         // CRIU writes its pages image into a pipe that the packer reads onto the share: the
         // pages never land locally. The rest of the checkpoint directory follows once the dump
         // and the extras are done.
-        fs::create_dir_all(&images)
-            .map_err(|e| step(format!("creating {}", images.display()))(e.to_string()))?;
+        fs::create_dir_all(&images).map_err(creating(&images))?;
         let pipe = PagesPipe::create(local_dir, FIRST_PAGES_IMAGE)
-            .map_err(|e| step("making the pages pipe")(e.to_string()))?;
+            .map_err(CheckpointFailure::PagesPipe)?;
         let (done, failed) = (AtomicBool::new(false), AtomicBool::new(false));
         let follow = Follow {
             pipe: &pipe,
@@ -448,7 +423,7 @@ impl Checkpointer<'_> {
             (dumped, packed)
         });
         let (dumped_in, extras_in) = dumped?;
-        let summary = packed.map_err(|e| step("packing onto the share")(e.to_string()))?;
+        let summary = packed.map_err(CheckpointFailure::Pack)?;
         let pack_total = pack_started.elapsed();
         // What packing added after the dump and the extras: the rest overlapped the dump.
         let pack_after = pack_total.saturating_sub(dumped_in + extras_in);
@@ -476,7 +451,7 @@ impl Checkpointer<'_> {
                 committed_unix_ms: unix_millis() as u64,
             },
         )
-        .map_err(|e| step("recording the commit")(e.to_string()))?;
+        .map_err(CheckpointFailure::CommitRecord)?;
         Ok(Committed {
             archive: summary.archive,
             manifest_sha256: summary.manifest_sha256,
@@ -488,7 +463,7 @@ impl Checkpointer<'_> {
     /// A container asked to stop while it was frozen (its pod deleted mid-checkpoint: kubelet's
     /// SIGTERM, then SIGKILL) carries that signal, pending, in its dump, and a clone restored
     /// from it would only die. Such a checkpoint is refused, before anything is committed.
-    fn refuse_if_stopping(&self) -> Result<(), CheckpointError> {
+    fn refuse_if_stopping(&self) -> Result<(), CheckpointFailure> {
         let state = self.call(
             "reading the task state after the dump",
             self.delegate.client().state(
@@ -499,17 +474,15 @@ impl Checkpointer<'_> {
                 },
             ),
         )?;
-        let status = fs::read_to_string(format!("/proc/{}/status", state.pid)).map_err(|e| {
-            step("checking the container after the dump")(format!(
-                "its process {} is gone ({e}): it was stopped during the checkpoint",
-                state.pid
-            ))
-        })?;
+        let status =
+            fs::read_to_string(format!("/proc/{}/status", state.pid)).map_err(|error| {
+                CheckpointFailure::Stopped {
+                    pid: state.pid,
+                    error,
+                }
+            })?;
         match pending_stop_signal(&status) {
-            Some(signal) => Err(step("checking the container after the dump")(format!(
-                "it was asked to stop during the checkpoint ({signal} pending), so the \
-                 checkpoint would restore a dying process"
-            ))),
+            Some(signal) => Err(CheckpointFailure::StopPending { signal }),
             None => Ok(()),
         }
     }
@@ -520,21 +493,26 @@ impl Checkpointer<'_> {
         &self,
         dump: &CheckpointTaskRequest,
         local_dir: &Path,
-    ) -> Result<(Duration, Duration), CheckpointError> {
+    ) -> Result<(Duration, Duration), CheckpointFailure> {
         let id = self.identity.id.as_str();
         let dump_started = Instant::now();
-        self.call(
-            "dumping with CRIU",
-            self.delegate.client().checkpoint(self.ctx.clone(), dump),
-        )
-        .map_err(|e| self.with_criu_errors(e, dump))?;
+        self.delegate
+            .client()
+            .checkpoint(self.ctx.clone(), dump)
+            .map_err(|error| CheckpointFailure::Dump {
+                criu: self.criu_errors(dump),
+                error,
+            })?;
         let dumped_in = dump_started.elapsed();
         self.refuse_if_stopping()?;
         let extras_started = Instant::now();
 
         let spec = self.bundle.join("config.json");
-        fs::copy(&spec, local_dir.join(SPEC_DUMP))
-            .map_err(|e| step(format!("copying {}", spec.display()))(e.to_string()))?;
+        fs::copy(&spec, local_dir.join(SPEC_DUMP)).map_err(|error| CheckpointFailure::Io {
+            op: "copying",
+            path: spec.clone(),
+            error,
+        })?;
         let now = time::OffsetDateTime::now_utc()
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default();
@@ -547,11 +525,11 @@ impl Checkpointer<'_> {
             ..ContainerConfig::default()
         }
         .write_to(local_dir)
-        .map_err(|e| step("writing config.dump")(e.to_string()))?;
+        .map_err(CheckpointFailure::ConfigDump)?;
         match upperdir(self.rootfs) {
             Some(upper) => {
                 let diff = rootfs::capture_diff(&upper, local_dir)
-                    .map_err(|e| step("capturing the rootfs changes")(e.to_string()))?;
+                    .map_err(CheckpointFailure::RootfsDiff)?;
                 if !diff.skipped.is_empty() {
                     warn!(container = %self.identity.describe(), skipped = ?diff.skipped, "sockets and fifos are not carried in the rootfs diff");
                 }
@@ -663,6 +641,15 @@ mod pending_signal_tests {
         // SIGUSR1 (10) is not a stop.
         let usr1 = "SigPnd:\t0000000000000200\nShdPnd:\t0000000000000000\n";
         assert_eq!(pending_stop_signal(usr1), None);
+    }
+}
+
+/// A failure to create the directory `path`.
+fn creating(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointFailure + '_ {
+    move |error| CheckpointFailure::Io {
+        op: "creating",
+        path: path.to_path_buf(),
+        error,
     }
 }
 

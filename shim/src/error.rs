@@ -109,3 +109,12 @@ pub fn describe_ttrpc_error(err: &ttrpc::Error) -> String {
         other => other.to_string(),
     }
 }
+
+/// The code of a failed call to the runc shim: its own status's, or UNAVAILABLE when it could
+/// not be reached or did not answer.
+pub fn delegate_code(err: &ttrpc::Error) -> ttrpc::Code {
+    match err {
+        ttrpc::Error::RpcStatus(s) => s.code(),
+        _ => ttrpc::Code::UNAVAILABLE,
+    }
+}

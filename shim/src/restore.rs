@@ -16,17 +16,9 @@ use crate::config::ShimConfig;
 use crate::identity::ContainerIdentity;
 use crate::mounts::{lowerdirs, upperdir};
 
-/// A restore that failed, with everything an operator needs to act on it: kubelet shows this
-/// message in the pod's events.
-#[derive(Debug, thiserror::Error)]
-#[error("restoring {container} of clone pod {namespace}/{pod} from {archive}: {reason}")]
-pub struct RestoreError {
-    pub namespace: String,
-    pub pod: String,
-    pub container: String,
-    pub archive: String,
-    pub reason: String,
-}
+mod error;
+
+pub use error::{RestoreError, RestoreFailure};
 
 /// An unpacked checkpoint, ready for the runc shim's Create.
 #[derive(Debug)]
@@ -125,20 +117,14 @@ pub fn prepare(
     source_pod: &str,
     rootfs_mounts: &[Mount],
 ) -> Result<Prepared, RestoreError> {
-    let started = Instant::now();
-    let mut archive_display = format!(
-        "{}/{}/{}/{}.zip",
-        config.share_root.display(),
-        identity.namespace,
-        source_pod,
-        identity.container
-    );
-    let fail = |archive: &str, reason: String| RestoreError {
-        namespace: identity.namespace.clone(),
-        pod: identity.pod.clone(),
-        container: identity.container.clone(),
-        archive: archive.to_string(),
-        reason,
+    let fail = |archive: String| {
+        move |failure| RestoreError {
+            namespace: identity.namespace.clone(),
+            pod: identity.pod.clone(),
+            container: identity.container.clone(),
+            archive,
+            failure: Box::new(failure),
+        }
     };
     let archive = share::archive_path(
         &config.share_root,
@@ -146,15 +132,35 @@ pub fn prepare(
         source_pod,
         &identity.container,
     )
-    .map_err(|e| fail(&archive_display, e.to_string()))?;
-    archive_display = archive.display().to_string();
+    .map_err(|e| {
+        // What the path would be, had the names been fit for one.
+        fail(format!(
+            "{}/{}/{}/{}.zip",
+            config.share_root.display(),
+            identity.namespace,
+            source_pod,
+            identity.container
+        ))(RestoreFailure::ArchiveName(e))
+    })?;
+    prepare_archive(config, identity, source_pod, rootfs_mounts, &archive)
+        .map_err(fail(archive.display().to_string()))
+}
 
-    info!(container = %identity.describe(), archive = %archive_display, timeout_s = config.archive_wait.as_secs_f64(), "waiting for the source's archive");
+/// [`prepare`], once the archive's path is known.
+fn prepare_archive(
+    config: &ShimConfig,
+    identity: &ContainerIdentity,
+    source_pod: &str,
+    rootfs_mounts: &[Mount],
+    archive: &Path,
+) -> Result<Prepared, RestoreFailure> {
+    let started = Instant::now();
+    info!(container = %identity.describe(), archive = %archive.display(), timeout_s = config.archive_wait.as_secs_f64(), "waiting for the source's archive");
     let pod_dir = archive.parent().unwrap_or(&config.share_root).to_path_buf();
     // None: the source has not announced its size yet; Some(None): nothing was reserved.
     let mut reservation: Option<Option<File>> = None;
     let mut next_report = Duration::from_secs(5);
-    let waited = share::wait_for_archive(&archive, config.archive_wait, RESERVE_POLL, |waited| {
+    let waited = share::wait_for_archive(archive, config.archive_wait, RESERVE_POLL, |waited| {
         match &reservation {
             None => reservation = reserve_ahead(config, identity, &pod_dir),
             // The source withdraws its announcement when the migration ends: without an
@@ -170,28 +176,25 @@ pub fn prepare(
         }
         if waited >= next_report {
             next_report += Duration::from_secs(5);
-            info!(container = %identity.describe(), archive = %archive_display, waited_s = waited.as_secs(), "still waiting for the source's archive");
+            info!(container = %identity.describe(), archive = %archive.display(), waited_s = waited.as_secs(), "still waiting for the source's archive");
         }
         Ok(())
     });
     // Unnamed: whatever unpack does not adopt is freed when it is dropped, on every path.
     let reserved = reservation.flatten();
     waited.map_err(|e| match e {
-        share::ShareError::Timeout { .. } => fail(
-            &archive_display,
-            format!("{e} ({})", crate::config::ENV_ARCHIVE_WAIT),
-        ),
-        e => fail(&archive_display, e.to_string()),
+        share::ShareError::Timeout { .. } => RestoreFailure::WaitTimedOut(e),
+        e => RestoreFailure::Wait(e),
     })?;
 
     let key = match &config.key_file {
         Some(path) => Some(std::sync::Arc::new(
-            archive::ArchiveKey::load(path).map_err(|e| fail(&archive_display, e.to_string()))?,
+            archive::ArchiveKey::load(path).map_err(RestoreFailure::Key)?,
         )),
         None => None,
     };
-    let opened = archive::open_with_key(&archive, key.as_deref())
-        .map_err(|e| fail(&archive_display, e.to_string()))?;
+    let opened =
+        archive::open_with_key(archive, key.as_deref()).map_err(RestoreFailure::Archive)?;
     // The unpacked checkpoint is as large as the archive's content: in memory if it fits.
     let content_bytes: u64 = opened.manifest.entries.iter().map(|e| e.size).sum();
     // The reservation already holds its share of that.
@@ -206,11 +209,10 @@ pub fn prepare(
     let dir = local_dir(&space.root, identity);
     let result = (|| {
         if dir.exists() {
-            fs::remove_dir_all(&dir).map_err(|e| format!("clearing {}: {e}", dir.display()))?;
+            fs::remove_dir_all(&dir).map_err(work_dir("clearing", &dir))?;
         }
         if let Some(parent) = dir.parent() {
-            fs::create_dir_all(parent)
-                .map_err(|e| format!("creating {}: {e}", parent.display()))?;
+            fs::create_dir_all(parent).map_err(work_dir("creating", parent))?;
         }
         let unpack_started = Instant::now();
         let options = UnpackOptions {
@@ -218,40 +220,40 @@ pub fn prepare(
             reserved: reserved.map(|file| Reserved::new(FIRST_PAGES_IMAGE, file)),
             ..UnpackOptions::default()
         };
-        let verified = archive::unpack_opened(opened, &dir, &options).map_err(|e| e.to_string())?;
+        let verified =
+            archive::unpack_opened(opened, &dir, &options).map_err(RestoreFailure::Archive)?;
         let made_by = verified.manifest.versions.clone().unwrap_or_default().criu;
         if let Some(refusal) = criu::restore_refusal(&made_by, local_criu_version()) {
-            return Err(refusal);
+            return Err(RestoreFailure::CriuTooNew(refusal));
         }
-        let source = verified.manifest.source.unwrap_or_default();
-        if source.namespace != identity.namespace
-            || source.pod != source_pod
-            || source.container != identity.container
+        let holds = verified.manifest.source.unwrap_or_default();
+        if holds.namespace != identity.namespace
+            || holds.pod != source_pod
+            || holds.container != identity.container
         {
-            return Err(format!(
-                "the archive holds pod {}/{} container {}, not the clone's source {}/{} container {}",
-                source.namespace, source.pod, source.container, identity.namespace, source_pod, identity.container
-            ));
+            return Err(RestoreFailure::NotTheSource {
+                holds: Box::new(holds),
+                wanted: Box::new(archive::Source {
+                    namespace: identity.namespace.clone(),
+                    pod: source_pod.to_string(),
+                    container: identity.container.clone(),
+                    ..Default::default()
+                }),
+            });
         }
-        podmigrate_checkpoint::binding::check_restore(&source.clone_pod_uid, &identity.pod_uid)
-            .map_err(|e| e.to_string())?;
+        podmigrate_checkpoint::binding::check_restore(&holds.clone_pod_uid, &identity.pod_uid)
+            .map_err(RestoreFailure::OtherClone)?;
         if let Some(spec) = &identity.spec {
             let tasks = podmigrate_checkpoint::creds::check(&dir.join(CHECKPOINT_DIR), spec)
-                .map_err(|e| e.to_string())?;
+                .map_err(RestoreFailure::Credentials)?;
             info!(container = %identity.describe(), tasks, "the checkpoint's credentials are within the clone's spec");
         }
-        match upperdir(rootfs_mounts) {
-            Some(upper) => {
-                rootfs::apply_diff(&dir, &upper, &lowerdirs(rootfs_mounts))
-                    .map_err(|e| format!("applying the rootfs changes: {e}"))?;
-            }
-            None => {
-                return Err("the new container's rootfs is not an overlay mount, so the source's file changes cannot be applied".to_string())
-            }
-        }
+        let upper = upperdir(rootfs_mounts).ok_or(RestoreFailure::NotOverlay)?;
+        rootfs::apply_diff(&dir, &upper, &lowerdirs(rootfs_mounts))
+            .map_err(RestoreFailure::RootfsDiff)?;
         info!(
             container = %identity.describe(),
-            archive = %archive_display,
+            archive = %archive.display(),
             bytes = verified.archive_bytes,
             unpack_ms = unpack_started.elapsed().as_millis() as u64,
             total_ms = started.elapsed().as_millis() as u64,
@@ -263,13 +265,19 @@ pub fn prepare(
         Ok(()) => Ok(Prepared {
             images: dir.join(CHECKPOINT_DIR),
             dir,
-            archive,
+            archive: archive.to_path_buf(),
         }),
-        Err(reason) => {
+        Err(failure) => {
             let _ = fs::remove_dir_all(&dir);
-            Err(fail(&archive_display, reason))
+            Err(failure)
         }
     }
+}
+
+/// A failure to clear or create the local copy's directory `path`.
+fn work_dir(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> RestoreFailure {
+    let path = path.to_path_buf();
+    move |error| RestoreFailure::WorkDir { op, path, error }
 }
 
 /// How often a waiting clone looks for the source's announcement (and for the archive).

@@ -18,7 +18,7 @@ use containerd_shim::{
 };
 use tracing::{debug, info, warn};
 
-use crate::checkpoint::Checkpointer;
+use crate::checkpoint::{CheckpointError, CheckpointFailure, Checkpointer};
 use crate::config::ShimConfig;
 use crate::delegate::Delegate;
 use crate::error::{describe_ttrpc_error, status};
@@ -181,7 +181,7 @@ impl Task for TaskService {
                 Err(err) if identity.fallback_fresh => {
                     warn!(container = %identity.describe(), error = %err, "podmigrate.io/fallback=fresh: starting the container anew");
                 }
-                Err(err) => return Err(status(ttrpc::Code::FAILED_PRECONDITION, err)),
+                Err(err) => return Err(err.into()),
             }
         }
         let created = self.forward(ctx, |client, c| client.create(c, &req));
@@ -269,9 +269,9 @@ impl Task for TaskService {
         let (identity, bundle, rootfs) = {
             let containers = self.containers();
             let record = containers.get(&req.id).ok_or_else(|| {
-                status(
-                    ttrpc::Code::NOT_FOUND,
-                    format!("container {} is not managed by this shim", req.id),
+                CheckpointError::new(
+                    format!("container {}", req.id),
+                    CheckpointFailure::NotManaged,
                 )
             })?;
             (
@@ -281,13 +281,9 @@ impl Task for TaskService {
             )
         };
         if identity.is_sandbox {
-            return Err(status(
-                ttrpc::Code::FAILED_PRECONDITION,
-                format!(
-                    "{} is a pod sandbox; only app containers are checkpointed",
-                    req.id
-                ),
-            ));
+            return Err(
+                CheckpointError::new(identity.describe(), CheckpointFailure::Sandbox).into(),
+            );
         }
         let forward_ctx = forward_ctx(ctx);
         Checkpointer {
@@ -300,12 +296,7 @@ impl Task for TaskService {
         }
         .run(&req)
         .map(|_| Empty::default())
-        .map_err(|e| {
-            status(
-                ttrpc::Code::FAILED_PRECONDITION,
-                format!("checkpointing {}: {e}", identity.describe()),
-            )
-        })
+        .map_err(Into::into)
     }
 
     /// containerd sends this when it no longer needs the shim. The runc shim exits once it

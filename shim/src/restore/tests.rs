@@ -6,6 +6,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use containerd_shim::protos::ttrpc::Code;
 use containerd_shim::protos::types::mount::Mount;
 use podmigrate_checkpoint::archive::{self, PackOptions, Source, Versions};
 use podmigrate_checkpoint::layout::{CHECKPOINT_DIR, ROOTFS_DIFF_TAR};
@@ -119,9 +120,11 @@ impl Node {
         prepare(&self.config, &self.identity, SOURCE_POD, &self.mounts)
     }
 
-    /// Expects a refusal for `why`, with no residue anywhere.
-    fn refused(&self, why: &str) -> String {
-        let err = self.prepare().expect_err(why).to_string();
+    /// Expects a refusal for `why`, answered with `code`, with no residue anywhere.
+    fn refused(&self, why: &str, code: Code) -> String {
+        let err = self.prepare().expect_err(why);
+        assert_eq!(err.code(), code, "{err}");
+        let err = err.to_string();
         let archive = format!(
             "{}/{NS}/{SOURCE_POD}/{CONTAINER}.zip",
             self.config.share_root.display()
@@ -169,6 +172,50 @@ fn an_honest_archive_is_prepared() {
 }
 
 #[test]
+fn a_missing_archive_times_out_naming_the_setting() {
+    let mut node = node();
+    node.config.archive_wait = Duration::from_millis(100);
+    node.refused("timed out", Code::DEADLINE_EXCEEDED);
+    node.refused(crate::config::ENV_ARCHIVE_WAIT, Code::DEADLINE_EXCEEDED);
+}
+
+#[test]
+fn a_damaged_archive_is_data_loss() {
+    let node = node();
+    let dest = node.config.share_root.join(NS).join(SOURCE_POD);
+    fs::create_dir_all(&dest).unwrap();
+    fs::write(dest.join(format!("{CONTAINER}.zip")), b"not a zip").unwrap();
+    node.refused("not a valid zip archive", Code::DATA_LOSS);
+}
+
+#[test]
+fn a_source_pod_that_names_no_path_is_an_invalid_argument() {
+    let node = node();
+    let err = prepare(&node.config, &node.identity, "..", &node.mounts).unwrap_err();
+    assert_eq!(err.code(), Code::INVALID_ARGUMENT, "{err}");
+    let message = err.to_string();
+    for part in [
+        format!("restoring {CONTAINER} of clone pod {NS}/{CLONE_POD}"),
+        format!(
+            "{}/{NS}/../{CONTAINER}.zip",
+            node.config.share_root.display()
+        ),
+        "\"..\"".to_string(),
+    ] {
+        assert!(message.contains(&part), "expected {part:?} in: {message}");
+    }
+}
+
+#[test]
+fn a_rootfs_that_is_no_overlay_is_a_failed_precondition() {
+    let mut node = node();
+    let criu = local_criu();
+    node.archive((NS, SOURCE_POD, CONTAINER), &criu, |_| {});
+    node.mounts[0].type_ = "bind".to_string();
+    node.refused("is not an overlay mount", Code::FAILED_PRECONDITION);
+}
+
+#[test]
 fn an_archive_of_another_pod_namespace_or_container_is_refused() {
     let criu = local_criu();
     for source in [
@@ -181,7 +228,7 @@ fn an_archive_of_another_pod_namespace_or_container_is_refused() {
         let err = node.refused(&format!(
             "the archive holds pod {}/{} container {}, not the clone's source {NS}/{SOURCE_POD} container {CONTAINER}",
             source.0, source.1, source.2
-        ));
+        ), Code::PERMISSION_DENIED);
         assert!(!err.is_empty());
     }
 }
@@ -194,6 +241,7 @@ fn an_archive_made_for_another_clone_is_refused_and_one_for_this_clone_or_none_i
     other.refused(
         "the archive was made for clone pod uid uid-2, not for this pod (uid uid-1): \
          it belongs to another migration of the same source",
+        Code::PERMISSION_DENIED,
     );
     for made_for in ["uid-1", ""] {
         let node = node();
@@ -228,7 +276,7 @@ fn credentials_are_checked_against_the_clone_spec_before_the_diff_is_applied() {
         b.append_data(&mut f, "tmp/count", &b"5\n"[..]).unwrap();
         b.finish().unwrap();
     });
-    node.refused("no task credentials (core-*.img) in");
+    node.refused("no task credentials (core-*.img) in", Code::DATA_LOSS);
 }
 
 #[test]
@@ -236,9 +284,10 @@ fn an_archive_from_a_newer_criu_is_refused() {
     let node = node();
     let criu = local_criu();
     node.archive((NS, SOURCE_POD, CONTAINER), "99.0.0", |_| {});
-    node.refused(&format!(
-        "the checkpoint was made by CRIU 99.0.0, newer than this node's CRIU {criu}"
-    ));
+    node.refused(
+        &format!("the checkpoint was made by CRIU 99.0.0, newer than this node's CRIU {criu}"),
+        Code::FAILED_PRECONDITION,
+    );
 }
 
 #[test]
@@ -270,7 +319,7 @@ fn a_hostile_rootfs_diff_is_refused_before_anything_is_written() {
         b.append_data(&mut f, "tmp/planted", &b"pwned"[..]).unwrap();
         b.finish().unwrap();
     });
-    node.refused("applying the rootfs changes");
+    node.refused("applying the rootfs changes", Code::PERMISSION_DENIED);
     assert!(!node.p("host/planted").exists());
 }
 
