@@ -181,7 +181,7 @@ impl Task for TaskService {
                 Err(err) if identity.fallback_fresh => {
                     warn!(container = %identity.describe(), error = %err, "podmigrate.io/fallback=fresh: starting the container anew");
                 }
-                Err(err) => return Err(err.into()),
+                Err(err) => return Err(restore::answer(err)),
             }
         }
         let created = self.forward(ctx, |client, c| client.create(c, &req));

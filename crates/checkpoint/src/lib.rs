@@ -8,6 +8,7 @@ pub mod creds;
 pub mod criu;
 pub mod gc;
 pub mod layout;
+pub mod ops;
 pub mod prefault;
 pub mod rootfs;
 pub mod runc;

@@ -1,134 +1,47 @@
-//! What can fail in a restore, and the ttrpc code each failure is answered with.
+//! The ttrpc code a failed restore is answered with.
 
 use std::io;
-use std::path::PathBuf;
 
 use containerd_shim::protos::ttrpc::{self, Code};
-use podmigrate_checkpoint::archive::{ArchiveError, KeyError, Source};
-use podmigrate_checkpoint::binding::CloneMismatch;
+use podmigrate_checkpoint::archive::ArchiveError;
 use podmigrate_checkpoint::creds::CredsError;
+use podmigrate_checkpoint::ops::restore::{RestoreError, RestoreFailure};
 use podmigrate_checkpoint::rootfs::RootfsError;
-use podmigrate_checkpoint::share::ShareError;
 
-use crate::config::ENV_ARCHIVE_WAIT;
 use crate::error::status;
 
-/// A restore that failed, with everything an operator needs to act on it: kubelet shows this
-/// message in the pod's events.
-#[derive(Debug, thiserror::Error)]
-#[error("restoring {container} of clone pod {namespace}/{pod} from {archive}: {failure}")]
-pub struct RestoreError {
-    pub namespace: String,
-    pub pod: String,
-    pub container: String,
-    pub archive: String,
-    pub failure: Box<RestoreFailure>,
+/// A failed restore, as the Create RPC answers it.
+pub fn answer(err: RestoreError) -> ttrpc::Error {
+    status(code(&err.failure), err)
 }
 
-impl RestoreError {
-    pub fn code(&self) -> Code {
-        self.failure.code()
-    }
-}
-
-impl From<RestoreError> for ttrpc::Error {
-    fn from(err: RestoreError) -> Self {
-        status(err.code(), err)
-    }
-}
-
-/// What failed; each names the path or the names it concerns.
-#[derive(Debug, thiserror::Error)]
-pub enum RestoreFailure {
-    /// The clone's annotation (or its namespace or container) cannot name a path on the share.
-    #[error("{0}")]
-    ArchiveName(ShareError),
-
-    /// The archive did not appear within the node's limit.
-    #[error("{0} ({ENV_ARCHIVE_WAIT})")]
-    WaitTimedOut(ShareError),
-
-    /// Looking for the archive on the share failed.
-    #[error("{0}")]
-    Wait(ShareError),
-
-    /// The node's archive key does not load.
-    #[error("{0}")]
-    Key(KeyError),
-
-    /// The archive does not open, verify or unpack.
-    #[error("{0}")]
-    Archive(ArchiveError),
-
-    /// This node's CRIU is older than the one that made the checkpoint.
-    #[error("{0}")]
-    CriuTooNew(String),
-
-    /// The archive is another pod's or another container's.
-    #[error(
-        "the archive holds pod {}/{} container {}, not the clone's source {}/{} container {}",
-        .holds.namespace, .holds.pod, .holds.container,
-        .wanted.namespace, .wanted.pod, .wanted.container
-    )]
-    NotTheSource {
-        holds: Box<Source>,
-        wanted: Box<Source>,
-    },
-
-    /// The archive was made for another migration's clone.
-    #[error("{0}")]
-    OtherClone(CloneMismatch),
-
-    /// The checkpoint's tasks hold credentials the clone's spec does not allow.
-    #[error("{0}")]
-    Credentials(CredsError),
-
-    /// The new container has no overlay upper directory to apply the source's changes to.
-    #[error("the new container's rootfs is not an overlay mount, so the source's file changes cannot be applied")]
-    NotOverlay,
-
-    /// The source's rootfs changes do not apply.
-    #[error("applying the rootfs changes: {0}")]
-    RootfsDiff(RootfsError),
-
-    /// The local copy's directory cannot be cleared or made.
-    #[error("{op} {path}: {error}")]
-    WorkDir {
-        op: &'static str,
-        path: PathBuf,
-        error: io::Error,
-    },
-}
-
-impl RestoreFailure {
-    /// The ttrpc code the Create RPC answers this failure with.
-    ///
-    /// An archive that is damaged is DATA_LOSS; one this clone may not trust (unsealed on a
-    /// keyed node, forged, another pod's or another clone's, with credentials beyond the
-    /// clone's spec, with a diff that reaches out) is PERMISSION_DENIED; one this node cannot
-    /// restore (no key, an older CRIU, no overlay) is FAILED_PRECONDITION.
-    pub fn code(&self) -> Code {
-        use RestoreFailure::*;
-        match self {
-            ArchiveName(_) => Code::INVALID_ARGUMENT,
-            WaitTimedOut(_) => Code::DEADLINE_EXCEEDED,
-            Wait(_) | WorkDir { .. } => Code::INTERNAL,
-            Key(_) | CriuTooNew(_) | NotOverlay => Code::FAILED_PRECONDITION,
-            Archive(e) => archive_code(e),
-            NotTheSource { .. } | OtherClone(_) => Code::PERMISSION_DENIED,
-            Credentials(e) => match e {
-                CredsError::Exceeds { .. } => Code::PERMISSION_DENIED,
-                CredsError::NoTasks { .. } | CredsError::Image { .. } => Code::DATA_LOSS,
-                CredsError::Spec { .. } => Code::INVALID_ARGUMENT,
-                CredsError::Io { .. } => Code::INTERNAL,
-            },
-            RootfsDiff(e) => match e {
-                RootfsError::BadEntry { .. } | RootfsError::BadDeletedList { .. } => {
-                    Code::PERMISSION_DENIED
-                }
-                RootfsError::Io { .. } => Code::INTERNAL,
-            },
-        }
+/// The ttrpc code the Create RPC answers a restore failure with.
+///
+/// An archive that is damaged is DATA_LOSS; one this clone may not trust (unsealed on a keyed
+/// node, forged, another pod's or another clone's, with credentials beyond the clone's spec,
+/// with a diff that reaches out) is PERMISSION_DENIED; one this node cannot restore (no key, an
+/// older CRIU, no overlay) is FAILED_PRECONDITION.
+pub fn code(failure: &RestoreFailure) -> Code {
+    use RestoreFailure::*;
+    match failure {
+        ArchiveName(_) => Code::INVALID_ARGUMENT,
+        WaitTimedOut { .. } => Code::DEADLINE_EXCEEDED,
+        Wait(_) | WorkDir { .. } => Code::INTERNAL,
+        Key(_) | CriuTooNew(_) | NotOverlay => Code::FAILED_PRECONDITION,
+        Archive(e) => archive_code(e),
+        NotTheSource { .. } | OtherClone(_) => Code::PERMISSION_DENIED,
+        Credentials(e) => match e {
+            CredsError::Exceeds { .. } => Code::PERMISSION_DENIED,
+            CredsError::NoTasks { .. } | CredsError::Image { .. } => Code::DATA_LOSS,
+            CredsError::Spec { .. } => Code::INVALID_ARGUMENT,
+            CredsError::Io { .. } => Code::INTERNAL,
+        },
+        RootfsDiff(e) => match e {
+            RootfsError::BadEntry { .. } | RootfsError::BadDeletedList { .. } => {
+                Code::PERMISSION_DENIED
+            }
+            RootfsError::Io { .. } => Code::INTERNAL,
+        },
     }
 }
 
@@ -151,7 +64,14 @@ fn archive_code(err: &ArchiveError) -> Code {
 
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+
+    use podmigrate_checkpoint::archive::{KeyError, Source};
+    use podmigrate_checkpoint::binding::CloneMismatch;
+    use podmigrate_checkpoint::share::ShareError;
+
     use super::*;
+    use crate::config::ENV_ARCHIVE_WAIT;
 
     const ARCHIVE: &str = "/share/team-a/db-0/db.zip";
 
@@ -186,11 +106,14 @@ mod tests {
                 "\"../etc\"",
             ),
             (
-                WaitTimedOut(ShareError::Timeout {
-                    path: ARCHIVE.into(),
-                    waited: timeout,
-                    timeout,
-                }),
+                WaitTimedOut {
+                    error: ShareError::Timeout {
+                        path: ARCHIVE.into(),
+                        waited: timeout,
+                        timeout,
+                    },
+                    setting: ENV_ARCHIVE_WAIT,
+                },
                 Code::DEADLINE_EXCEEDED,
                 ENV_ARCHIVE_WAIT,
             ),
@@ -427,7 +350,7 @@ mod tests {
                 archive: ARCHIVE.into(),
                 failure: Box::new(failure),
             };
-            assert_eq!(err.code(), code, "{err}");
+            assert_eq!(super::code(&err.failure), code, "{err}");
             let message = err.to_string();
             assert!(
                 message.starts_with(&format!(
@@ -437,7 +360,7 @@ mod tests {
             );
             assert!(message.contains(named), "expected {named:?} in: {message}");
             assert!(!message.contains('\n'), "one line: {message}");
-            match ttrpc::Error::from(err) {
+            match answer(err) {
                 ttrpc::Error::RpcStatus(s) => {
                     assert_eq!(s.code(), code);
                     assert!(s.message.starts_with(crate::BINARY_NAME), "{}", s.message);

@@ -10,6 +10,7 @@ use containerd_shim::protos::ttrpc::Code;
 use containerd_shim::protos::types::mount::Mount;
 use podmigrate_checkpoint::archive::{self, PackOptions, Source, Versions};
 use podmigrate_checkpoint::layout::{CHECKPOINT_DIR, ROOTFS_DIFF_TAR};
+use podmigrate_checkpoint::ops::restore::{local_criu_version, local_dir};
 
 use super::*;
 
@@ -123,7 +124,7 @@ impl Node {
     /// Expects a refusal for `why`, answered with `code`, with no residue anywhere.
     fn refused(&self, why: &str, code: Code) -> String {
         let err = self.prepare().expect_err(why);
-        assert_eq!(err.code(), code, "{err}");
+        assert_eq!(super::code(&err.failure), code, "{err}");
         let err = err.to_string();
         let archive = format!(
             "{}/{NS}/{SOURCE_POD}/{CONTAINER}.zip",
@@ -138,7 +139,7 @@ impl Node {
         }
         assert!(!err.contains('\n'), "one line: {err}");
         assert!(
-            !local_dir(&self.config.work_dir, &self.identity).exists(),
+            !local_dir(&self.config.work_dir, NS, &self.identity.id).exists(),
             "work dir left behind: {err}"
         );
         assert_eq!(
@@ -192,7 +193,7 @@ fn a_damaged_archive_is_data_loss() {
 fn a_source_pod_that_names_no_path_is_an_invalid_argument() {
     let node = node();
     let err = prepare(&node.config, &node.identity, "..", &node.mounts).unwrap_err();
-    assert_eq!(err.code(), Code::INVALID_ARGUMENT, "{err}");
+    assert_eq!(super::code(&err.failure), Code::INVALID_ARGUMENT, "{err}");
     let message = err.to_string();
     for part in [
         format!("restoring {CONTAINER} of clone pod {NS}/{CLONE_POD}"),
