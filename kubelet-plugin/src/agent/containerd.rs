@@ -28,11 +28,14 @@ const LABEL_KIND: &str = "io.cri-containerd.kind";
 pub enum ContainerdError {
     #[error("connecting to containerd at {socket}: {reason}")]
     Connect { socket: PathBuf, reason: String },
-    #[error("containerd {call} for {target}: {status}")]
+    /// containerd answered with an error status: `code` says which kind (the shim's typed
+    /// errors keep their own codes through containerd), `message` what failed.
+    #[error("containerd {call} for {target}: {code:?}: {message}")]
     Call {
         call: &'static str,
         target: String,
-        status: String,
+        code: tonic::Code,
+        message: String,
     },
     #[error("containerd {call} for {target} did not answer within {timeout:?} ({})", timeout_setting(.call))]
     Timeout {
@@ -118,7 +121,8 @@ impl Containerd {
             Ok(Err(status)) => Err(ContainerdError::Call {
                 call,
                 target: target.to_string(),
-                status: format!("{:?}: {}", status.code(), status.message()),
+                code: status.code(),
+                message: status.message().to_string(),
             }),
             Err(_) => Err(ContainerdError::Timeout {
                 call,
@@ -179,7 +183,8 @@ impl Containerd {
             Ok(Err(status)) => Err(ContainerdError::Call {
                 call: "GetTask",
                 target: id.to_string(),
-                status: format!("{:?}: {}", status.code(), status.message()),
+                code: status.code(),
+                message: status.message().to_string(),
             }),
             Err(_) => Err(ContainerdError::Timeout {
                 call: "GetTask",
@@ -205,7 +210,10 @@ impl Containerd {
             .await
         {
             Ok(response) => Ok(response.process.map(|p| p.pid).filter(|&pid| pid > 0)),
-            Err(ContainerdError::Call { status, .. }) if status.starts_with("NotFound") => Ok(None),
+            Err(ContainerdError::Call {
+                code: tonic::Code::NotFound,
+                ..
+            }) => Ok(None),
             Err(e) => Err(e),
         }
     }

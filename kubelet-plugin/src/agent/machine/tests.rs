@@ -281,7 +281,8 @@ impl Runtime for FakeRuntime {
             return Err(ContainerdError::Call {
                 call: "Checkpoint",
                 target: id.to_string(),
-                status: reason,
+                code: containerd_client::tonic::Code::Internal,
+                message: reason,
             });
         }
         let container = id.trim_start_matches("id-");
