@@ -1,5 +1,7 @@
-//! Checkpoint: dump a container with CRIU through the runc shim, add what CRIU does not save,
-//! and commit the archive to the share.
+//! Checkpoint: dump a container with CRIU through the runc shim, while the library's
+//! [`Checkpoint`] operation packs the dump onto the share, adds what CRIU does not save and
+//! commits the archive. Here: the request's options, the work space, the task's state, and the
+//! runc shim's calls around the dump.
 //!
 //! The container is paused first and dumped with "leave running", so CRIU leaves it frozen.
 //! Only once the archive is committed does the container stop (if containerd asked for exit) or
@@ -7,9 +9,8 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::OnceLock;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use containerd_shim::protos::api::{
     CheckpointTaskRequest, KillRequest, PauseRequest, ResumeRequest, StateRequest,
@@ -20,14 +21,11 @@ use containerd_shim::protos::shim::oci::CheckpointOptions;
 use containerd_shim::protos::ttrpc::context::Context;
 use containerd_shim::protos::types::mount::Mount;
 use containerd_shim::protos::types::task::Status;
-use podmigrate_checkpoint::archive::{
-    self, ArchiveKey, Follow, PackOptions, PagesPipe, Source, Versions,
-};
+use podmigrate_checkpoint::archive::{PackSummary, Source, Versions};
 use podmigrate_checkpoint::bandwidth::Bandwidth;
-use podmigrate_checkpoint::layout::{
-    ContainerConfig, CHECKPOINT_DIR, FIRST_PAGES_IMAGE, SPEC_DUMP,
-};
-use podmigrate_checkpoint::{criu, rootfs, runc, share, workspace};
+use podmigrate_checkpoint::layout::CHECKPOINT_DIR;
+use podmigrate_checkpoint::ops::checkpoint::Checkpoint;
+use podmigrate_checkpoint::{criu, runc, workspace};
 use podmigrate_vocabulary::RUNC_CHECKPOINT_OPTIONS_TYPE_URL;
 use tracing::{info, warn};
 
@@ -40,21 +38,6 @@ use crate::mounts::upperdir;
 mod error;
 
 pub use error::{CheckpointError, CheckpointFailure};
-
-/// The packer gives up on a dump that has not finished by then (containerd's own checkpoint
-/// calls are bounded well below it).
-const FOLLOW_TIMEOUT: Duration = Duration::from_secs(30 * 60);
-
-/// What a committed checkpoint produced.
-#[derive(Debug, Clone)]
-pub struct Committed {
-    pub archive: PathBuf,
-    pub manifest_sha256: String,
-    pub archive_bytes: u64,
-    /// The local checkpoint directory, when it is kept: one in the caller's image path stays;
-    /// one in memory-backed work space is removed once the archive is committed.
-    pub local_dir: Option<PathBuf>,
-}
 
 fn unix_millis() -> u128 {
     SystemTime::now()
@@ -137,12 +120,12 @@ impl Checkpointer<'_> {
     }
 
     /// Checkpoints the container; a failure names it.
-    pub fn run(&self, req: &CheckpointTaskRequest) -> Result<Committed, CheckpointError> {
+    pub fn run(&self, req: &CheckpointTaskRequest) -> Result<PackSummary, CheckpointError> {
         self.checkpoint(req)
             .map_err(|failure| CheckpointError::new(self.identity.describe(), failure))
     }
 
-    fn checkpoint(&self, req: &CheckpointTaskRequest) -> Result<Committed, CheckpointFailure> {
+    fn checkpoint(&self, req: &CheckpointTaskRequest) -> Result<PackSummary, CheckpointFailure> {
         let started = Instant::now();
         let id = self.identity.id.as_str();
         let mut options = checkpoint_options(req)?;
@@ -194,10 +177,11 @@ impl Checkpointer<'_> {
         let result = self.dump_and_commit(&mut options, &local_dir, &criu_work);
         let _ = fs::remove_dir_all(&criu_work);
         match result {
-            Ok(mut committed) => {
+            Ok(committed) => {
+                // A checkpoint directory in memory-backed work space is gone once committed;
+                // one in the caller's image path stays.
                 if space.in_memory {
                     let _ = fs::remove_dir_all(&local_dir);
-                    committed.local_dir = None;
                 }
                 if exit {
                     // Killed while frozen, the processes die as they thaw, without running.
@@ -322,30 +306,15 @@ impl Checkpointer<'_> {
         Ok(node.stricter(pod))
     }
 
-    /// The clone this checkpoint is for, named by the agent's lease beside the archive
-    /// (`None` for a checkpoint taken without one, e.g. by `ctr`).
-    fn clone_made_for(&self, archive: &Path) -> Result<Option<String>, CheckpointFailure> {
-        let pod_dir = archive.parent().unwrap_or(archive);
-        let uid = podmigrate_checkpoint::binding::clone_for_pack(pod_dir, SystemTime::now())
-            .map_err(CheckpointFailure::Leases)?;
-        info!(container = %self.identity.describe(), clone_pod_uid = uid.as_deref().unwrap_or("-"), "archive made for clone");
-        Ok(uid)
-    }
-
+    /// Dumps the container through the runc shim into `local_dir` while the library's
+    /// [`Checkpoint`] packs it onto the share, adds what CRIU does not save, and commits it.
     fn dump_and_commit(
         &self,
         options: &mut CheckpointOptions,
         local_dir: &Path,
         criu_work: &Path,
-    ) -> Result<Committed, CheckpointFailure> {
+    ) -> Result<PackSummary, CheckpointFailure> {
         let id = self.identity.id.as_str();
-        // Before anything is dumped: a node configured with a key never writes a plain archive.
-        let key = match &self.config.key_file {
-            Some(path) => Some(Arc::new(
-                ArchiveKey::load(path).map_err(CheckpointFailure::Key)?,
-            )),
-            None => None,
-        };
         let images = local_dir.join(CHECKPOINT_DIR);
         options.exit = false;
         options.image_path = images.display().to_string();
@@ -364,19 +333,9 @@ impl Checkpointer<'_> {
         };
         // runc creates CRIU's work directory with a plain mkdir, so its parent must exist.
         fs::create_dir_all(criu_work).map_err(creating(criu_work))?;
-
-        let archive_path = share::archive_path(
-            &self.config.share_root,
-            &self.identity.namespace,
-            &self.identity.pod,
-            &self.identity.container,
-        )
-        .map_err(CheckpointFailure::ArchiveName)?;
-        share::create_archive_dir(&self.config.share_root, &archive_path)
-            .map_err(CheckpointFailure::ArchiveDir)?;
-        let clone_pod_uid = self.clone_made_for(&archive_path)?;
-        let record_uid = clone_pod_uid.clone().unwrap_or_default();
-        let pack_options = PackOptions {
+        Checkpoint {
+            share_root: &self.config.share_root,
+            key_file: self.config.key_file.as_deref(),
             source: Source {
                 node: self.config.node_name.clone(),
                 namespace: self.identity.namespace.clone(),
@@ -385,79 +344,15 @@ impl Checkpointer<'_> {
                 container: self.identity.container.clone(),
                 image: self.identity.image.clone(),
                 container_id: id.into(),
-                clone_pod_uid: clone_pod_uid.unwrap_or_default(),
+                ..Source::default()
             },
             versions: stack_versions().clone(),
             bandwidth: self.bandwidth()?,
-            key,
-            ..PackOptions::default()
-        };
-
-        // CRIU writes its pages image into a pipe that the packer reads onto the share: the
-        // pages never land locally. The rest of the checkpoint directory follows once the dump
-        // and the extras are done.
-        fs::create_dir_all(&images).map_err(creating(&images))?;
-        let pipe = PagesPipe::create(local_dir, FIRST_PAGES_IMAGE)
-            .map_err(CheckpointFailure::PagesPipe)?;
-        let (done, failed) = (AtomicBool::new(false), AtomicBool::new(false));
-        let follow = Follow {
-            pipe: &pipe,
-            done: &done,
-            failed: &failed,
-            poll: Duration::from_millis(2),
-            timeout: FOLLOW_TIMEOUT,
-        };
-        let pack_started = Instant::now();
-        let (dumped, packed) = std::thread::scope(|scope| {
-            let packer = scope.spawn(|| {
-                archive::pack_following(local_dir, &archive_path, &pack_options, &follow)
-            });
-            let dumped = self.dump_and_extras(&dump, local_dir);
-            match &dumped {
-                Ok(_) => done.store(true, Ordering::Release),
-                Err(_) => failed.store(true, Ordering::Release),
-            }
-            let packed = packer
-                .join()
-                .unwrap_or_else(|_| panic!("the packer of {id} panicked"));
-            (dumped, packed)
-        });
-        let (dumped_in, extras_in) = dumped?;
-        let summary = packed.map_err(CheckpointFailure::Pack)?;
-        let pack_total = pack_started.elapsed();
-        // What packing added after the dump and the extras: the rest overlapped the dump.
-        let pack_after = pack_total.saturating_sub(dumped_in + extras_in);
-        info!(
-            container = %self.identity.describe(),
-            dump_ms = dumped_in.as_millis() as u64,
-            diff_ms = extras_in.as_millis() as u64,
-            pack_ms = pack_after.as_millis() as u64,
-            pack_total_ms = pack_total.as_millis() as u64,
-            throttled_ms = summary.throttled.as_millis() as u64,
-            bandwidth = %pack_options.bandwidth,
-            sealed_with = summary.sealed_with.as_deref().unwrap_or("-"),
-            "dumped and packed"
-        );
-        // The agent reads what the commit took from this record, not from the archive.
-        share::write_commit_record(
-            &summary.archive,
-            &share::CommitRecord {
-                clone_pod_uid: record_uid,
-                manifest_sha256: summary.manifest_sha256.clone(),
-                archive_bytes: summary.archive_bytes,
-                dump_ms: dumped_in.as_millis() as u64,
-                diff_ms: extras_in.as_millis() as u64,
-                pack_ms: pack_after.as_millis() as u64,
-                committed_unix_ms: unix_millis() as u64,
-            },
-        )
-        .map_err(CheckpointFailure::CommitRecord)?;
-        Ok(Committed {
-            archive: summary.archive,
-            manifest_sha256: summary.manifest_sha256,
-            archive_bytes: summary.archive_bytes,
-            local_dir: Some(local_dir.to_path_buf()),
-        })
+            local_dir,
+            spec: &self.bundle.join("config.json"),
+            upperdir: upperdir(self.rootfs),
+        }
+        .run(|| self.dump(&dump))
     }
 
     /// A container asked to stop while it was frozen (its pod deleted mid-checkpoint: kubelet's
@@ -487,15 +382,9 @@ impl Checkpointer<'_> {
         }
     }
 
-    /// The CRIU dump through the runc shim, then what CRIU does not save (the spec, the
-    /// container's config, its rootfs changes). Returns how long each took.
-    fn dump_and_extras(
-        &self,
-        dump: &CheckpointTaskRequest,
-        local_dir: &Path,
-    ) -> Result<(Duration, Duration), CheckpointFailure> {
-        let id = self.identity.id.as_str();
-        let dump_started = Instant::now();
+    /// The CRIU dump through the runc shim, refused if the container was asked to stop
+    /// meanwhile.
+    fn dump(&self, dump: &CheckpointTaskRequest) -> Result<(), CheckpointFailure> {
         self.delegate
             .client()
             .checkpoint(self.ctx.clone(), dump)
@@ -503,42 +392,7 @@ impl Checkpointer<'_> {
                 criu: self.criu_errors(dump),
                 error,
             })?;
-        let dumped_in = dump_started.elapsed();
-        self.refuse_if_stopping()?;
-        let extras_started = Instant::now();
-
-        let spec = self.bundle.join("config.json");
-        fs::copy(&spec, local_dir.join(SPEC_DUMP)).map_err(|error| CheckpointFailure::Io {
-            op: "copying",
-            path: spec.clone(),
-            error,
-        })?;
-        let now = time::OffsetDateTime::now_utc()
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_default();
-        ContainerConfig {
-            id: id.into(),
-            name: self.identity.container.clone(),
-            rootfs_image_name: self.identity.image.clone(),
-            oci_runtime: "runc".into(),
-            checkpointed_time: now,
-            ..ContainerConfig::default()
-        }
-        .write_to(local_dir)
-        .map_err(CheckpointFailure::ConfigDump)?;
-        match upperdir(self.rootfs) {
-            Some(upper) => {
-                let diff = rootfs::capture_diff(&upper, local_dir)
-                    .map_err(CheckpointFailure::RootfsDiff)?;
-                if !diff.skipped.is_empty() {
-                    warn!(container = %self.identity.describe(), skipped = ?diff.skipped, "sockets and fifos are not carried in the rootfs diff");
-                }
-            }
-            None => {
-                warn!(container = %self.identity.describe(), "rootfs is not an overlay: its changes are not carried")
-            }
-        }
-        Ok((dumped_in, extras_started.elapsed()))
+        self.refuse_if_stopping()
     }
 }
 

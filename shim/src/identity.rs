@@ -81,12 +81,9 @@ impl ContainerIdentity {
         }
     }
 
-    /// `namespace/pod container name`, for messages.
+    /// `pod <namespace>/<pod> container <name>`, for messages.
     pub fn describe(&self) -> String {
-        format!(
-            "pod {}/{} container {}",
-            self.namespace, self.pod, self.container
-        )
+        podmigrate_checkpoint::ops::describe(&self.namespace, &self.pod, &self.container)
     }
 }
 

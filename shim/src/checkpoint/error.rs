@@ -6,12 +6,8 @@ use std::path::PathBuf;
 use containerd_shim::protos::protobuf;
 use containerd_shim::protos::ttrpc::{self, Code};
 use containerd_shim::protos::types::task::Status;
-use podmigrate_checkpoint::archive::{ArchiveError, KeyError};
 use podmigrate_checkpoint::bandwidth::BandwidthError;
-use podmigrate_checkpoint::binding::BindingError;
-use podmigrate_checkpoint::layout::LayoutError;
-use podmigrate_checkpoint::rootfs::RootfsError;
-use podmigrate_checkpoint::share::ShareError;
+use podmigrate_checkpoint::ops::checkpoint::CheckpointError as ArchiveFailure;
 use podmigrate_vocabulary::{BANDWIDTH, RUNC_CHECKPOINT_OPTIONS_TYPE_URL};
 
 use crate::config::ENV_BANDWIDTH;
@@ -106,7 +102,7 @@ pub enum CheckpointFailure {
     #[error("checking the container after the dump: it was asked to stop during the checkpoint ({signal} pending), so the checkpoint would restore a dying process")]
     StopPending { signal: &'static str },
 
-    /// A local file or directory of the checkpoint could not be made.
+    /// A local directory of the checkpoint could not be made.
     #[error("{op} {path}: {error}")]
     Io {
         op: &'static str,
@@ -114,45 +110,14 @@ pub enum CheckpointFailure {
         error: io::Error,
     },
 
-    /// The node's archive key does not load.
-    #[error("loading the archive key: {0}")]
-    Key(KeyError),
-
     /// The dump's options do not encode.
     #[error("encoding checkpoint options: {0}")]
     EncodeOptions(protobuf::Error),
 
-    /// The pod or container name cannot name a path on the share.
-    #[error("naming the archive: {0}")]
-    ArchiveName(ShareError),
-
-    /// The archive's directory on the share cannot be made.
-    #[error("creating the archive's directory: {0}")]
-    ArchiveDir(ShareError),
-
-    /// The agent's leases beside the archive cannot be read.
-    #[error("naming the clone the archive is for: {0}")]
-    Leases(BindingError),
-
-    /// The pipe CRIU writes the pages into cannot be made.
-    #[error("making the pages pipe: {0}")]
-    PagesPipe(ArchiveError),
-
-    /// `config.dump` cannot be written.
-    #[error("writing config.dump: {0}")]
-    ConfigDump(LayoutError),
-
-    /// The overlay upper directory cannot be captured.
-    #[error("capturing the rootfs changes: {0}")]
-    RootfsDiff(RootfsError),
-
-    /// Packing the checkpoint onto the share failed.
-    #[error("packing onto the share: {0}")]
-    Pack(ArchiveError),
-
-    /// The commit record beside the archive cannot be written.
-    #[error("recording the commit: {0}")]
-    CommitRecord(ShareError),
+    /// Making the archive around the dump failed (see
+    /// [`podmigrate_checkpoint::ops::checkpoint`]).
+    #[error("{0}")]
+    Archive(#[from] ArchiveFailure),
 }
 
 impl CheckpointFailure {
@@ -161,9 +126,10 @@ impl CheckpointFailure {
         use CheckpointFailure::*;
         match self {
             NotManaged => Code::NOT_FOUND,
-            OptionsType { .. } | OptionsUnreadable { .. } | PodBandwidth(_) | ArchiveName(_) => {
-                Code::INVALID_ARGUMENT
-            }
+            OptionsType { .. }
+            | OptionsUnreadable { .. }
+            | PodBandwidth(_)
+            | Archive(ArchiveFailure::ArchiveName(_)) => Code::INVALID_ARGUMENT,
             DirNotEmpty { .. } => Code::ALREADY_EXISTS,
             // The node's own settings, or the task's state, do not allow a checkpoint.
             Sandbox
@@ -171,22 +137,15 @@ impl CheckpointFailure {
             | Stopped { .. }
             | StopPending { .. }
             | NodeBandwidth(_)
-            | Key(_) => Code::FAILED_PRECONDITION,
+            | Archive(ArchiveFailure::Key(_)) => Code::FAILED_PRECONDITION,
             // The runc shim's own verdict, or UNAVAILABLE when it could not be reached.
             Delegate { error, .. } => delegate_code(error),
             Dump { error, .. } => match error {
                 ttrpc::Error::RpcStatus(_) => Code::INTERNAL,
                 _ => Code::UNAVAILABLE,
             },
-            Io { .. }
-            | EncodeOptions(_)
-            | ArchiveDir(_)
-            | Leases(_)
-            | PagesPipe(_)
-            | ConfigDump(_)
-            | RootfsDiff(_)
-            | Pack(_)
-            | CommitRecord(_) => Code::INTERNAL,
+            // A share or local disk that fails, the packer, a file of the checkpoint.
+            Io { .. } | EncodeOptions(_) | Archive(_) => Code::INTERNAL,
         }
     }
 }
@@ -202,6 +161,12 @@ fn with_criu_lines(error: &ttrpc::Error, criu: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use podmigrate_checkpoint::archive::{ArchiveError, KeyError};
+    use podmigrate_checkpoint::binding::BindingError;
+    use podmigrate_checkpoint::layout::LayoutError;
+    use podmigrate_checkpoint::rootfs::RootfsError;
+    use podmigrate_checkpoint::share::ShareError;
+
     use super::*;
 
     const CONTAINER: &str = "pod team-a/db-0 container db";
@@ -331,10 +296,10 @@ mod tests {
                 "/work/criu/c1-1",
             ),
             (
-                Key(KeyError::Invalid {
+                Archive(ArchiveFailure::Key(KeyError::Invalid {
                     path: "/etc/podmigrate/key".into(),
                     reason: "too short".into(),
-                }),
+                })),
                 Code::FAILED_PRECONDITION,
                 "/etc/podmigrate/key",
             ),
@@ -344,55 +309,61 @@ mod tests {
                 "encoding checkpoint options",
             ),
             (
-                ArchiveName(ShareError::BadName {
+                Archive(ArchiveFailure::ArchiveName(ShareError::BadName {
                     what: "pod",
                     value: "..".into(),
-                }),
+                })),
                 Code::INVALID_ARGUMENT,
                 "\"..\"",
             ),
             (
-                ArchiveDir(share_io("/share/team-a/db-0")),
+                Archive(ArchiveFailure::ArchiveDir(share_io("/share/team-a/db-0"))),
                 Code::INTERNAL,
                 "/share/team-a/db-0",
             ),
             (
-                Leases(BindingError::ReadLeases {
+                Archive(ArchiveFailure::Leases(BindingError::ReadLeases {
                     path: "/share/team-a/db-0".into(),
                     source: io_error(),
-                }),
+                })),
                 Code::INTERNAL,
                 "/share/team-a/db-0",
             ),
             (
-                PagesPipe(archive_error("/work/ck/checkpoint/pages-1.img")),
+                Archive(ArchiveFailure::PagesPipe(archive_error(
+                    "/work/ck/checkpoint/pages-1.img",
+                ))),
                 Code::INTERNAL,
                 "/work/ck/checkpoint/pages-1.img",
             ),
             (
-                ConfigDump(LayoutError::Write {
+                Archive(ArchiveFailure::ConfigDump(LayoutError::Write {
                     path: "/work/ck/config.dump".into(),
                     source: io_error(),
-                }),
+                })),
                 Code::INTERNAL,
                 "/work/ck/config.dump",
             ),
             (
-                RootfsDiff(RootfsError::Io {
+                Archive(ArchiveFailure::RootfsDiff(RootfsError::Io {
                     op: "reading",
                     path: "/upper/etc".into(),
                     source: io_error(),
-                }),
+                })),
                 Code::INTERNAL,
                 "/upper/etc",
             ),
             (
-                Pack(archive_error("/share/team-a/db-0/.db.zip.tmp-1")),
+                Archive(ArchiveFailure::Pack(archive_error(
+                    "/share/team-a/db-0/.db.zip.tmp-1",
+                ))),
                 Code::INTERNAL,
                 "/share/team-a/db-0/.db.zip.tmp-1",
             ),
             (
-                CommitRecord(share_io("/share/team-a/db-0/.db.commit")),
+                Archive(ArchiveFailure::CommitRecord(share_io(
+                    "/share/team-a/db-0/.db.commit",
+                ))),
                 Code::INTERNAL,
                 "/share/team-a/db-0/.db.commit",
             ),

@@ -183,12 +183,8 @@ impl Restore<'_> {
             .map_err(fail(archive.display().to_string()))
     }
 
-    /// `pod <namespace>/<pod> container <name>`, for logs.
     fn describe(&self) -> String {
-        format!(
-            "pod {}/{} container {}",
-            self.namespace, self.pod, self.container
-        )
+        super::describe(self.namespace, self.pod, self.container)
     }
 
     fn prepare(&self, archive: &Path) -> Result<Prepared, RestoreFailure> {
