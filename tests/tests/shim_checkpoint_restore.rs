@@ -382,15 +382,28 @@ async fn checkpoint_through_containerds_tasks_api_commits_an_archive_and_keeps_t
         list_tree(&node.share)
     );
     let pod_dir = archive_path.parent().unwrap();
-    let names: Vec<String> = fs::read_dir(pod_dir)
+    let mut names: Vec<String> = fs::read_dir(pod_dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
+    names.sort();
     assert_eq!(
         names,
-        ["counter.zip"],
-        "{} should hold only the committed archive (no .counter.zip.tmp-*)",
+        [".counter.commit", "counter.zip"],
+        "{} should hold only the committed archive and its commit record (no .counter.zip.tmp-*)",
         pod_dir.display()
+    );
+    // The commit record says what was committed (no clone named it here).
+    let record = podmigrate_checkpoint::share::read_commit_record(&archive_path, "")
+        .unwrap()
+        .expect("a commit record for no clone");
+    assert_eq!(
+        record.archive_bytes,
+        fs::metadata(&archive_path).unwrap().len()
+    );
+    assert_eq!(
+        record.manifest_sha256,
+        archive::open(&archive_path).unwrap().manifest_sha256
     );
 
     // The CLI accepts it and reads its source back.
