@@ -66,6 +66,9 @@ pub enum AgentError {
     Containerd(#[from] ContainerdError),
 }
 
+/// How soon a release that could not remove a share file tries again.
+const RELEASE_RETRY: Duration = Duration::from_secs(2);
+
 /// When to look at a clone again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Next {
@@ -216,8 +219,7 @@ impl<C: Cluster, R: Runtime, S: Share> Agent<C, R, S> {
                 self.advance(clone, phase).await
             }
             Some(phase) if ours && phase.is_final() && has_finalizer(&clone) => {
-                self.release(&clone).await?;
-                Ok(Next::OnChange)
+                self.release(&clone).await
             }
             _ => self.decide(&clone).await,
         }
@@ -452,19 +454,25 @@ impl<C: Cluster, R: Runtime, S: Share> Agent<C, R, S> {
                 )
                 .await?;
         }
-        self.release(&clone).await?;
-        Ok(Next::OnChange)
+        self.release(&clone).await
     }
 
     /// The last step of every migration, ended or interrupted after it ended: its files on
     /// this node and the share go (the archives stay pinned when kept), then the finalizer.
-    pub(super) async fn release(&self, clone: &Pod) -> Result<(), AgentError> {
+    /// A share file that cannot go yet (on SMB, one the clone's shim still holds open) keeps
+    /// the finalizer, and the release is tried again.
+    pub(super) async fn release(&self, clone: &Pod) -> Result<Next, AgentError> {
         let namespace = clone.metadata.namespace.clone().unwrap_or_default();
         let uid = clone.metadata.uid.clone().unwrap_or_default();
         if let Some(source) = annotation(clone, CLONE_POD) {
             let keep = annotation(clone, KEEP_ARCHIVE) == Some("true");
-            self.share
-                .release(&namespace, source, &uid, &spec_names(clone), keep);
+            if let Err(e) = self
+                .share
+                .release(&namespace, source, &uid, &spec_names(clone), keep)
+            {
+                warn!(clone = %pod_name(clone), error = %e, "releasing the migration's share files; trying again");
+                return Ok(Next::After(RELEASE_RETRY));
+            }
         }
         if !uid.is_empty() {
             let _ = std::fs::remove_dir_all(self.config.work_dir.join("checkpoints").join(&uid));
@@ -483,7 +491,7 @@ impl<C: Cluster, R: Runtime, S: Share> Agent<C, R, S> {
         }
         self.in_flight.lock().expect("in-flight set").remove(&uid);
         self.update_gauge();
-        Ok(())
+        Ok(Next::OnChange)
     }
 
     /// Counts a migration as driven by this agent; true when it was not yet.

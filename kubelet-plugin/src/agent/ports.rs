@@ -130,7 +130,8 @@ pub trait Share: Send + Sync + 'static {
     /// Bytes packed so far onto the share for these containers (archives being written).
     fn packing_bytes(&self, namespace: &str, source: &str, containers: &[String]) -> u64;
     /// Ends the migration's use of the share: its lease, reservations and commit records go;
-    /// its archives go too, or stay pinned when `keep`.
+    /// its archives go too, or stay pinned when `keep`. `Err` names the first file that could
+    /// not go (one already gone is no error); the rest were still tried.
     fn release(
         &self,
         namespace: &str,
@@ -138,7 +139,7 @@ pub trait Share: Send + Sync + 'static {
         clone_uid: &str,
         containers: &[String],
         keep: bool,
-    );
+    ) -> Result<(), String>;
 }
 
 /// [`Cluster`] on the API server.
@@ -356,19 +357,26 @@ impl Share for DirShare {
         clone_uid: &str,
         containers: &[String],
         keep: bool,
-    ) {
+    ) -> Result<(), String> {
         let Ok(dir) = self.pod_dir(namespace, source) else {
-            return;
+            return Ok(());
+        };
+        let mut first_error = None;
+        let mut remove = |path: &Path| match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                first_error.get_or_insert(format!("removing {}: {e}", path.display()));
+            }
+            _ => {}
         };
         if !clone_uid.is_empty() {
-            let _ = std::fs::remove_file(share::lease_path(&dir, clone_uid));
+            remove(&share::lease_path(&dir, clone_uid));
             prefault::withdraw(&dir, clone_uid);
         }
         for c in containers {
             let Ok(path) = self.archive(namespace, source, c) else {
                 continue;
             };
-            let _ = std::fs::remove_file(share::commit_record_path(&path));
+            remove(&share::commit_record_path(&path));
             if keep {
                 // Kept on request: pinned, so GC leaves it too.
                 let pin = share::pin_path(&path);
@@ -376,8 +384,9 @@ impl Share for DirShare {
                     warn!(pin = %pin.display(), error = %e, "pinning a kept archive");
                 }
             } else {
-                let _ = std::fs::remove_file(path);
+                remove(&path);
             }
         }
+        first_error.map_or(Ok(()), Err)
     }
 }

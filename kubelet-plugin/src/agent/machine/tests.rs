@@ -614,6 +614,27 @@ async fn a_missing_commit_record_rolls_back_in_transferring() {
     w.assert_released();
 }
 
+#[tokio::test]
+async fn a_share_file_that_cannot_go_yet_keeps_the_finalizer_until_it_does() {
+    let w = World::new("migrate");
+    w.until(Phase::Restoring, 4).await;
+    // Something the share refuses to remove (a directory where the archive was; on SMB, a
+    // file the clone's shim still holds open).
+    let archive = share::archive_path(&w.share_root, NS, SOURCE, "web").unwrap();
+    std::fs::remove_file(&archive).unwrap();
+    std::fs::create_dir(&archive).unwrap();
+    w.clone_runs();
+    assert_eq!(w.step().await, Next::After(RELEASE_RETRY));
+    assert_eq!(w.phase().as_deref(), Some("Running"));
+    assert!(
+        has_finalizer(&w.clone()),
+        "held until the share is released"
+    );
+    std::fs::remove_dir(&archive).unwrap();
+    assert_eq!(w.step().await, Next::OnChange);
+    w.assert_released();
+}
+
 // ---- cancel ---------------------------------------------------------------------------------
 
 async fn cancel_in(phase: Phase) {
