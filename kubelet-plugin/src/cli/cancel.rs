@@ -124,7 +124,9 @@ pub async fn request_cancel(pods: &Api<Pod>, clone: &Pod, who: &str) -> anyhow::
     .with_context(|| format!("marking clone pod {namespace}/{name} cancelled"))?;
     if phase(clone) == Phase::Pending {
         match pods.delete(&name, &DeleteParams::default()).await {
-            Ok(_) | Err(kube::Error::Api(_)) => {}
+            // Gone already (its agent or someone else deleted it): nothing to stop.
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
             Err(e) => {
                 return Err(e).with_context(|| format!("deleting clone pod {namespace}/{name}"))
             }
