@@ -121,6 +121,31 @@ pub(super) struct Migration {
     pub started_at: u64,
 }
 
+impl Migration {
+    /// A migration that cannot go on, with enough of it read to end it: nothing is frozen by
+    /// this agent, and the budget no longer counts.
+    pub(super) fn ending(clone: Pod, source: Option<Pod>) -> Migration {
+        Migration {
+            source,
+            namespace: clone.metadata.namespace.clone().unwrap_or_default(),
+            source_name: annotation(&clone, CLONE_POD)
+                .unwrap_or_default()
+                .to_string(),
+            uid: clone.metadata.uid.clone().unwrap_or_default(),
+            mode: Mode::Migrate,
+            names: spec_names(&clone),
+            containers: Vec::new(),
+            budget: Budget {
+                completion: Duration::ZERO,
+                progress: Duration::ZERO,
+                why: String::new(),
+            },
+            started_at: unix_millis(),
+            clone,
+        }
+    }
+}
+
 pub(super) fn unix_millis() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -230,7 +255,7 @@ impl<C: Cluster, R: Runtime, S: Share> Agent<C, R, S> {
         let m = match self.migration(clone).await? {
             Ok(m) => m,
             Err((clone, reason)) => {
-                let m = self.bare_migration(clone);
+                let m = Migration::ending(clone, None);
                 return self.finish(&m, Ending::Failed(reason)).await;
             }
         };
@@ -298,28 +323,6 @@ impl<C: Cluster, R: Runtime, S: Share> Agent<C, R, S> {
             started_at: millis(&clone, STARTED_AT).unwrap_or_else(unix_millis),
             clone,
         }))
-    }
-
-    /// A migration that could not be read whole, enough to end it.
-    fn bare_migration(&self, clone: Pod) -> Migration {
-        Migration {
-            source: None,
-            namespace: clone.metadata.namespace.clone().unwrap_or_default(),
-            source_name: annotation(&clone, CLONE_POD)
-                .unwrap_or_default()
-                .to_string(),
-            uid: clone.metadata.uid.clone().unwrap_or_default(),
-            mode: Mode::Migrate,
-            names: spec_names(&clone),
-            containers: Vec::new(),
-            budget: Budget {
-                completion: Duration::ZERO,
-                progress: Duration::ZERO,
-                why: String::new(),
-            },
-            started_at: unix_millis(),
-            clone,
-        }
     }
 
     /// Merge-patches annotations on the clone. `null` removes one.
@@ -464,7 +467,10 @@ impl<C: Cluster, R: Runtime, S: Share> Agent<C, R, S> {
     pub(super) async fn release(&self, clone: &Pod) -> Result<Next, AgentError> {
         let namespace = clone.metadata.namespace.clone().unwrap_or_default();
         let uid = clone.metadata.uid.clone().unwrap_or_default();
-        if let Some(source) = annotation(clone, CLONE_POD) {
+        // Only a claimed migration (it carries the finalizer) has share files of its own: an
+        // unclaimed one must not touch the archives an earlier migration of its source kept.
+        let claimed = has_finalizer(clone);
+        if let Some(source) = annotation(clone, CLONE_POD).filter(|_| claimed) {
             let keep = annotation(clone, KEEP_ARCHIVE) == Some("true");
             if let Err(e) = self
                 .share
@@ -474,10 +480,10 @@ impl<C: Cluster, R: Runtime, S: Share> Agent<C, R, S> {
                 return Ok(Next::After(RELEASE_RETRY));
             }
         }
-        if !uid.is_empty() {
+        if claimed && !uid.is_empty() {
             let _ = std::fs::remove_dir_all(self.config.work_dir.join("checkpoints").join(&uid));
         }
-        if has_finalizer(clone) {
+        if claimed {
             let patch = json!({ "metadata": { "finalizers": finalizers_with(clone, false) } });
             match self.cluster.patch(clone, patch).await {
                 Ok(_) => {}

@@ -761,6 +761,10 @@ async fn the_progress_timeout_rolls_back_a_clone_that_stands_still() {
 #[tokio::test]
 async fn a_timeout_annotation_that_is_not_a_duration_fails_before_the_freeze() {
     let w = World::new("migrate");
+    // An archive an earlier migration of this source kept.
+    let kept = share::archive_path(&w.share_root, NS, SOURCE, "web").unwrap();
+    std::fs::create_dir_all(kept.parent().unwrap()).unwrap();
+    std::fs::write(&kept, b"PK").unwrap();
     w.cluster().edit(
         CLONE,
         json!({"metadata": {"annotations": {COMPLETION_TIMEOUT_PER_GIB: "forever"}}}),
@@ -774,6 +778,7 @@ async fn a_timeout_annotation_that_is_not_a_duration_fails_before_the_freeze() {
     );
     assert!(w.runtime().checkpoints.lock().unwrap().is_empty());
     assert_eq!(w.source_states(), RUNNING);
+    assert!(kept.exists(), "an unclaimed migration touches no archive");
 }
 
 // ---- limits ---------------------------------------------------------------------------------

@@ -153,22 +153,18 @@ impl<C: Cluster, R: Runtime, S: Share> Agent<C, R, S> {
             .to_string();
         let now = unix_millis();
         match progress(&m.clone) {
-            Some((_, mark)) if mark != bytes => {
-                self.annotate(&m.clone, json!({ PROGRESS: format!("{now}:{bytes}") }))
-                    .await?;
-                Ok(Next::After(RECOVERY_POLL))
-            }
-            Some((since, _))
-                if Duration::from_millis(now.saturating_sub(since)) > m.budget.progress =>
-            {
+            Some((since, mark)) if mark == bytes => {
+                if Duration::from_millis(now.saturating_sub(since)) <= m.budget.progress {
+                    return Ok(Next::After(RECOVERY_POLL));
+                }
                 let reason = format!(
                     "the checkpoint was interrupted (agent restarted) and no archive bytes moved for {}",
                     humantime::format_duration(m.budget.progress)
                 );
                 self.roll_back(m, Ending::RolledBack(reason)).await
             }
-            Some(_) => Ok(Next::After(RECOVERY_POLL)),
-            None => {
+            // New bytes (or no mark yet): progress, from now.
+            _ => {
                 self.annotate(&m.clone, json!({ PROGRESS: format!("{now}:{bytes}") }))
                     .await?;
                 Ok(Next::After(RECOVERY_POLL))

@@ -256,22 +256,7 @@ impl<C: Cluster, R: Runtime, S: Share> Agent<C, R, S> {
         source: &Pod,
         reason: String,
     ) -> Result<Next, AgentError> {
-        let m = Migration {
-            uid: clone.metadata.uid.clone().unwrap_or_default(),
-            names: spec_names(clone),
-            clone: clone.clone(),
-            source: Some(source.clone()),
-            namespace: source.metadata.namespace.clone().unwrap_or_default(),
-            source_name: source.metadata.name.clone().unwrap_or_default(),
-            mode: Mode::Migrate,
-            containers: Vec::new(),
-            budget: timeouts::Budget {
-                completion: Duration::ZERO,
-                progress: Duration::ZERO,
-                why: String::new(),
-            },
-            started_at: unix_millis(),
-        };
+        let m = Migration::ending(clone.clone(), Some(source.clone()));
         self.finish(&m, Ending::Failed(reason)).await
     }
 }
