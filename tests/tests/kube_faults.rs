@@ -378,7 +378,7 @@ async fn kill_criu(cluster: &KubeCluster, node: &str, verb: &str, after: Duratio
     }
 }
 
-#[ignore = "open: in about 1 run of 4 the source, thawed and with CRIU's network lock removed, does not answer within 5 s after its CRIU was SIGKILLed mid-dump (seen in CI on 2026-12-05 and in 2 of 13 runs here); the cause is not found yet"]
+#[ignore = "open: in about 1 run of 6 the source, thawed and with CRIU's network lock removed, does not answer within 5 s after its CRIU was SIGKILLed mid-dump (3 of 18 runs on 2026-12-05: 2 of 14 runs of this test alone, 1 of 4 runs of the suite); the cause is not found yet"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn criu_killed_mid_dump_leaves_the_source_running() {
     let Some(cluster) = cluster().await else {
