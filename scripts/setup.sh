@@ -178,6 +178,17 @@ if ! criu_ok; then
   criu_ok || die "CRIU ${CRIU_VERSION} built but 'criu check' fails: $(criu check 2>&1 | tail -n1)"
 fi
 
+# --- post-copy ---------------------------------------------------------------------------------
+# CRIU's page server splices pages through pipes of up to 4 MiB. Root here lacks CAP_SYS_RESOURCE,
+# so CRIU cannot grow a pipe past fs.pipe-max-size; CRIU 4.1.1 ignores that failure and its page
+# server then dies with "page-pipe: splice: -1: Bad file descriptor". Not persisted: setup runs
+# before every demo and test.
+PIPE_MAX_SIZE=$((4 * 1024 * 1024))
+if [ "$(cat /proc/sys/fs/pipe-max-size)" -lt "$PIPE_MAX_SIZE" ]; then
+  log "sysctl fs.pipe-max-size=${PIPE_MAX_SIZE} (CRIU's page server, for post-copy)"
+  sysctl -qw fs.pipe-max-size="$PIPE_MAX_SIZE" || die "raising fs.pipe-max-size to ${PIPE_MAX_SIZE} failed"
+fi
+
 # --- the local Kubernetes cluster (scripts/local-up-cluster.sh, scripts/images.sh) -------------
 # Kubernetes itself is built from source by scripts/kube-build.sh. etcd 3.5 and the CNI plugins
 # come from the next release (bookworm's etcd is 3.4); buildah builds the images locally.
@@ -207,4 +218,5 @@ printf '  %-11s %s\n' smbd "$(smbd --version | awk '{print $2}')"
 printf '  %-11s %s\n' etcd "$(etcd --version | awk '/etcd Version/ {print $3}')"
 printf '  %-11s %s\n' buildah "$(buildah --version | awk '{print $3}')"
 printf '  %-11s %s\n' kernel "$(uname -r)"
+printf '  %-11s %s\n' pipe-max "$(cat /proc/sys/fs/pipe-max-size)"
 printf '  criu check: %s\n' "$(criu check 2>&1 | tail -n1)"

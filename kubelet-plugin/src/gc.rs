@@ -54,6 +54,10 @@ pub async fn in_flight_from_api(kube: &kube::Client) -> Result<InFlight, kube::E
 }
 
 /// The lease a migration holds on its source's share directory while the agent drives it.
+/// How much longer than its completion timeout a migration's lease lasts: only a crashed
+/// agent's lease expires.
+pub const LEASE_MARGIN: Duration = Duration::from_secs(300);
+
 pub fn lease_for(holder: String, clone_uid: &str, lifetime: Duration) -> Lease {
     let deadline = SystemTime::now() + lifetime;
     Lease {
@@ -63,6 +67,7 @@ pub fn lease_for(holder: String, clone_uid: &str, lifetime: Duration) -> Lease {
             .unwrap_or_default()
             .as_millis() as u64,
         work_units: vec![format!("checkpoints/{clone_uid}")],
+        page_stream: None,
     }
 }
 

@@ -13,7 +13,9 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 use crate::pod::{
     annotation, clone_mode, clone_reference, pod_name, CloneRef, ModeError, ReferenceError,
 };
-use podmigrate_vocabulary::{Mode, Phase, MIGRATABLE, PHASE, RUNTIME_CLASS, SOURCE_NODE};
+use podmigrate_vocabulary::{
+    Mode, Phase, Transfer, MIGRATABLE, PHASE, RUNTIME_CLASS, SOURCE_NODE, TRANSFER,
+};
 
 /// The annotation the kubelet puts on the API mirror of a static pod.
 const MIRROR_POD_ANNOTATION: &str = "kubernetes.io/config.mirror";
@@ -144,6 +146,10 @@ pub enum Refusal {
         clone: String,
     },
     UnknownMode(ModeError),
+    UnknownTransfer {
+        clone: String,
+        value: String,
+    },
     UnknownPhase {
         clone: String,
         value: String,
@@ -225,6 +231,7 @@ impl Refusal {
             Self::Reference(_) => "InvalidCloneReference",
             Self::SelfReference { .. } => "SelfClone",
             Self::UnknownMode(_) => "UnknownMode",
+            Self::UnknownTransfer { .. } => "UnknownTransfer",
             Self::UnknownPhase { .. } => "UnknownPhase",
             Self::CloneFinished { .. } => "CloneFinished",
             Self::CloneRuntimeClass { .. } => "CloneRuntimeClass",
@@ -248,6 +255,10 @@ impl fmt::Display for Refusal {
         match self {
             Self::Reference(err) => err.fmt(f),
             Self::UnknownMode(err) => err.fmt(f),
+            Self::UnknownTransfer { clone, value } => write!(
+                f,
+                "clone {clone} has unknown {TRANSFER} {value:?} (expected \"postcopy\" or \"stop-and-copy\")"
+            ),
             Self::SelfReference { clone } => write!(f, "clone {clone} names itself as its source"),
             Self::UnknownPhase { clone, value } => {
                 write!(f, "clone {clone} has unknown {PHASE} {value:?}")
@@ -404,7 +415,9 @@ pub fn decide_with_reference(
             });
         }
         match phase {
-            Phase::Restoring => return wait(WaitReason::Restoring { clone: clone_id }),
+            Phase::Restoring | Phase::PostCopy => {
+                return wait(WaitReason::Restoring { clone: clone_id })
+            }
             Phase::Checkpointing | Phase::Transferring => {
                 // The node recorded when the checkpoint began, else the source's own.
                 let recorded = annotation(clone, SOURCE_NODE).or_else(|| source.and_then(node));
@@ -461,6 +474,13 @@ pub fn decide_with_reference(
         Ok(mode) => mode,
         Err(err) => return refuse(Refusal::UnknownMode(err)),
     };
+    if let Some(value) = annotation(clone, TRANSFER).filter(|v| Transfer::parse(Some(v)).is_none())
+    {
+        return refuse(Refusal::UnknownTransfer {
+            clone: clone_id,
+            value: value.to_string(),
+        });
+    }
     if let Err(value) = phase {
         return refuse(Refusal::UnknownPhase {
             clone: clone_id,

@@ -6,6 +6,11 @@
 //! The container is paused first and dumped with "leave running", so CRIU leaves it frozen.
 //! Only once the archive is committed does the container stop (if containerd asked for exit) or
 //! thaw; if anything fails it thaws, exactly as it was. A checkpoint never costs the source.
+//!
+//! In post-copy (the agent's lease says so) the dump is lazy and runs runc directly, because
+//! the runc shim's Checkpoint has no lazy mode: the archive then holds all but the private
+//! memory, and the committed checkpoint comes back with the [`Serving`] that serves that memory
+//! to the clone (see `podmigrate_checkpoint::ops::postcopy`).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -23,9 +28,12 @@ use containerd_shim::protos::types::mount::Mount;
 use containerd_shim::protos::types::task::Status;
 use podmigrate_checkpoint::archive::{PackSummary, Source, Versions};
 use podmigrate_checkpoint::bandwidth::Bandwidth;
+use podmigrate_checkpoint::gc::PageStreamPlan;
 use podmigrate_checkpoint::layout::CHECKPOINT_DIR;
 use podmigrate_checkpoint::ops::checkpoint::Checkpoint;
-use podmigrate_checkpoint::{criu, runc, workspace};
+use podmigrate_checkpoint::ops::postcopy::{Serve, Serving};
+use podmigrate_checkpoint::reap::Reaper;
+use podmigrate_checkpoint::{criu, prefault, runc, workspace};
 use podmigrate_vocabulary::RUNC_CHECKPOINT_OPTIONS_TYPE_URL;
 use tracing::{info, warn};
 
@@ -51,7 +59,7 @@ fn stack_versions() -> &'static Versions {
     static VERSIONS: OnceLock<Versions> = OnceLock::new();
     VERSIONS.get_or_init(|| Versions {
         criu: criu::version(criu::DEFAULT_CRIU).unwrap_or_default(),
-        runc: runc::Runc::new("/run/containerd/runc")
+        runc: runc::Runc::new(RUNC_ROOT)
             .version()
             .map(|v| v.version)
             .unwrap_or_default(),
@@ -88,8 +96,31 @@ pub fn checkpoint_options(
     })
 }
 
+/// Where containerd's runc shim keeps runc's state, one directory per namespace.
+const RUNC_ROOT: &str = "/run/containerd/runc";
+
+/// A post-copy checkpoint's memory, still to be served to the clone it was made for.
+pub struct PostCopySource {
+    pub serving: Serving,
+    pub clone_pod_uid: String,
+}
+
+/// What a lazy dump needs beyond the container.
+struct LazyDump<'a> {
+    images: &'a Path,
+    criu_work: &'a Path,
+    options: &'a CheckpointOptions,
+    plan: &'a PageStreamPlan,
+    bandwidth: Bandwidth,
+    total_bytes: u64,
+}
+
 pub struct Checkpointer<'a> {
     pub ctx: &'a Context,
+    /// containerd's namespace of the task (`k8s.io`), which names runc's state directory.
+    pub containerd_namespace: &'a str,
+    /// How the lazy dump's runc is waited for.
+    pub reaper: &'a dyn Reaper,
     pub delegate: &'a Delegate,
     pub config: &'a ShimConfig,
     pub identity: &'a ContainerIdentity,
@@ -119,13 +150,20 @@ impl Checkpointer<'_> {
             .unwrap_or_default()
     }
 
-    /// Checkpoints the container; a failure names it.
-    pub fn run(&self, req: &CheckpointTaskRequest) -> Result<PackSummary, CheckpointError> {
+    /// Checkpoints the container; a failure names it. In post-copy, the committed checkpoint
+    /// comes with what serves its memory, which the caller runs.
+    pub fn run(
+        &self,
+        req: &CheckpointTaskRequest,
+    ) -> Result<(PackSummary, Option<PostCopySource>), CheckpointError> {
         self.checkpoint(req)
             .map_err(|failure| CheckpointError::new(self.identity.describe(), failure))
     }
 
-    fn checkpoint(&self, req: &CheckpointTaskRequest) -> Result<PackSummary, CheckpointFailure> {
+    fn checkpoint(
+        &self,
+        req: &CheckpointTaskRequest,
+    ) -> Result<(PackSummary, Option<PostCopySource>), CheckpointFailure> {
         let started = Instant::now();
         let id = self.identity.id.as_str();
         let mut options = checkpoint_options(req)?;
@@ -174,8 +212,18 @@ impl Checkpointer<'_> {
             status => return Err(CheckpointFailure::TaskState { status }),
         };
 
-        let result = self.dump_and_commit(&mut options, &local_dir, &criu_work);
-        let _ = fs::remove_dir_all(&criu_work);
+        let mut serving = None;
+        let result = self.dump_and_commit(
+            &mut options,
+            &local_dir,
+            &criu_work,
+            state.pid,
+            &mut serving,
+        );
+        if serving.is_none() {
+            // A lazy dump's CRIU still logs there while it serves the memory.
+            let _ = fs::remove_dir_all(&criu_work);
+        }
         match result {
             Ok(committed) => {
                 // A checkpoint directory in memory-backed work space is gone once committed;
@@ -224,11 +272,15 @@ impl Checkpointer<'_> {
                     bytes = committed.archive_bytes,
                     exit,
                     elapsed_ms = started.elapsed().as_millis() as u64,
+                    postcopy = serving.is_some(),
                     "checkpoint committed"
                 );
-                Ok(committed)
+                Ok((committed, serving))
             }
             Err(err) => {
+                // A lazy dump that got as far as serving ends here: its CRIU lets the source go.
+                drop(serving);
+                let _ = fs::remove_dir_all(&criu_work);
                 if paused_by_us {
                     if let Err(e) = self.delegate.client().resume(
                         self.ctx.clone(),
@@ -306,13 +358,16 @@ impl Checkpointer<'_> {
         Ok(node.stricter(pod))
     }
 
-    /// Dumps the container through the runc shim into `local_dir` while the library's
-    /// [`Checkpoint`] packs it onto the share, adds what CRIU does not save, and commits it.
+    /// Dumps the container into `local_dir` while the library's [`Checkpoint`] packs it onto
+    /// the share, adds what CRIU does not save, and commits it: through the runc shim, or, in
+    /// post-copy, lazily with runc itself, leaving what serves the memory in `serving`.
     fn dump_and_commit(
         &self,
         options: &mut CheckpointOptions,
         local_dir: &Path,
         criu_work: &Path,
+        pid: u32,
+        serving: &mut Option<PostCopySource>,
     ) -> Result<PackSummary, CheckpointFailure> {
         let id = self.identity.id.as_str();
         let images = local_dir.join(CHECKPOINT_DIR);
@@ -333,6 +388,7 @@ impl Checkpointer<'_> {
         };
         // runc creates CRIU's work directory with a plain mkdir, so its parent must exist.
         fs::create_dir_all(criu_work).map_err(creating(criu_work))?;
+        let bandwidth = self.bandwidth()?;
         Checkpoint {
             share_root: &self.config.share_root,
             key_file: self.config.key_file.as_deref(),
@@ -347,12 +403,74 @@ impl Checkpointer<'_> {
                 ..Source::default()
             },
             versions: stack_versions().clone(),
-            bandwidth: self.bandwidth()?,
+            bandwidth,
             local_dir,
             spec: &self.bundle.join("config.json"),
             upperdir: upperdir(self.rootfs),
         }
-        .run(|| self.dump(&dump))
+        .run(
+            |pack_for| match pack_for.and_then(|p| Some((p, p.page_stream.as_ref()?))) {
+                None => self.dump(&dump),
+                Some((pack_for, plan)) => {
+                    let lazy = LazyDump {
+                        images: &images,
+                        criu_work,
+                        options,
+                        plan,
+                        bandwidth,
+                        total_bytes: prefault::process_memory(pid).unwrap_or(0),
+                    };
+                    *serving = Some(PostCopySource {
+                        serving: self.lazy_dump(&lazy, local_dir)?,
+                        clone_pod_uid: pack_for.clone_pod_uid.clone(),
+                    });
+                    self.refuse_if_stopping()
+                }
+            },
+        )
+    }
+
+    /// The lazy dump, up to the point where every image but the private memory is written,
+    /// with the stream's ticket left in `local_dir` for the archive.
+    fn lazy_dump(
+        &self,
+        lazy: &LazyDump<'_>,
+        local_dir: &Path,
+    ) -> Result<Serving, CheckpointFailure> {
+        let runc = runc::Runc::new(Path::new(RUNC_ROOT).join(self.containerd_namespace));
+        let reaper = self.reaper;
+        let options = runc::CheckpointOptions {
+            leave_running: true,
+            tcp_established: lazy.options.open_tcp,
+            file_locks: lazy.options.file_locks,
+            ext_unix_sk: lazy.options.external_unix_sockets,
+            shell_job: lazy.options.terminal,
+            manage_cgroups_mode: runc::CgroupsMode::parse(&lazy.options.cgroups_mode),
+        };
+        let serving = Serve {
+            runc: &runc,
+            reaper,
+            id: &self.identity.id,
+            images: lazy.images,
+            work: lazy.criu_work,
+            options: &options,
+            plan: lazy.plan,
+            bandwidth: lazy.bandwidth,
+            total_bytes: lazy.total_bytes,
+        }
+        .start()
+        .map_err(|error| CheckpointFailure::LazyDump {
+            criu: criu_log_errors(&lazy.criu_work.join("dump.log")),
+            error: Box::new(error),
+        })?;
+        serving
+            .ticket()
+            .write_to(local_dir)
+            .map_err(|error| CheckpointFailure::LazyDump {
+                criu: String::new(),
+                error: Box::new(error.into()),
+            })?;
+        Ok(serving)
     }
 
     /// A container asked to stop while it was frozen (its pod deleted mid-checkpoint: kubelet's
@@ -505,6 +623,13 @@ fn creating(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointFailure + '
         path: path.to_path_buf(),
         error,
     }
+}
+
+/// The last error lines of the CRIU log at `path`, or nothing.
+fn criu_log_errors(path: &Path) -> String {
+    fs::read_to_string(path)
+        .map(|text| criu_error_lines(&text, 3))
+        .unwrap_or_default()
 }
 
 /// The last `n` lines of a CRIU log that report an error, joined on one line.

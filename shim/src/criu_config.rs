@@ -11,7 +11,15 @@
 //!   nothing; on a dump it does nothing (it only acts on a dump with a parent image, which
 //!   runc's checkpoints here never have).
 //!
-//! runc passes CRIU neither option, but it hands CRIU the configuration file named by the
+//! * `address 127.0.0.1`: where a lazy dump's page server listens (post-copy). runc passes
+//!   CRIU only its port, and CRIU would otherwise listen on every address, unauthenticated;
+//!   the shim's page stream relays it to the clone. Nothing else reads it.
+//!
+//! A lazy restore (post-copy) gets a file of its own, these settings plus `lazy-pages`
+//! ([`apply_lazy_restore`]), rewritten without it once the restore is done ([`settle`]), since
+//! the container's later checkpoints read the same file.
+//!
+//! runc passes CRIU none of these options, but it hands CRIU the configuration file named by the
 //! container's `org.criu.config` annotation (instead of `/etc/criu/runc.conf`), and CRIU's
 //! file settings override runc's. So each bundle gets that annotation at Create, pointing to
 //! a file holding the node's `runc.conf` (if any) plus these settings.
@@ -28,7 +36,12 @@ pub const RUNC_CRIU_CONFIG: &str = "/etc/criu/runc.conf";
 /// work units and go with garbage collection.
 const CONFIG_FILE: &str = "criu.conf";
 /// What podmigrate adds to the node's settings (see the module's documentation).
-const SETTINGS: &str = "# podmigrate: drop connections not yet accepted instead of failing the dump\nskip-in-flight\n# podmigrate: free each restored page from the unpacked image at once\nauto-dedup\n";
+const SETTINGS: &str = "# podmigrate: drop connections not yet accepted instead of failing the dump\nskip-in-flight\n# podmigrate: free each restored page from the unpacked image at once\nauto-dedup\n# podmigrate: a lazy dump's page server listens on the loopback only\naddress 127.0.0.1\n";
+/// What a lazy restore adds.
+const LAZY_SETTINGS: &str =
+    "# podmigrate: post-copy, the memory comes from the lazy-pages daemon\nlazy-pages\n";
+/// Per-container files of lazy restores, in the work directory.
+const LAZY_DIR: &str = "criu-lazy";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CriuConfigError {
@@ -69,6 +82,40 @@ pub fn apply(
     work_dir: &Path,
     node_config: &Path,
 ) -> Result<Applied, CriuConfigError> {
+    let mut applied = None;
+    edit_annotations(bundle, |annotations| {
+        if let Some(own) = annotations.get(CRIU_CONFIG_ANNOTATION) {
+            applied = Some(Applied::SpecHasOwnConfig(own.to_string()));
+            return Ok(false);
+        }
+        let config = write_config(work_dir, node_config)?;
+        annotations.insert(
+            CRIU_CONFIG_ANNOTATION.into(),
+            serde_json::Value::String(config.display().to_string()),
+        );
+        applied = Some(Applied::Ours { config });
+        Ok(true)
+    })?;
+    Ok(applied.expect("the spec's annotations were read"))
+}
+
+/// Points the bundle's spec at `config`, whatever it named before.
+fn set_annotation(bundle: &Path, config: &Path) -> Result<(), CriuConfigError> {
+    edit_annotations(bundle, |annotations| {
+        annotations.insert(
+            CRIU_CONFIG_ANNOTATION.into(),
+            serde_json::Value::String(config.display().to_string()),
+        );
+        Ok(true)
+    })
+}
+
+/// Reads the bundle's spec, hands `edit` its annotations, and writes the spec back when
+/// `edit` says it changed them.
+fn edit_annotations(
+    bundle: &Path,
+    edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>) -> Result<bool, CriuConfigError>,
+) -> Result<(), CriuConfigError> {
     let spec_path = bundle.join("config.json");
     let text = fs::read_to_string(&spec_path).map_err(io_err("reading", &spec_path))?;
     let mut spec: serde_json::Value =
@@ -91,20 +138,50 @@ pub fn apply(
             reason: "annotations is not an object".into(),
         });
     };
-    if let Some(own) = annotations.get(CRIU_CONFIG_ANNOTATION) {
-        return Ok(Applied::SpecHasOwnConfig(own.to_string()));
+    if !edit(annotations)? {
+        return Ok(());
     }
-    let config = write_config(work_dir, node_config)?;
-    annotations.insert(
-        CRIU_CONFIG_ANNOTATION.into(),
-        serde_json::Value::String(config.display().to_string()),
-    );
     let bytes = serde_json::to_vec(&spec).map_err(|e| CriuConfigError::Spec {
         path: spec_path.clone(),
         reason: e.to_string(),
     })?;
-    replace_file(&spec_path, &bytes)?;
-    Ok(Applied::Ours { config })
+    replace_file(&spec_path, &bytes)
+}
+
+/// Points the bundle's spec at a configuration of its own for a lazy restore: the node's
+/// settings, ours, and `lazy-pages`. Returns the file.
+pub fn apply_lazy_restore(
+    bundle: &Path,
+    work_dir: &Path,
+    id: &str,
+    node_config: &Path,
+) -> Result<PathBuf, CriuConfigError> {
+    let path = lazy_config(work_dir, id);
+    let dir = work_dir.join(LAZY_DIR);
+    fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
+    let text = format!("{}{LAZY_SETTINGS}", node_settings(node_config)?);
+    replace_file(&path, text.as_bytes())?;
+    set_annotation(bundle, &path)?;
+    Ok(path)
+}
+
+/// Once a lazy restore is done, its container's file holds the plain settings again, for its
+/// later checkpoints.
+pub fn settle(work_dir: &Path, id: &str, node_config: &Path) -> Result<(), CriuConfigError> {
+    let path = lazy_config(work_dir, id);
+    if !path.exists() {
+        return Ok(());
+    }
+    replace_file(&path, node_settings(node_config)?.as_bytes())
+}
+
+/// Removes a deleted container's own file, if it had one.
+pub fn forget(work_dir: &Path, id: &str) {
+    let _ = fs::remove_file(lazy_config(work_dir, id));
+}
+
+fn lazy_config(work_dir: &Path, id: &str) -> PathBuf {
+    work_dir.join(LAZY_DIR).join(format!("{id}.conf"))
 }
 
 /// `<work_dir>/criu.conf`: the node's runc CRIU settings, then ours. A stable path, rewritten
@@ -112,6 +189,13 @@ pub fn apply(
 /// checkpoints and restores reads the file.
 fn write_config(work_dir: &Path, node_config: &Path) -> Result<PathBuf, CriuConfigError> {
     fs::create_dir_all(work_dir).map_err(io_err("creating", work_dir))?;
+    let path = work_dir.join(CONFIG_FILE);
+    replace_file(&path, node_settings(node_config)?.as_bytes())?;
+    Ok(path)
+}
+
+/// The node's runc CRIU settings, then ours.
+fn node_settings(node_config: &Path) -> Result<String, CriuConfigError> {
     let mut text = match fs::read_to_string(node_config) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
@@ -121,9 +205,7 @@ fn write_config(work_dir: &Path, node_config: &Path) -> Result<PathBuf, CriuConf
         text.push('\n');
     }
     text.push_str(SETTINGS);
-    let path = work_dir.join(CONFIG_FILE);
-    replace_file(&path, text.as_bytes())?;
-    Ok(path)
+    Ok(text)
 }
 
 /// Replaces `path` atomically, so a concurrent reader sees the old or the new file, whole.
@@ -188,6 +270,33 @@ mod tests {
         apply(b.path(), work.path(), &work.path().join("absent.conf")).unwrap();
         let text = fs::read_to_string(work.path().join(CONFIG_FILE)).unwrap();
         assert!(text == SETTINGS, "{text}");
+    }
+
+    #[test]
+    fn a_lazy_restore_gets_a_file_of_its_own_until_it_settles() {
+        let dir = tempfile::tempdir().unwrap();
+        let bundle = dir.path().join("bundle");
+        fs::create_dir(&bundle).unwrap();
+        fs::write(bundle.join("config.json"), r#"{"ociVersion":"1.0.2"}"#).unwrap();
+        let work = dir.path().join("work");
+        let node = dir.path().join("runc.conf");
+        apply(&bundle, &work, &node).unwrap();
+        let file = apply_lazy_restore(&bundle, &work, "c1", &node).unwrap();
+        let spec = fs::read_to_string(bundle.join("config.json")).unwrap();
+        assert!(spec.contains(&file.display().to_string()), "{spec}");
+        let text = fs::read_to_string(&file).unwrap();
+        assert!(
+            text.contains("\nlazy-pages\n") && text.contains("address 127.0.0.1"),
+            "{text}"
+        );
+        settle(&work, "c1", &node).unwrap();
+        let text = fs::read_to_string(&file).unwrap();
+        assert!(
+            !text.contains("lazy-pages") && text.contains("skip-in-flight"),
+            "{text}"
+        );
+        forget(&work, "c1");
+        assert!(!file.exists());
     }
 
     #[test]

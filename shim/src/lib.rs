@@ -7,9 +7,9 @@
 //! (CRIU image/work paths) and the runc container itself.
 //!
 //! How the modules stand: [`shim`] (the protocol's `start` and `delete`) serves [`service`], the
-//! Task RPCs, which asks [`checkpoint`] and [`restore`]; those two share nothing but the lower
-//! modules ([`mounts`], [`identity`], [`config`], [`delegate`], [`error`]), and nothing below
-//! `service` imports it.
+//! Task RPCs, which asks [`checkpoint`] and [`restore`], and runs post-copy's page streams in
+//! [`postcopy`]; those share nothing but the lower modules ([`mounts`], [`identity`],
+//! [`config`], [`delegate`], [`error`], [`reaper`]), and nothing below `service` imports it.
 //!
 //! The protocol plumbing (flag parsing, daemonising, socket, signal handling, reaping) comes
 //! from the `containerd-shim` crate, pinned at 0.11 because 0.12 speaks task API v3, which
@@ -24,6 +24,8 @@ pub mod identity;
 pub mod logging;
 pub mod mounts;
 pub mod net_lock;
+pub mod postcopy;
+pub mod reaper;
 pub mod restore;
 pub mod runtime_options;
 pub mod service;

@@ -14,6 +14,7 @@ use podmigrate_checkpoint::share;
 use crate::config::{ShimConfig, ENV_ARCHIVE_WAIT};
 use crate::identity::ContainerIdentity;
 use crate::mounts::{lowerdirs, upperdir};
+use crate::reaper::MonitorReaper;
 
 mod error;
 
@@ -108,6 +109,7 @@ pub fn prepare(
         spec: identity.spec.as_deref(),
         upperdir: upperdir(rootfs),
         lowerdirs: lowerdirs(rootfs),
+        reaper: &MonitorReaper,
     }
     .run()
 }

@@ -160,6 +160,28 @@ pub fn for_delegate(options: Option<&Any>) -> Result<Option<Any>, RuntimeOptions
     }
 }
 
+/// The runc options of [`for_delegate`] (`options`) with CRIU's work path set to `work`: a lazy
+/// restore's CRIU must work where its lazy-pages daemon opened its socket.
+pub fn with_criu_work_path(options: Option<Any>, work: &Path) -> Result<Any, RuntimeOptionsError> {
+    let mut runc = match &options {
+        Some(any) => {
+            RuncOptions::parse_from_bytes(&any.value).map_err(|e| RuntimeOptionsError::Decode {
+                type_url: any.type_url.clone(),
+                reason: e.to_string(),
+            })?
+        }
+        None => RuncOptions::default(),
+    };
+    runc.criu_work_path = work.display().to_string();
+    Ok(Any {
+        type_url: RUNC_OPTIONS_TYPE_URL.to_string(),
+        value: runc
+            .write_to_bytes()
+            .map_err(|e| RuntimeOptionsError::Encode(e.to_string()))?,
+        ..Default::default()
+    })
+}
+
 /// [`for_delegate`] for the marshalled Any on `start`'s stdin; empty stays empty.
 pub fn stdin_for_delegate(stdin: &[u8]) -> Result<Vec<u8>, RuntimeOptionsError> {
     if stdin.is_empty() {
@@ -188,6 +210,30 @@ mod tests {
             }),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_lazy_restore_keeps_the_runc_options_and_sets_the_work_path() {
+        let runc = RuncOptions {
+            binary_name: "/usr/sbin/runc".into(),
+            ..Default::default()
+        };
+        let any = Any {
+            type_url: RUNC_OPTIONS_TYPE_URL.into(),
+            value: runc.write_to_bytes().unwrap(),
+            ..Default::default()
+        };
+        let set = with_criu_work_path(Some(any), Path::new("/w/images")).unwrap();
+        let got = RuncOptions::parse_from_bytes(&set.value).unwrap();
+        assert_eq!(got.binary_name, "/usr/sbin/runc");
+        assert_eq!(got.criu_work_path, "/w/images");
+        let none = with_criu_work_path(None, Path::new("/w/images")).unwrap();
+        assert_eq!(
+            RuncOptions::parse_from_bytes(&none.value)
+                .unwrap()
+                .criu_work_path,
+            "/w/images"
+        );
     }
 
     #[test]

@@ -23,7 +23,9 @@ use crate::config::ShimConfig;
 use crate::delegate::Delegate;
 use crate::error::{describe_ttrpc_error, status};
 use crate::identity::ContainerIdentity;
-use crate::{criu_config, restore};
+use crate::postcopy::{self, Streams};
+use crate::reaper::MonitorReaper;
+use crate::{criu_config, restore, runtime_options};
 
 /// What we remember of each container the runc shim created for us.
 struct Record {
@@ -50,6 +52,8 @@ pub struct TaskService {
     config: Arc<ShimConfig>,
     namespace: String,
     containers: Arc<Mutex<HashMap<String, Record>>>,
+    /// Post-copy's page streams, served or fetched in the background.
+    streams: Arc<Streams>,
 }
 
 fn forward_ctx(ctx: &TtrpcContext) -> Context {
@@ -72,6 +76,7 @@ impl TaskService {
             config: Arc::new(config),
             namespace,
             containers: Arc::default(),
+            streams: Arc::default(),
         }
     }
 
@@ -95,6 +100,54 @@ impl TaskService {
                 format!("runc shim at {}: {other}", delegate.address()),
             ),
         })
+    }
+
+    /// Readies a Create for a lazy restore: the container's CRIU configuration says
+    /// `lazy-pages`, and CRIU's restore works where the lazy-pages daemon opened its socket,
+    /// in the images.
+    fn prepare_lazy_restore(
+        &self,
+        req: &mut api::CreateTaskRequest,
+        images: &Path,
+    ) -> Result<(), String> {
+        criu_config::apply_lazy_restore(
+            Path::new(&req.bundle),
+            &self.config.work_dir,
+            &req.id,
+            Path::new(criu_config::RUNC_CRIU_CONFIG),
+        )
+        .map_err(|e| e.to_string())?;
+        let options =
+            runtime_options::with_criu_work_path(req.options.clone().into_option(), images)
+                .map_err(|e| e.to_string())?;
+        req.options = Some(options).into();
+        Ok(())
+    }
+
+    /// Kills container `id` of a lazy restore whose memory can no longer arrive, with the
+    /// reason as its termination message (kubelet shows it in the pod's status).
+    fn clone_stopper(&self, id: &str, bundle: &Path) -> impl Fn(&str) + Send + Sync + 'static {
+        let delegate = self.delegate.clone().ok();
+        let id = id.to_string();
+        let message_file = postcopy::termination_message_file(bundle);
+        move |reason: &str| {
+            if let Some(file) = &message_file {
+                let message = format!("podmigrate post-copy: {reason}; the clone was stopped, since its memory can no longer arrive");
+                if let Err(e) = std::fs::write(file, message) {
+                    warn!(file = %file.display(), error = %e, "writing the termination message");
+                }
+            }
+            let Some(delegate) = &delegate else { return };
+            let kill = api::KillRequest {
+                id: id.clone(),
+                signal: libc::SIGKILL as u32,
+                all: true,
+                ..Default::default()
+            };
+            if let Err(e) = delegate.client().kill(Context::default(), &kill) {
+                warn!(id = %id, error = %describe_ttrpc_error(&e), "stopping a clone whose memory was lost");
+            }
+        }
     }
 
     fn containers(&self) -> std::sync::MutexGuard<'_, HashMap<String, Record>> {
@@ -164,12 +217,36 @@ impl Task for TaskService {
         let mut restored = None;
         let plan = restore::plan(&self.config.work_dir, &identity, !req.checkpoint.is_empty());
         if let restore::CreatePlan::Restarted { source, marker } = &plan {
+            if let Some(reason) = postcopy::lost_reason(marker) {
+                return Err(status(
+                    ttrpc::Code::FAILED_PRECONDITION,
+                    format!(
+                        "creating {}: its post-copy restore lost its memory ({reason}), so it cannot start again",
+                        identity.describe()
+                    ),
+                ));
+            }
             info!(container = %identity.describe(), clone_of = %source, marker = %marker.display(), "restored once already on this node: a restarted container starts fresh");
         }
+        let mut fetching = None;
         if let restore::CreatePlan::Restore { source } = plan {
             match restore::prepare(&self.config, &identity, source, &req.rootfs) {
-                Ok(prepared) => {
-                    info!(container = %identity.describe(), archive = %prepared.archive.display(), "creating from checkpoint");
+                Ok(mut prepared) => {
+                    info!(container = %identity.describe(), archive = %prepared.archive.display(), postcopy = prepared.fetching.is_some(), "creating from checkpoint");
+                    if let Some(lazy) = prepared.fetching.take() {
+                        if let Err(e) = self.prepare_lazy_restore(&mut req, &prepared.images) {
+                            lazy.abandon();
+                            restore::discard(&prepared.dir);
+                            return Err(status(
+                                ttrpc::Code::INTERNAL,
+                                format!(
+                                    "creating {} for a post-copy restore: {e}",
+                                    identity.describe()
+                                ),
+                            ));
+                        }
+                        fetching = Some(lazy);
+                    }
                     req.checkpoint = prepared.images.display().to_string();
                     restore_dir = Some(prepared.dir);
                     restored =
@@ -187,6 +264,17 @@ impl Task for TaskService {
         let created = self.forward(ctx, |client, c| client.create(c, &req));
         match created {
             Ok(response) => {
+                if let (Some(fetching), Some(dir)) = (fetching, restore_dir.take()) {
+                    // The daemon needs the images until the last page: the stream removes them.
+                    self.streams.fetch(
+                        &req.id,
+                        identity.describe(),
+                        fetching,
+                        dir,
+                        restored.as_ref().map(|r| r.marker.clone()),
+                        self.clone_stopper(&req.id, Path::new(&req.bundle)),
+                    );
+                }
                 self.containers().insert(
                     req.id.clone(),
                     Record {
@@ -200,6 +288,9 @@ impl Task for TaskService {
                 Ok(response)
             }
             Err(err) => {
+                if let Some(fetching) = fetching {
+                    fetching.abandon();
+                }
                 if let Some(dir) = restore_dir {
                     restore::discard(&dir);
                 }
@@ -214,6 +305,15 @@ impl Task for TaskService {
     fn start(&self, ctx: &TtrpcContext, req: api::StartRequest) -> TtrpcResult<api::StartResponse> {
         let result = self.forward(ctx, |client, c| client.start(c, &req));
         if req.exec_id.is_empty() {
+            // A lazy restore is done with its own CRIU configuration: later checkpoints of the
+            // container must not read `lazy-pages`.
+            if let Err(e) = criu_config::settle(
+                &self.config.work_dir,
+                &req.id,
+                Path::new(criu_config::RUNC_CRIU_CONFIG),
+            ) {
+                warn!(id = %req.id, error = %e, "settling the CRIU configuration after a lazy restore");
+            }
             let (dir, restored, identity) = match self.containers().get_mut(&req.id) {
                 Some(r) => (
                     r.restore_dir.take(),
@@ -248,6 +348,8 @@ impl Task for TaskService {
     ) -> TtrpcResult<api::DeleteResponse> {
         let response = self.forward(ctx, |client, c| client.delete(c, &req))?;
         if req.exec_id.is_empty() {
+            self.streams.stop(&req.id);
+            criu_config::forget(&self.config.work_dir, &req.id);
             if let Some(dir) = self
                 .containers()
                 .remove(&req.id)
@@ -286,17 +388,27 @@ impl Task for TaskService {
             );
         }
         let forward_ctx = forward_ctx(ctx);
-        Checkpointer {
+        let (committed, postcopy) = Checkpointer {
             ctx: &forward_ctx,
+            containerd_namespace: &self.namespace,
+            reaper: &MonitorReaper,
             delegate,
             config: &self.config,
             identity: &identity,
             bundle: &bundle,
             rootfs: &rootfs,
         }
-        .run(&req)
-        .map(|_| Empty::default())
-        .map_err(Into::into)
+        .run(&req)?;
+        if let Some(source) = postcopy {
+            self.streams.serve(
+                &req.id,
+                identity.describe(),
+                source.serving,
+                committed.archive,
+                source.clone_pod_uid,
+            );
+        }
+        Ok(Empty::default())
     }
 
     /// containerd sends this when it no longer needs the shim. The runc shim exits once it

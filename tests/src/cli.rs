@@ -49,7 +49,9 @@ impl CliRun {
     }
 }
 
-/// `migrated default/counter node-a -> node-b in 3.2s (frozen 1.05s, 1.2 MiB moved)`, parsed.
+/// `migrated default/counter node-a -> node-b in 3.2s (postcopy, frozen 0.45s, 1.2 MiB
+/// archived, 200.0 MiB streamed)`, parsed: the total time, then how the memory moved, the
+/// freeze, the archives' size and, in post-copy, the memory streamed after the clone resumed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Summary {
     /// `migrated` or `cloned`.
@@ -59,9 +61,13 @@ pub struct Summary {
     pub from: String,
     pub to: String,
     pub total_seconds: f64,
+    /// `postcopy` or `stop-and-copy`.
+    pub transfer: String,
     pub frozen_seconds: f64,
     /// As printed, e.g. `1.2 MiB`.
-    pub moved: String,
+    pub archived: String,
+    /// Post-copy only, as printed.
+    pub streamed: Option<String>,
 }
 
 /// Parses the CLI's last line; `None` unless it has exactly the documented shape.
@@ -70,43 +76,53 @@ pub fn parse_summary(line: &str) -> Option<Summary> {
     if verb != "migrated" && verb != "cloned" {
         return None;
     }
-    let words: Vec<&str> = rest.split(' ').collect();
-    // pod from -> to in Xs (frozen Ys, N UNIT moved)
-    if words.len() != 11 && words.len() != 10 {
+    let (head, details) = rest.split_once(" (")?;
+    let details = details.strip_suffix(')')?;
+    let words: Vec<&str> = head.split(' ').collect();
+    // pod from -> to in Xs
+    let [pod, from, "->", to, "in", total] = words.as_slice() else {
+        return None;
+    };
+    if !pod.contains('/') {
         return None;
     }
-    let (pod, from, arrow, to, word_in) = (words[0], words[1], words[2], words[3], words[4]);
-    if arrow != "->" || word_in != "in" || !pod.contains('/') {
+    let total_seconds = total.strip_suffix('s')?.parse().ok()?;
+    let parts: Vec<&str> = details.split(", ").collect();
+    let (transfer, frozen, archived, streamed) = match parts.as_slice() {
+        [transfer, frozen, archived] => (*transfer, *frozen, *archived, None),
+        [transfer, frozen, archived, streamed] => (*transfer, *frozen, *archived, Some(*streamed)),
+        _ => return None,
+    };
+    if transfer != "postcopy" && transfer != "stop-and-copy" {
         return None;
     }
-    let total_seconds = words[5].strip_suffix('s')?.parse().ok()?;
-    let frozen_seconds = words[6]
-        .strip_prefix("(frozen")
-        .filter(|s| s.is_empty())
-        .and(words[7].strip_suffix("s,"))?
+    let frozen_seconds = frozen
+        .strip_prefix("frozen ")?
+        .strip_suffix('s')?
         .parse()
         .ok()?;
-    let moved_words = &words[8..];
-    let (last, amount) = moved_words.split_last()?;
-    if *last != "moved)" || amount.is_empty() || amount.len() > 2 {
-        return None;
-    }
-    let moved = amount.join(" ");
-    let number = amount[0].parse::<f64>().ok()?;
-    if !number.is_finite()
-        || (amount.len() == 2 && !["B", "KiB", "MiB", "GiB", "TiB"].contains(&amount[1]))
-    {
-        return None;
-    }
     Some(Summary {
         verb: verb.to_owned(),
-        pod: pod.to_owned(),
-        from: from.to_owned(),
-        to: to.to_owned(),
+        pod: (*pod).to_owned(),
+        from: (*from).to_owned(),
+        to: (*to).to_owned(),
         total_seconds,
+        transfer: transfer.to_owned(),
         frozen_seconds,
-        moved,
+        archived: bytes(archived.strip_suffix(" archived")?)?,
+        streamed: match streamed {
+            Some(s) => Some(bytes(s.strip_suffix(" streamed")?)?),
+            None => None,
+        },
     })
+}
+
+/// A byte count as the CLI prints it (`512 B`, `1.2 MiB`), checked.
+fn bytes(amount: &str) -> Option<String> {
+    let (number, unit) = amount.split_once(' ')?;
+    let number = number.parse::<f64>().ok()?;
+    (number.is_finite() && ["B", "KiB", "MiB", "GiB", "TiB"].contains(&unit))
+        .then(|| amount.to_owned())
 }
 
 #[cfg(test)]
@@ -116,18 +132,30 @@ mod tests {
     #[test]
     fn summaries_parse_only_in_the_documented_shape() {
         let s = parse_summary(
-            "migrated default/counter node-a -> node-b in 3.2s (frozen 1.05s, 1.2 MiB moved)",
+            "migrated default/counter node-a -> node-b in 3.2s (postcopy, frozen 0.45s, 1.2 MiB archived, 200.0 MiB streamed)",
         )
         .unwrap();
         assert_eq!(s.verb, "migrated");
         assert_eq!(s.pod, "default/counter");
         assert_eq!((s.from.as_str(), s.to.as_str()), ("node-a", "node-b"));
         assert_eq!(s.total_seconds, 3.2);
-        assert_eq!(s.frozen_seconds, 1.05);
-        assert_eq!(s.moved, "1.2 MiB");
-        let small = parse_summary("cloned default/x a -> b in 0.4s (frozen 0s, 512 B moved)");
-        assert_eq!(small.unwrap().moved, "512 B");
+        assert_eq!(s.transfer, "postcopy");
+        assert_eq!(s.frozen_seconds, 0.45);
+        assert_eq!(s.archived, "1.2 MiB");
+        assert_eq!(s.streamed.as_deref(), Some("200.0 MiB"));
+        let small = parse_summary(
+            "cloned default/x a -> b in 0.4s (stop-and-copy, frozen 0s, 512 B archived)",
+        )
+        .unwrap();
+        assert_eq!((small.archived.as_str(), small.streamed), ("512 B", None));
         assert!(parse_summary("migrated default/counter node-a -> node-b").is_none());
-        assert!(parse_summary("moved default/c a -> b in 1s (frozen 1s, 1 B moved)").is_none());
+        assert!(parse_summary(
+            "moved default/c a -> b in 1s (stop-and-copy, frozen 1s, 1 B archived)"
+        )
+        .is_none());
+        assert!(parse_summary(
+            "migrated default/c a -> b in 1s (teleport, frozen 1s, 1 B archived)"
+        )
+        .is_none());
     }
 }

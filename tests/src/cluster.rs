@@ -24,7 +24,7 @@ use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde_json::{json, Value};
 
 use crate::cli::{CliProcess, CliRun};
-use crate::counter::{counter_hit, wait_counter_ready, Counter};
+use crate::counter::{counter_hit, http_get_addr, wait_counter_ready, Counter};
 use crate::harness::unique_id;
 
 pub const NODE_A: &str = "node-a";
@@ -1043,6 +1043,15 @@ impl TestNamespace {
     /// `GET /` on the counter at `port` of pod `name`: its next count.
     pub async fn hit(&self, name: &str, port: u16) -> Result<u64> {
         counter_hit(self.pod_ip(name).await?, port).await
+    }
+
+    /// `GET /checksum` on the counter at `port` of pod `name`: its ballast's hash.
+    pub async fn checksum(&self, name: &str, port: u16) -> Result<String> {
+        let ip = self.pod_ip(name).await?;
+        Ok(http_get_addr((ip, port).into(), "/checksum")
+            .await?
+            .trim()
+            .to_string())
     }
 
     /// `kubectl exec` in this namespace: what the command printed.

@@ -6,6 +6,9 @@
 //! * the tutorial: a counter on node-a counts to 5, `kubectl migrate counter --to node-b` ends
 //!   with its summary line, node-b's clone answers 6 at its own pod IP, its count file came
 //!   along, the source is gone; then `--clone` of the clone leaves both running, diverging;
+//! * post-copy (the default) and stop-and-copy each carry 256 MiB of memory byte for byte;
+//!   post-copy's clone answers before the memory has moved, and its archive holds next to none
+//!   of it;
 //! * a pod with two counters migrates whole;
 //! * `kubectl migrate` refuses early, in one line, changing nothing: a pod not opted in, a
 //!   missing node, the pod's own node, a pod that is not Running;
@@ -33,7 +36,7 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use podmigrate_e2e::cli::{parse_summary, CliRun};
+use podmigrate_e2e::cli::{parse_summary, CliRun, Summary};
 use podmigrate_e2e::cluster::{
     counter_pod, skip_reason, KubeCluster, TestNamespace, AGENT_NAMESPACE, NODE_A, NODE_B, PHASE,
     REASON,
@@ -61,7 +64,7 @@ async fn clone_name(ns: &TestNamespace, source: &str) -> String {
     clones[0].metadata.name.clone().unwrap()
 }
 
-fn assert_cli_ok(run: &CliRun, verb: &str, pod: &str, from: &str, to: &str) {
+fn assert_cli_ok(run: &CliRun, verb: &str, pod: &str, from: &str, to: &str) -> Summary {
     assert!(
         run.success,
         "kubectl migrate failed ({:?}):\nstdout:\n{}\nstderr:\n{}",
@@ -76,7 +79,8 @@ fn assert_cli_ok(run: &CliRun, verb: &str, pod: &str, from: &str, to: &str) {
         summary.frozen_seconds <= summary.total_seconds + 0.05,
         "{summary:?}"
     );
-    assert!(!summary.moved.starts_with("0 "), "{summary:?}");
+    assert!(!summary.archived.starts_with("0 "), "{summary:?}");
+    summary
 }
 
 /// A failed `kubectl migrate`: exactly one line on stderr, containing `what`.
@@ -89,6 +93,76 @@ fn assert_refused(run: &CliRun, what: &str) {
         .collect();
     assert_eq!(lines.len(), 1, "not one line: {:?}", run.stderr);
     assert!(lines[0].contains(what), "{:?} lacks {what:?}", lines[0]);
+}
+
+/// Megabytes in "256.0 MiB" (or GiB), as the CLI prints a byte count.
+fn mib(amount: &str) -> f64 {
+    let (number, unit) = amount.split_once(' ').unwrap();
+    let number: f64 = number.parse().unwrap();
+    match unit {
+        "GiB" => number * 1024.0,
+        "MiB" => number,
+        "KiB" => number / 1024.0,
+        _ => 0.0,
+    }
+}
+
+/// Both transfers carry 256 MiB of memory byte for byte; post-copy resumes the clone before
+/// the memory has moved, then streams it, and its archive holds next to none of it.
+#[tokio::test(flavor = "multi_thread")]
+async fn both_transfers_carry_the_memory_byte_for_byte() {
+    let Some(cluster) = cluster().await else {
+        return;
+    };
+    let _turn = KubeCluster::shared_turn().await;
+    let ns = cluster.namespace("transfers").await.unwrap();
+    let big = || counter().ballast(256);
+    for (pod, transfer) in [("pc", "postcopy"), ("sc", "stop-and-copy")] {
+        ns.start_counters(pod, NODE_A, &[big()], WAIT)
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}\n{}", cluster.diagnostics(20)));
+        assert_eq!(ns.hit(pod, 8080).await.unwrap(), 1);
+        let before = ns.checksum(pod, 8080).await.unwrap();
+        let run = ns
+            .kubectl_migrate(&[pod, "--to", NODE_B, "--transfer", transfer], CLI_TIMEOUT)
+            .await
+            .unwrap();
+        if !run.success {
+            panic!("{run:?}\n{}", cluster.diagnostics(40));
+        }
+        let summary = assert_cli_ok(
+            &run,
+            "migrated",
+            &format!("{}/{pod}", ns.name),
+            NODE_A,
+            NODE_B,
+        );
+        assert_eq!(summary.transfer, transfer, "{}", run.stdout);
+        let clone = clone_name(&ns, pod).await;
+        assert_eq!(ns.hit(&clone, 8080).await.unwrap(), 2);
+        assert_eq!(
+            ns.checksum(&clone, 8080).await.unwrap(),
+            before,
+            "{transfer}"
+        );
+        ns.wait_gone(pod, WAIT).await.unwrap();
+        let archived = mib(&summary.archived);
+        match transfer {
+            "postcopy" => {
+                let streamed = mib(summary.streamed.as_deref().expect("post-copy streams"));
+                assert!(streamed >= 250.0, "{}", run.stdout);
+                assert!(archived < 64.0, "{}", run.stdout);
+                assert!(run.stdout.contains("PostCopy"), "{}", run.stdout);
+                let pages = ns.annotation(&clone, "podmigrate.io/pages").await.unwrap();
+                assert!(pages.contains('/'), "{pages}");
+                assert_eq!(ns.events(&clone, Some("PostCopy")).await.unwrap().len(), 1);
+            }
+            _ => {
+                assert_eq!(summary.streamed, None, "{}", run.stdout);
+                assert!(archived > 64.0, "{}", run.stdout);
+            }
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -113,7 +187,10 @@ async fn counter_migrates_to_node_b_then_a_clone_diverges() {
     if !run.success {
         panic!("{run:?}\n{}", cluster.diagnostics(40));
     }
-    assert_cli_ok(&run, "migrated", &pod, NODE_A, NODE_B);
+    let summary = assert_cli_ok(&run, "migrated", &pod, NODE_A, NODE_B);
+    // Post-copy is the default: the clone resumed before its memory had all moved.
+    assert_eq!(summary.transfer, "postcopy", "{}", run.stdout);
+    assert!(summary.streamed.is_some(), "{}", run.stdout);
     let clone = clone_name(&ns, "counter").await;
     assert_eq!(ns.node_of(&clone).await.as_deref(), Some(NODE_B));
     ns.wait_running(&clone, WAIT).await.unwrap();
@@ -131,13 +208,15 @@ async fn counter_migrates_to_node_b_then_a_clone_diverges() {
         .kubectl_migrate(&[&clone, "--to", NODE_A, "--clone"], CLI_TIMEOUT)
         .await
         .unwrap();
-    assert_cli_ok(
+    let summary = assert_cli_ok(
         &run,
         "cloned",
         &format!("{}/{clone}", ns.name),
         NODE_B,
         NODE_A,
     );
+    // A clone's source runs on: its memory cannot stay behind, so it is copied first.
+    assert_eq!(summary.transfer, "stop-and-copy", "{}", run.stdout);
     let second = clone_name(&ns, &clone).await;
     ns.wait_running(&second, WAIT).await.unwrap();
     assert_eq!(ns.hit(&clone, 8080).await.unwrap(), 7);

@@ -1021,6 +1021,7 @@ fn write_lease(node: &Node, source_pod: &str, clone_uid: &str) {
                 .unwrap()
                 .as_millis() as u64,
             work_units: Vec::new(),
+            page_stream: None,
         },
     )
     .unwrap();

@@ -15,7 +15,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tracing::warn;
 
-use crate::gc::Lease;
+use crate::gc::{Lease, PageStreamPlan};
 use crate::share::lease_clone_uid;
 
 #[derive(Debug, thiserror::Error)]
@@ -24,14 +24,23 @@ pub enum BindingError {
     ReadLeases { path: PathBuf, source: io::Error },
 }
 
-/// The clone a checkpoint of the pod whose share directory is `pod_dir` is made for: the uid
-/// named by its live lease, or `None` when it has none (the directory may not exist yet).
+/// The migration a checkpoint is made for, as its lease says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PackFor {
+    pub clone_pod_uid: String,
+    /// Post-copy: where the page stream runs (see [`PageStreamPlan`]).
+    pub page_stream: Option<PageStreamPlan>,
+}
+
+/// The migration a checkpoint of the pod whose share directory is `pod_dir` is made for: the
+/// clone uid named by its live lease, with the lease's page stream plan, or `None` when it has
+/// no lease (the directory may not exist yet).
 ///
 /// Expired and unreadable leases are ignored. Should several live leases be found (an agent
 /// that crashed mid-migration and never came back leaves one until its deadline), the newest
 /// one (by modification time) names the clone: the agent writes it just before it freezes the
 /// source for the migration being packed now.
-pub fn clone_for_pack(pod_dir: &Path, now: SystemTime) -> Result<Option<String>, BindingError> {
+pub fn clone_for_pack(pod_dir: &Path, now: SystemTime) -> Result<Option<PackFor>, BindingError> {
     let err = |source| BindingError::ReadLeases {
         path: pod_dir.to_path_buf(),
         source,
@@ -45,7 +54,7 @@ pub fn clone_for_pack(pod_dir: &Path, now: SystemTime) -> Result<Option<String>,
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_millis() as u64;
-    let mut live: Vec<(SystemTime, String)> = Vec::new();
+    let mut live: Vec<(SystemTime, String, Option<PageStreamPlan>)> = Vec::new();
     for entry in entries {
         let entry = entry.map_err(err)?;
         let name = entry.file_name().to_string_lossy().into_owned();
@@ -62,24 +71,29 @@ pub fn clone_for_pack(pod_dir: &Path, now: SystemTime) -> Result<Option<String>,
             .ok()
             .and_then(|bytes| serde_json::from_slice::<Lease>(&bytes).ok());
         match lease {
-            Some(lease) if lease.deadline_unix_ms > now_ms => {
-                live.push((meta.modified().unwrap_or(UNIX_EPOCH), uid.to_string()))
-            }
+            Some(lease) if lease.deadline_unix_ms > now_ms => live.push((
+                meta.modified().unwrap_or(UNIX_EPOCH),
+                uid.to_string(),
+                lease.page_stream,
+            )),
             Some(_) => {}
             None => {
                 warn!(lease = %path.display(), "unreadable lease ignored when naming the clone an archive is made for")
             }
         }
     }
-    live.sort();
+    live.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
     if live.len() > 1 {
         warn!(
             pod_dir = %pod_dir.display(),
-            clones = ?live.iter().map(|(_, uid)| uid.as_str()).collect::<Vec<_>>(),
+            clones = ?live.iter().map(|(_, uid, _)| uid.as_str()).collect::<Vec<_>>(),
             "several live leases; the archive is made for the newest"
         );
     }
-    Ok(live.pop().map(|(_, uid)| uid))
+    Ok(live.pop().map(|(_, clone_pod_uid, page_stream)| PackFor {
+        clone_pod_uid,
+        page_stream,
+    }))
 }
 
 /// Why a clone may not restore an archive made for another clone.
@@ -123,6 +137,7 @@ mod tests {
             holder: "agent on node-a for clone default/counter-x".into(),
             deadline_unix_ms: deadline.duration_since(UNIX_EPOCH).unwrap().as_millis() as u64,
             work_units: vec![],
+            page_stream: None,
         }
     }
 
@@ -157,7 +172,10 @@ mod tests {
         assert_eq!(clone_for_pack(tmp.path(), now).unwrap(), None);
         write_lease(tmp.path(), "uid-b", &lease(now + Duration::from_secs(600))).unwrap();
         assert_eq!(
-            clone_for_pack(tmp.path(), now).unwrap().as_deref(),
+            clone_for_pack(tmp.path(), now)
+                .unwrap()
+                .map(|p| p.clone_pod_uid)
+                .as_deref(),
             Some("uid-b")
         );
     }
@@ -175,8 +193,31 @@ mod tests {
         );
         set_mtime(&lease_path(tmp.path(), "uid-new"), now);
         assert_eq!(
-            clone_for_pack(tmp.path(), now).unwrap().as_deref(),
+            clone_for_pack(tmp.path(), now)
+                .unwrap()
+                .map(|p| p.clone_pod_uid)
+                .as_deref(),
             Some("uid-new")
+        );
+    }
+
+    #[test]
+    fn a_lease_carries_its_page_stream_plan() {
+        let tmp = tempfile::tempdir().unwrap();
+        let now = SystemTime::now();
+        let plan = PageStreamPlan {
+            listen: "10.0.0.2".parse().unwrap(),
+            peer: Some("10.0.0.3".parse().unwrap()),
+        };
+        let mut postcopy = lease(now + Duration::from_secs(600));
+        postcopy.page_stream = Some(plan.clone());
+        write_lease(tmp.path(), "uid-p", &postcopy).unwrap();
+        assert_eq!(
+            clone_for_pack(tmp.path(), now).unwrap(),
+            Some(PackFor {
+                clone_pod_uid: "uid-p".into(),
+                page_stream: Some(plan)
+            })
         );
     }
 

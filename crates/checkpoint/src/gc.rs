@@ -62,6 +62,21 @@ pub struct Lease {
     /// Work units, relative to the work directory (`checkpoints/<clone-uid>`).
     #[serde(default)]
     pub work_units: Vec<String>,
+    /// Set by the agent just before the freeze when the migration is post-copy: the source's
+    /// shim then dumps lazily and serves the rest of the memory over a page stream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page_stream: Option<PageStreamPlan>,
+}
+
+/// Where a post-copy migration's page stream runs between the two nodes.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PageStreamPlan {
+    /// The source node's address, where its shim listens once the source is frozen.
+    pub listen: std::net::IpAddr,
+    /// The clone's node's address: the only one whose connections are taken (`None`: not known
+    /// when the source froze; the stream's secret still authenticates the clone).
+    #[serde(default)]
+    pub peer: Option<std::net::IpAddr>,
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
@@ -267,6 +282,7 @@ fn leases(
                     holder: "an unreadable lease".into(),
                     deadline_unix_ms: u64::MAX,
                     work_units: Vec::new(),
+                    page_stream: None,
                 },
             )),
             None => expired.push((

@@ -46,7 +46,22 @@ pub struct Expectation {
     pub clone_pod_uid: String,
     /// About how large the container's pages image will be.
     pub bytes: u64,
+    /// The migration asks for post-copy: a clone whose node can restore lazily reserves
+    /// nothing (its pages arrive after it resumes) and says so at once.
+    pub postcopy: bool,
 }
+
+/// What the clone's shim says when it is ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Readiness {
+    /// The clone's node can restore lazily (it has userfaultfd): post-copy is possible.
+    pub userfaultfd: bool,
+}
+
+/// The word in an expectation asking for post-copy.
+const POSTCOPY_WORD: &str = "postcopy";
+/// The word in a ready mark saying the clone's node has userfaultfd.
+const USERFAULTFD_WORD: &str = "userfaultfd";
 
 /// Writes `path` atomically (temporary name, rename), mode 0600.
 fn write_atomically(path: &Path, content: &str) -> Result<(), PrefaultError> {
@@ -69,38 +84,76 @@ pub fn announce(
     let _ = fs::remove_file(ready_path(pod_dir, container));
     write_atomically(
         &expectation_path(pod_dir, container),
-        &format!("{} {}\n", expectation.clone_pod_uid, expectation.bytes),
+        &format!(
+            "{} {}{}\n",
+            expectation.clone_pod_uid,
+            expectation.bytes,
+            if expectation.postcopy {
+                format!(" {POSTCOPY_WORD}")
+            } else {
+                String::new()
+            }
+        ),
     )
 }
 
 /// The announcement for `clone_pod_uid`, if there is one (another clone's is ignored).
 pub fn expectation(pod_dir: &Path, container: &str, clone_pod_uid: &str) -> Option<Expectation> {
     let text = fs::read_to_string(expectation_path(pod_dir, container)).ok()?;
-    let (uid, bytes) = text.trim().split_once(' ')?;
+    let mut words = text.split_whitespace();
+    let (uid, bytes) = (words.next()?, words.next()?);
     if uid.is_empty() || uid != clone_pod_uid {
         return None;
     }
     Some(Expectation {
         clone_pod_uid: uid.to_string(),
         bytes: bytes.parse().ok()?,
+        postcopy: words.next() == Some(POSTCOPY_WORD),
     })
 }
 
-/// The target's side: says the reservation for `clone_pod_uid` is made.
+/// The target's side: says the reservation for `clone_pod_uid` is made (or, in post-copy,
+/// not needed), and whether this node can restore lazily.
 pub fn mark_ready(
     pod_dir: &Path,
     container: &str,
     clone_pod_uid: &str,
+    readiness: Readiness,
 ) -> Result<(), PrefaultError> {
+    let userfaultfd = if readiness.userfaultfd {
+        format!(" {USERFAULTFD_WORD}")
+    } else {
+        String::new()
+    };
     write_atomically(
         &ready_path(pod_dir, container),
-        &format!("{clone_pod_uid}\n"),
+        &format!("{clone_pod_uid}{userfaultfd}\n"),
     )
 }
 
-pub fn is_ready(pod_dir: &Path, container: &str, clone_pod_uid: &str) -> bool {
-    fs::read_to_string(ready_path(pod_dir, container))
-        .is_ok_and(|uid| uid.trim() == clone_pod_uid && !clone_pod_uid.is_empty())
+/// The clone's ready mark for `clone_pod_uid`, if it wrote one.
+pub fn readiness(pod_dir: &Path, container: &str, clone_pod_uid: &str) -> Option<Readiness> {
+    let text = fs::read_to_string(ready_path(pod_dir, container)).ok()?;
+    let mut words = text.split_whitespace();
+    if clone_pod_uid.is_empty() || words.next()? != clone_pod_uid {
+        return None;
+    }
+    Some(Readiness {
+        userfaultfd: words.any(|w| w == USERFAULTFD_WORD),
+    })
+}
+
+/// Whether this kernel lets this process make a userfaultfd, which a lazy (post-copy) restore
+/// needs.
+pub fn userfaultfd_available() -> bool {
+    // SAFETY: userfaultfd(2) takes only flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+    if fd < 0 {
+        return false;
+    }
+    // SAFETY: `fd` is the descriptor just made, owned by nobody else.
+    unsafe { libc::close(fd as libc::c_int) };
+    true
 }
 
 /// Removes the announcements and ready marks of the migration to `clone_pod_uid`, whatever
@@ -180,18 +233,40 @@ mod tests {
         let wanted = Expectation {
             clone_pod_uid: "uid-a".into(),
             bytes: 1 << 30,
+            postcopy: false,
         };
         announce(dir.path(), "counter", &wanted).unwrap();
         assert_eq!(expectation(dir.path(), "counter", "uid-a"), Some(wanted));
         assert_eq!(expectation(dir.path(), "counter", "uid-b"), None);
         assert_eq!(expectation(dir.path(), "other", "uid-a"), None);
-        assert!(!is_ready(dir.path(), "counter", "uid-a"));
-        mark_ready(dir.path(), "counter", "uid-a").unwrap();
-        assert!(is_ready(dir.path(), "counter", "uid-a"));
-        assert!(!is_ready(dir.path(), "counter", "uid-b"));
+        assert_eq!(readiness(dir.path(), "counter", "uid-a"), None);
+        mark_ready(
+            dir.path(),
+            "counter",
+            "uid-a",
+            Readiness { userfaultfd: true },
+        )
+        .unwrap();
+        assert_eq!(
+            readiness(dir.path(), "counter", "uid-a"),
+            Some(Readiness { userfaultfd: true })
+        );
+        assert_eq!(readiness(dir.path(), "counter", "uid-b"), None);
+        mark_ready(
+            dir.path(),
+            "counter",
+            "uid-a",
+            Readiness { userfaultfd: false },
+        )
+        .unwrap();
+        assert_eq!(
+            readiness(dir.path(), "counter", "uid-a"),
+            Some(Readiness { userfaultfd: false })
+        );
         let other = Expectation {
             clone_pod_uid: "uid-b".into(),
             bytes: 1,
+            postcopy: true,
         };
         announce(dir.path(), "sidecar", &other).unwrap();
         withdraw(dir.path(), "uid-a");
@@ -207,13 +282,20 @@ mod tests {
     #[test]
     fn a_new_announcement_clears_an_old_ready_mark() {
         let dir = tempfile::tempdir().unwrap();
-        mark_ready(dir.path(), "counter", "uid-a").unwrap();
+        mark_ready(
+            dir.path(),
+            "counter",
+            "uid-a",
+            Readiness { userfaultfd: false },
+        )
+        .unwrap();
         let expectation = Expectation {
             clone_pod_uid: "uid-a".into(),
             bytes: 4096,
+            postcopy: false,
         };
         announce(dir.path(), "counter", &expectation).unwrap();
-        assert!(!is_ready(dir.path(), "counter", "uid-a"));
+        assert_eq!(readiness(dir.path(), "counter", "uid-a"), None);
     }
 
     #[test]
@@ -245,6 +327,18 @@ mod tests {
             0,
             "no name"
         );
+    }
+
+    #[test]
+    fn an_announcement_carries_the_postcopy_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let wanted = Expectation {
+            clone_pod_uid: "uid-a".into(),
+            bytes: 4096,
+            postcopy: true,
+        };
+        announce(dir.path(), "counter", &wanted).unwrap();
+        assert_eq!(expectation(dir.path(), "counter", "uid-a"), Some(wanted));
     }
 
     #[test]

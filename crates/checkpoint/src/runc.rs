@@ -30,6 +30,9 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
+mod lazy;
+pub use lazy::LazyCheckpoint;
+
 /// The runc binary looked up on `PATH` when no explicit path is configured.
 pub const DEFAULT_RUNC: &str = "runc";
 
@@ -281,6 +284,14 @@ pub enum CgroupsMode {
 }
 
 impl CgroupsMode {
+    /// The mode named `value` (`soft`, `full`, `strict`); `None` for runc's default (empty)
+    /// or a name runc does not know.
+    pub fn parse(value: &str) -> Option<CgroupsMode> {
+        [CgroupsMode::Soft, CgroupsMode::Full, CgroupsMode::Strict]
+            .into_iter()
+            .find(|mode| mode.as_str() == value)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             CgroupsMode::Soft => "soft",

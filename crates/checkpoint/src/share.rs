@@ -9,9 +9,10 @@
 //! | `<container>.zip` | source's shim (rename = commit) | clone's shim | the archive |
 //! | `.<container>.zip.tmp-<pid>-<ns>` | source's shim | agent (progress), GC | an archive being packed |
 //! | `.<container>.commit` | source's shim, after the commit | source's agent | [`CommitRecord`]: digest, bytes, timings |
+//! | `.<container>.pages` | source's shim, in post-copy | source's agent | [`PagesRecord`]: the page stream's progress and end |
 //! | `.lease-<clone-uid>.json` | source's agent | GC | [`crate::gc::Lease`]: a migration in flight |
 //! | `.<container>.prepare` | source's agent | clone's shim | memory to reserve ([`crate::prefault`]) |
-//! | `.<container>.prepared` | clone's shim | source's agent | the reservation is made |
+//! | `.<container>.prepared` | clone's shim | source's agent | the reservation is made (or not needed), and whether the clone's node has userfaultfd |
 //! | `<container>.zip.keep`, `.keep` | agent, operator | GC | pins an archive, or the directory |
 //!
 //! The writer commits an archive by renaming it into place (see [`crate::archive::pack`]), so a
@@ -21,7 +22,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 mod commit;
+mod pages;
 pub use commit::{read_commit_record, write_commit_record, CommitRecord};
+pub use pages::{read_pages_record, write_pages_record, PagesRecord, PagesState};
 
 /// An archive's extension.
 const ARCHIVE_SUFFIX: &str = ".zip";
@@ -32,6 +35,7 @@ pub const KEEP: &str = ".keep";
 /// What follows an archive's name in its temporary names.
 const TEMP_MARK: &str = ".tmp-";
 const COMMIT_SUFFIX: &str = ".commit";
+const PAGES_SUFFIX: &str = ".pages";
 const PREPARE_SUFFIX: &str = ".prepare";
 const PREPARED_SUFFIX: &str = ".prepared";
 
@@ -137,19 +141,29 @@ pub fn packing_bytes(pod_dir: &Path, container: &str) -> u64 {
 
 /// The commit record of `archive` (see [`CommitRecord`]).
 pub fn commit_record_path(archive: &Path) -> PathBuf {
+    record_path(archive, COMMIT_SUFFIX)
+}
+
+/// `.<container><suffix>` beside `archive`: a record the shim keeps of it.
+fn record_path(archive: &Path, suffix: &str) -> PathBuf {
     let stem = archive
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let stem = stem.strip_suffix(ARCHIVE_SUFFIX).unwrap_or(&stem);
-    archive.with_file_name(format!(".{stem}{COMMIT_SUFFIX}"))
+    archive.with_file_name(format!(".{stem}{suffix}"))
 }
 
-/// Whether a file name is a scratch record of a migration (a commit record, a reservation
-/// handshake), which GC removes by the age limit of temporary files.
+/// The page stream record of `archive` (see [`PagesRecord`]).
+pub fn pages_record_path(archive: &Path) -> PathBuf {
+    record_path(archive, PAGES_SUFFIX)
+}
+
+/// Whether a file name is a scratch record of a migration (a commit or page stream record, a
+/// reservation handshake), which GC removes by the age limit of temporary files.
 pub fn is_scratch_name(name: &str) -> bool {
     name.starts_with('.')
-        && [COMMIT_SUFFIX, PREPARE_SUFFIX, PREPARED_SUFFIX]
+        && [COMMIT_SUFFIX, PAGES_SUFFIX, PREPARE_SUFFIX, PREPARED_SUFFIX]
             .iter()
             .any(|suffix| name.ends_with(suffix))
 }

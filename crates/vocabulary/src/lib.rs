@@ -56,6 +56,15 @@ pub const PROGRESS: &str = "podmigrate.io/progress";
 /// On a clone pod: when the source's agent claimed the migration, in Unix milliseconds: its
 /// completion timeout runs from there.
 pub const STARTED_AT: &str = "podmigrate.io/started-at";
+/// On a clone pod: how the memory moves, `postcopy` (the default) or `stop-and-copy`
+/// (`kubectl migrate --transfer`). Post-copy falls back to stop-and-copy, with the reason in an
+/// Event, where the clone's node has no userfaultfd or the migration is a clone.
+pub const TRANSFER: &str = "podmigrate.io/transfer";
+/// On a clone pod: the transfer the source's agent chose when it froze the source.
+pub const TRANSFER_CHOSEN: &str = "podmigrate.io/transfer-chosen";
+/// On a clone pod in post-copy: the bytes of lazy memory the clone holds and their total
+/// (`<moved>/<total>`), from the source's page stream record.
+pub const PAGES: &str = "podmigrate.io/pages";
 /// The finalizer the source's agent puts on a clone it claims: a clone deleted mid-migration
 /// stays until its migration is rolled back (the source thawed, the archives swept).
 pub const FINALIZER: &str = "podmigrate.io/migration";
@@ -78,17 +87,21 @@ pub enum Phase {
     Checkpointing,
     Transferring,
     Restoring,
+    /// Post-copy only: the clone runs while the rest of its memory streams in; the source
+    /// stays frozen, holding every page, until the clone holds them all.
+    PostCopy,
     Running,
     Failed,
     RolledBack,
 }
 
 impl Phase {
-    pub const ALL: [Phase; 7] = [
+    pub const ALL: [Phase; 8] = [
         Phase::Pending,
         Phase::Checkpointing,
         Phase::Transferring,
         Phase::Restoring,
+        Phase::PostCopy,
         Phase::Running,
         Phase::Failed,
         Phase::RolledBack,
@@ -100,6 +113,7 @@ impl Phase {
             Phase::Checkpointing => "Checkpointing",
             Phase::Transferring => "Transferring",
             Phase::Restoring => "Restoring",
+            Phase::PostCopy => "PostCopy",
             Phase::Running => "Running",
             Phase::Failed => "Failed",
             Phase::RolledBack => "RolledBack",
@@ -149,6 +163,40 @@ impl Mode {
     }
 }
 
+/// How the memory moves, as asked in [`TRANSFER`] and recorded in [`TRANSFER_CHOSEN`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transfer {
+    /// Every page is in the archive; the freeze grows with the memory.
+    StopAndCopy,
+    /// The archive holds all but the lazy memory, which the clone fetches from the frozen
+    /// source after it resumes; the freeze does not grow with the memory.
+    PostCopy,
+}
+
+impl Transfer {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transfer::StopAndCopy => "stop-and-copy",
+            Transfer::PostCopy => "postcopy",
+        }
+    }
+
+    /// Absent means post-copy; anything else unknown is refused by the caller.
+    pub fn parse(value: Option<&str>) -> Option<Transfer> {
+        match value {
+            None | Some("") | Some("postcopy") => Some(Transfer::PostCopy),
+            Some("stop-and-copy") => Some(Transfer::StopAndCopy),
+            Some(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Transfer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,6 +226,9 @@ mod tests {
             FINALIZER,
             CLONE_OF_LABEL,
             FROZEN_AT,
+            TRANSFER,
+            TRANSFER_CHOSEN,
+            PAGES,
         ] {
             assert!(name.starts_with(PREFIX), "{name}");
         }

@@ -32,7 +32,7 @@ pub fn in_flight(clone: &Pod) -> bool {
         .is_some_and(|p| {
             matches!(
                 p,
-                Phase::Checkpointing | Phase::Transferring | Phase::Restoring
+                Phase::Checkpointing | Phase::Transferring | Phase::Restoring | Phase::PostCopy
             )
         })
 }

@@ -2,8 +2,10 @@
 //!
 //! ```text
 //!   Pending ──claim──▶ Checkpointing ──▶ Transferring ──▶ Restoring ──▶ Running
-//!      │                    │                 │               │
-//!      └─▶ Failed           └────────────┬────┴───────────────┘
+//!      │                    │                 │               │ ▲
+//!      │                    │                 │    post-copy  ▼ │ every page arrived
+//!      │                    │                 │             PostCopy
+//!      └─▶ Failed           └────────────┬────┴───────────────┴─┘
 //!        (refused)                       ▼
 //!                             RolledBack (the source thawed) / Failed (clone mode)
 //! ```
@@ -43,7 +45,9 @@ use super::limits::Limits;
 use super::metrics::{Metrics, Outcome};
 use super::ports::{Cluster, ClusterError, Runtime, Share};
 use super::timeouts::{self, Budget, Timeouts};
+use crate::gc::{lease_for, LEASE_MARGIN};
 use crate::pod::{annotation, clone_mode, pod_name, timings};
+use podmigrate_checkpoint::gc::Lease;
 
 /// The agent's settings.
 #[derive(Debug, Clone)]
@@ -122,6 +126,11 @@ pub(super) struct Migration {
 }
 
 impl Migration {
+    /// The phase recorded on the clone when this reconciliation read it.
+    pub(super) fn clone_phase(&self) -> Option<Phase> {
+        annotation(&self.clone, PHASE).and_then(Phase::parse)
+    }
+
     /// A migration that cannot go on, with enough of it read to end it: nothing is frozen by
     /// this agent, and the budget no longer counts.
     pub(super) fn ending(clone: Pod, source: Option<Pod>) -> Migration {
@@ -278,6 +287,7 @@ impl<C: Cluster, R: Runtime, S: Share> Agent<C, R, S> {
         match phase {
             Phase::Checkpointing => self.checkpoint_step(&m).await,
             Phase::Transferring => self.transfer_step(&m).await,
+            Phase::PostCopy => self.postcopy_step(&m).await,
             _ => self.restore_step(&m).await,
         }
     }
@@ -323,6 +333,17 @@ impl<C: Cluster, R: Runtime, S: Share> Agent<C, R, S> {
             started_at: millis(&clone, STARTED_AT).unwrap_or_else(unix_millis),
             clone,
         }))
+    }
+
+    /// The lease of migration `m`: GC leaves the source's share directory and this node's
+    /// work unit alone while it lasts.
+    pub(super) fn lease(&self, m: &Migration) -> Lease {
+        let holder = format!(
+            "agent on node {} for clone {}",
+            self.config.node_name,
+            pod_name(&m.clone)
+        );
+        lease_for(holder, &m.uid, m.budget.completion + LEASE_MARGIN)
     }
 
     /// Merge-patches annotations on the clone. `null` removes one.
@@ -403,22 +424,30 @@ impl<C: Cluster, R: Runtime, S: Share> Agent<C, R, S> {
         };
         let mut annotations = json!({ PHASE: phase.as_str(), REASON: reason });
         let frozen_at = millis(&m.clone, FROZEN_AT);
-        if let (Ending::Running, Mode::Migrate, Some(at)) = (&ending, m.mode, frozen_at) {
+        // Post-copy recorded its freeze when the clone began to run, before its memory moved.
+        let postcopy_frozen =
+            millis(&m.clone, FROZEN_MS).filter(|_| m.clone_phase() == Some(Phase::PostCopy));
+        if let (Ending::Running, Mode::Migrate, Some(at), None) =
+            (&ending, m.mode, frozen_at, postcopy_frozen)
+        {
             annotations[FROZEN_MS] = json!(unix_millis().saturating_sub(at).to_string());
         }
         if let (Some(at), Some(checkpointing)) =
             (frozen_at, timings(&m.clone).get("Checkpointing").copied())
         {
-            let restoring = unix_millis()
-                .saturating_sub(at)
-                .saturating_sub(checkpointing);
+            let since_freeze = unix_millis().saturating_sub(at);
+            let resumed = postcopy_frozen.unwrap_or(since_freeze);
+            let restoring = resumed.saturating_sub(checkpointing);
             self.metrics
                 .record_phase(Phase::Restoring, restoring as f64 / 1000.0);
-            annotations[PHASE_TIMINGS] = json!(json!({
+            let mut phase_timings = json!({
                 "Checkpointing": checkpointing,
                 "Restoring": restoring,
-            })
-            .to_string());
+            });
+            if postcopy_frozen.is_some() {
+                phase_timings["PostCopy"] = json!(since_freeze.saturating_sub(resumed));
+            }
+            annotations[PHASE_TIMINGS] = json!(phase_timings.to_string());
         }
         let clone = self.annotate(&m.clone, annotations).await?;
         match &ending {

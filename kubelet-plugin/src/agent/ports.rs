@@ -12,7 +12,8 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::events::{Event, Recorder};
 use kube::Resource;
 use podmigrate_checkpoint::gc::Lease;
-use podmigrate_checkpoint::share::{self, CommitRecord, ShareError};
+use podmigrate_checkpoint::prefault::Readiness;
+use podmigrate_checkpoint::share::{self, CommitRecord, PagesRecord, ShareError};
 use podmigrate_checkpoint::{gc, prefault};
 use podmigrate_vocabulary::CLONE_OF_LABEL;
 use tracing::warn;
@@ -96,6 +97,8 @@ pub trait Runtime: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), ContainerdError>> + Send;
     /// The anonymous memory of the container's main process: what its pages image will hold.
     fn memory(&self, id: &str) -> impl Future<Output = Option<u64>> + Send;
+    /// Why this node cannot serve a post-copy migration's memory, if it cannot.
+    fn postcopy_unavailable(&self) -> Option<String>;
 }
 
 /// The share, as the source's agent uses it: one source pod's directory (see
@@ -110,16 +113,32 @@ pub trait Share: Send + Sync + 'static {
     ) -> Result<(), String>;
     /// Removes earlier archives of these containers, so none is mistaken for this migration's.
     fn clear_archives(&self, namespace: &str, source: &str, containers: &[String]);
-    /// Tells the clone's shim how much memory to reserve for `container`.
+    /// Tells the clone's shim how much memory to reserve for `container`, and whether the
+    /// migration asks for post-copy.
     fn announce(
         &self,
         namespace: &str,
         source: &str,
         container: &str,
         clone_uid: &str,
-        bytes: u64,
+        expectation: (u64, bool),
     ) -> Result<(), String>;
-    fn is_ready(&self, namespace: &str, source: &str, container: &str, clone_uid: &str) -> bool;
+    /// What the clone's shim said once ready, if it did.
+    fn readiness(
+        &self,
+        namespace: &str,
+        source: &str,
+        container: &str,
+        clone_uid: &str,
+    ) -> Option<Readiness>;
+    /// The source's shim's record of a post-copy page stream.
+    fn pages_record(
+        &self,
+        namespace: &str,
+        source: &str,
+        container: &str,
+        clone_uid: &str,
+    ) -> Result<Option<PagesRecord>, ShareError>;
     fn commit_record(
         &self,
         namespace: &str,
@@ -264,6 +283,10 @@ impl Runtime for Containerd {
         let pid = self.task_pid(id).await.ok().flatten()?;
         prefault::process_memory(pid)
     }
+
+    fn postcopy_unavailable(&self) -> Option<String> {
+        podmigrate_checkpoint::ops::postcopy::source_unfit()
+    }
 }
 
 /// [`Share`] on the share's mount point.
@@ -315,19 +338,36 @@ impl Share for DirShare {
         source: &str,
         container: &str,
         clone_uid: &str,
-        bytes: u64,
+        (bytes, postcopy): (u64, bool),
     ) -> Result<(), String> {
         let dir = self.pod_dir(namespace, source).map_err(|e| e.to_string())?;
         let expectation = prefault::Expectation {
             clone_pod_uid: clone_uid.to_string(),
             bytes,
+            postcopy,
         };
         prefault::announce(&dir, container, &expectation).map_err(|e| e.to_string())
     }
 
-    fn is_ready(&self, namespace: &str, source: &str, container: &str, clone_uid: &str) -> bool {
-        self.pod_dir(namespace, source)
-            .is_ok_and(|dir| prefault::is_ready(&dir, container, clone_uid))
+    fn readiness(
+        &self,
+        namespace: &str,
+        source: &str,
+        container: &str,
+        clone_uid: &str,
+    ) -> Option<Readiness> {
+        let dir = self.pod_dir(namespace, source).ok()?;
+        prefault::readiness(&dir, container, clone_uid)
+    }
+
+    fn pages_record(
+        &self,
+        namespace: &str,
+        source: &str,
+        container: &str,
+        clone_uid: &str,
+    ) -> Result<Option<PagesRecord>, ShareError> {
+        share::read_pages_record(&self.archive(namespace, source, container)?, clone_uid)
     }
 
     fn commit_record(
@@ -377,6 +417,7 @@ impl Share for DirShare {
                 continue;
             };
             remove(&share::commit_record_path(&path));
+            remove(&share::pages_record_path(&path));
             if keep {
                 // Kept on request: pinned, so GC leaves it too.
                 let pin = share::pin_path(&path);

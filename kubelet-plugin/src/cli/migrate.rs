@@ -12,7 +12,10 @@ use super::archive::human_bytes;
 use super::clone_pod::{build_clone_pod, default_clone_name, HOSTNAME_LABEL};
 use crate::pod::{annotation, pod_name, timings as phase_timings};
 use crate::policy::not_opted_in;
-use podmigrate_vocabulary::{Mode, Phase, ARCHIVE_BYTES, FROZEN_MS, PHASE, REASON};
+use podmigrate_vocabulary::{
+    Mode, Phase, Transfer, ARCHIVE_BYTES, FROZEN_MS, PAGES, PHASE, REASON, TRANSFER,
+    TRANSFER_CHOSEN,
+};
 
 #[derive(Debug, Args)]
 pub struct MigrateArgs {
@@ -35,6 +38,16 @@ pub struct MigrateArgs {
     /// The clone's name (default: <pod>-mig-<random>).
     #[arg(long)]
     pub name: Option<String>,
+    /// How the memory moves: `postcopy` (the agent's default: the clone resumes at once and
+    /// fetches the rest from the frozen source) or `stop-and-copy` (every page in the archive).
+    #[arg(long, value_parser = parse_transfer)]
+    pub transfer: Option<Transfer>,
+}
+
+fn parse_transfer(value: &str) -> Result<Transfer, String> {
+    Transfer::parse(Some(value))
+        .filter(|_| !value.is_empty())
+        .ok_or_else(|| format!("unknown transfer {value:?} (expected postcopy or stop-and-copy)"))
 }
 
 pub fn run(args: MigrateArgs) -> anyhow::Result<()> {
@@ -79,7 +92,14 @@ async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
         .name
         .clone()
         .unwrap_or_else(|| default_clone_name(&args.pod));
-    let clone = build_clone_pod(&source, &args.to, &name, mode, args.keep_archive);
+    let mut clone = build_clone_pod(&source, &args.to, &name, mode, args.keep_archive);
+    if let Some(transfer) = args.transfer {
+        clone
+            .metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(TRANSFER.into(), transfer.as_str().into());
+    }
     pods.create(&PostParams::default(), &clone)
         .await
         .with_context(|| format!("creating clone pod {}/{name}", args.namespace))?;
@@ -93,6 +113,7 @@ async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
     );
 
     let mut last_phase = None;
+    let mut last_pages = None;
     loop {
         let current = pods
             .get_opt(&name)
@@ -105,6 +126,20 @@ async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
                 println!("  {:>7.1}s  {phase}", started.elapsed().as_secs_f64());
             }
             last_phase = phase;
+        }
+        if phase == Some(Phase::PostCopy) {
+            let pages = annotation(&current, PAGES).and_then(parse_pages);
+            if pages.is_some() && pages != last_pages {
+                if let Some((moved, total)) = pages {
+                    println!(
+                        "  {:>7.1}s  PostCopy  {} of {} of memory",
+                        started.elapsed().as_secs_f64(),
+                        human_bytes(moved),
+                        human_bytes(total)
+                    );
+                }
+                last_pages = pages;
+            }
         }
         match phase {
             Some(Phase::Running) => {
@@ -124,8 +159,13 @@ async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
                         .collect();
                     println!("  phases: {}", parts.join(", "));
                 }
+                let transfer = annotation(&current, TRANSFER_CHOSEN).unwrap_or("stop-and-copy");
+                let streamed = annotation(&current, PAGES)
+                    .and_then(parse_pages)
+                    .map(|(moved, _)| format!(", {} streamed", human_bytes(moved)))
+                    .unwrap_or_default();
                 println!(
-                    "{} {}/{} {} -> {} in {total:.1}s (frozen {frozen}, {} moved)",
+                    "{} {}/{} {} -> {} in {total:.1}s ({transfer}, frozen {frozen}, {} archived{streamed})",
                     if args.clone { "cloned" } else { "migrated" },
                     args.namespace,
                     args.pod,
@@ -176,6 +216,12 @@ async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
             );
         }
     }
+}
+
+/// `<moved>/<total>` bytes, as [`PAGES`] records them.
+fn parse_pages(value: &str) -> Option<(u64, u64)> {
+    let (moved, total) = value.split_once('/')?;
+    Some((moved.parse().ok()?, total.parse().ok()?))
 }
 
 /// Why `pod` cannot move to node `to` (whose object is `node`; `None`: it does not exist), in

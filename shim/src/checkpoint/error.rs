@@ -8,6 +8,7 @@ use containerd_shim::protos::ttrpc::{self, Code};
 use containerd_shim::protos::types::task::Status;
 use podmigrate_checkpoint::bandwidth::BandwidthError;
 use podmigrate_checkpoint::ops::checkpoint::CheckpointError as ArchiveFailure;
+use podmigrate_checkpoint::ops::postcopy::PostCopyError;
 use podmigrate_vocabulary::{BANDWIDTH, RUNC_CHECKPOINT_OPTIONS_TYPE_URL};
 
 use crate::config::ENV_BANDWIDTH;
@@ -94,6 +95,14 @@ pub enum CheckpointFailure {
     #[error("dumping with CRIU: {}", with_criu_lines(.error, .criu))]
     Dump { error: ttrpc::Error, criu: String },
 
+    /// Post-copy's lazy dump (runc itself) or its page stream could not start; `criu` holds
+    /// CRIU's last error lines.
+    #[error("dumping lazily for post-copy: {error}{}", if .criu.is_empty() { String::new() } else { format!("; CRIU: {}", .criu) })]
+    LazyDump {
+        error: Box<PostCopyError>,
+        criu: String,
+    },
+
     /// The container's main process was gone once dumped: it was stopped meanwhile.
     #[error("checking the container after the dump: its process {pid} is gone ({error}): it was stopped during the checkpoint")]
     Stopped { pid: u32, error: io::Error },
@@ -145,7 +154,7 @@ impl CheckpointFailure {
                 _ => Code::UNAVAILABLE,
             },
             // A share or local disk that fails, the packer, a file of the checkpoint.
-            Io { .. } | EncodeOptions(_) | Archive(_) => Code::INTERNAL,
+            Io { .. } | EncodeOptions(_) | Archive(_) | LazyDump { .. } => Code::INTERNAL,
         }
     }
 }
@@ -272,6 +281,14 @@ mod tests {
                 },
                 Code::UNAVAILABLE,
                 "dumping with CRIU",
+            ),
+            (
+                LazyDump {
+                    error: Box::new(PostCopyError::Cancelled),
+                    criu: "Error (criu/page-xfer.c:1209): Can't read pagemap from socket".into(),
+                },
+                Code::INTERNAL,
+                "page-xfer.c:1209",
             ),
             (
                 Stopped {

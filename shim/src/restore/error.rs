@@ -36,6 +36,9 @@ pub fn code(failure: &RestoreFailure) -> Code {
             CredsError::Spec { .. } => Code::INVALID_ARGUMENT,
             CredsError::Io { .. } => Code::INTERNAL,
         },
+        // The daemon or its ticket: this node's CRIU, or a damaged archive.
+        Ticket(_) => Code::DATA_LOSS,
+        PostCopy(_) => Code::FAILED_PRECONDITION,
         RootfsDiff(e) => match e {
             RootfsError::BadEntry { .. } | RootfsError::BadDeletedList { .. } => {
                 Code::PERMISSION_DENIED
@@ -70,6 +73,8 @@ mod tests {
     use podmigrate_checkpoint::binding::CloneMismatch;
     use podmigrate_checkpoint::share::ShareError;
 
+    use podmigrate_checkpoint::ops::postcopy::PostCopyError;
+
     use super::*;
     use crate::config::ENV_ARCHIVE_WAIT;
 
@@ -97,6 +102,15 @@ mod tests {
         use RestoreFailure::*;
         let timeout = std::time::Duration::from_secs(90);
         vec![
+            (
+                PostCopy(PostCopyError::DaemonSocket {
+                    socket: "/work/restore/ns/c1/checkpoint/lazy-pages.socket".into(),
+                    waited: std::time::Duration::from_secs(10),
+                    log: String::new(),
+                }),
+                Code::FAILED_PRECONDITION,
+                "lazy-pages.socket",
+            ),
             (
                 ArchiveName(ShareError::BadName {
                     what: "pod",

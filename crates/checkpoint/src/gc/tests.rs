@@ -148,6 +148,7 @@ fn a_live_lease_protects_its_pod_directory_and_work_units_an_expired_one_does_no
             holder: "agent on node-a for clone ns/busy-x".into(),
             deadline_unix_ms: unix_ms(now + HOUR),
             work_units: vec!["checkpoints/uid-busy".into()],
+            page_stream: None,
         },
     )
     .unwrap();
@@ -158,6 +159,7 @@ fn a_live_lease_protects_its_pod_directory_and_work_units_an_expired_one_does_no
             holder: "agent on node-a for clone ns/done-x".into(),
             deadline_unix_ms: unix_ms(now - HOUR),
             work_units: vec!["checkpoints/uid-old".into()],
+            page_stream: None,
         },
     )
     .unwrap();
@@ -392,6 +394,7 @@ fn removal_rechecks_the_file_and_the_leases_first() {
             holder: "agent on node-b".into(),
             deadline_unix_ms: unix_ms(now + HOUR),
             work_units: vec![],
+            page_stream: None,
         },
     )
     .unwrap();

@@ -17,7 +17,7 @@ use crate::archive::{
     Versions,
 };
 use crate::bandwidth::Bandwidth;
-use crate::binding::{self, BindingError};
+use crate::binding::{self, BindingError, PackFor};
 use crate::layout::{ContainerConfig, LayoutError, CHECKPOINT_DIR, FIRST_PAGES_IMAGE, SPEC_DUMP};
 use crate::rootfs::{self, RootfsError};
 use crate::share::{self, ShareError};
@@ -106,11 +106,14 @@ fn unix_millis() -> u128 {
 impl Checkpoint<'_> {
     /// Packs the checkpoint directory onto the share while `dump` (the runtime's dump, and
     /// whatever check its caller makes of it) writes CRIU's images into it, adds what CRIU does
-    /// not save, and commits the archive. The caller's error type carries both the dump's
-    /// failures and this operation's.
+    /// not save, and commits the archive. `dump` is handed the migration the lease names, if
+    /// any; when its lease asks for post-copy (a page stream plan), the dump takes all but the
+    /// lazy memory and leaves what the clone needs to fetch the rest in the checkpoint
+    /// directory. The caller's error type carries both the dump's failures and this
+    /// operation's.
     pub fn run<E: From<CheckpointError>>(
         &self,
-        dump: impl FnOnce() -> Result<(), E>,
+        dump: impl FnOnce(Option<&PackFor>) -> Result<(), E>,
     ) -> Result<PackSummary, E> {
         let who = super::describe(
             &self.source.namespace,
@@ -136,9 +139,11 @@ impl Checkpoint<'_> {
         // The clone this checkpoint is for, named by the agent's lease beside the archive
         // (none for a checkpoint taken without one, e.g. by `ctr`).
         let pod_dir = archive_path.parent().unwrap_or(&archive_path);
-        let clone_pod_uid =
+        let pack_for =
             binding::clone_for_pack(pod_dir, SystemTime::now()).map_err(CheckpointError::Leases)?;
-        info!(container = %who, clone_pod_uid = clone_pod_uid.as_deref().unwrap_or("-"), "archive made for clone");
+        let clone_pod_uid = pack_for.as_ref().map(|p| p.clone_pod_uid.clone());
+        let postcopy = pack_for.as_ref().is_some_and(|p| p.page_stream.is_some());
+        info!(container = %who, clone_pod_uid = clone_pod_uid.as_deref().unwrap_or("-"), postcopy, "archive made for clone");
         let pack_options = PackOptions {
             source: Source {
                 clone_pod_uid: clone_pod_uid.clone().unwrap_or_default(),
@@ -168,7 +173,7 @@ impl Checkpoint<'_> {
             let packer = scope.spawn(|| {
                 archive::pack_following(self.local_dir, &archive_path, &pack_options, &follow)
             });
-            let dumped = self.dump_and_extras(dump, &who);
+            let dumped = self.dump_and_extras(|| dump(pack_for.as_ref()), &who);
             match &dumped {
                 Ok(_) => done.store(true, Ordering::Release),
                 Err(_) => failed.store(true, Ordering::Release),

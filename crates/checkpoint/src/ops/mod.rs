@@ -2,6 +2,7 @@
 //! runtime's types: the shim adapts them to containerd.
 
 pub mod checkpoint;
+pub mod postcopy;
 pub mod restore;
 
 /// `pod <namespace>/<pod> container <name>`: how messages and logs name a container.

@@ -1,7 +1,8 @@
 //! Restore, up to the container runtime: wait for the source's archive on the share (reserving
 //! memory for its pages meanwhile), verify and unpack it, check that it is this clone's to
 //! restore, apply its rootfs changes to the new container's upper directory, and leave CRIU's
-//! images ready for the runtime's create-from-checkpoint.
+//! images ready for the runtime's create-from-checkpoint. A post-copy checkpoint also gets its
+//! lazy-pages daemon started, ready for that restore.
 
 use std::fs::{self, File};
 use std::io;
@@ -15,16 +16,20 @@ use crate::archive::{self, ArchiveError, ArchiveKey, KeyError, Reserved, Source,
 use crate::binding::{self, CloneMismatch};
 use crate::creds::{self, CredsError};
 use crate::layout::{CHECKPOINT_DIR, FIRST_PAGES_IMAGE};
+use crate::pagestream::{PageStreamError, Ticket};
+use crate::reap::Reaper;
 use crate::rootfs::{self, RootfsError};
 use crate::share::{self, ShareError};
 use crate::workspace::WorkSpace;
 use crate::{criu, prefault};
 
+use super::postcopy::{Fetch, Fetching, PostCopyError};
+
 /// How often a waiting clone looks for the source's announcement (and for the archive).
 const RESERVE_POLL: Duration = Duration::from_millis(50);
 
 /// One clone container to restore from its source's archive.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Restore<'a> {
     pub share_root: &'a Path,
     /// Where the checkpoint is unpacked: in memory when it fits.
@@ -49,16 +54,21 @@ pub struct Restore<'a> {
     /// image's layers under it, topmost first.
     pub upperdir: Option<PathBuf>,
     pub lowerdirs: Vec<PathBuf>,
+    /// How a post-copy restore's lazy-pages daemon is waited for.
+    pub reaper: &'a dyn Reaper,
 }
 
 /// An unpacked checkpoint, ready for the runtime's create-from-checkpoint.
 #[derive(Debug)]
 pub struct Prepared {
-    /// The local copy; to be removed once the task has started (or failed to).
+    /// The local copy; to be removed once the task has started (or failed to), or, in
+    /// post-copy, once its memory has arrived.
     pub dir: PathBuf,
     /// CRIU's images.
     pub images: PathBuf,
     pub archive: PathBuf,
+    /// Post-copy: what fetches the memory the archive left out (see [`super::postcopy`]).
+    pub fetching: Option<Fetching>,
 }
 
 /// A restore that failed, with everything an operator needs to act on it: kubelet shows this
@@ -137,6 +147,14 @@ pub enum RestoreFailure {
         path: PathBuf,
         error: io::Error,
     },
+
+    /// The checkpoint is post-copy, and its page stream ticket does not read.
+    #[error("{0}")]
+    Ticket(PageStreamError),
+
+    /// The checkpoint is post-copy, and its memory cannot be fetched on this node.
+    #[error("{0}")]
+    PostCopy(PostCopyError),
 }
 
 /// A clone container's unpacked checkpoint under work space `root`.
@@ -297,11 +315,13 @@ impl Restore<'_> {
             );
             Ok(())
         })();
-        match result {
-            Ok(()) => Ok(Prepared {
+        let fetching = result.and_then(|()| self.start_fetching(&dir));
+        match fetching {
+            Ok(fetching) => Ok(Prepared {
                 images: dir.join(CHECKPOINT_DIR),
                 dir,
                 archive: archive.to_path_buf(),
+                fetching,
             }),
             Err(failure) => {
                 let _ = fs::remove_dir_all(&dir);
@@ -310,15 +330,40 @@ impl Restore<'_> {
         }
     }
 
+    /// For a post-copy checkpoint (it carries a page stream ticket), starts CRIU's lazy-pages
+    /// daemon on its images, so the restore can begin.
+    fn start_fetching(&self, dir: &Path) -> Result<Option<Fetching>, RestoreFailure> {
+        let Some(ticket) = Ticket::read_from(dir).map_err(RestoreFailure::Ticket)? else {
+            return Ok(None);
+        };
+        info!(container = %self.describe(), source = %ticket.address, total_bytes = ticket.total_bytes, "post-copy: the memory will be fetched from the source");
+        Fetch {
+            criu: Path::new(criu::DEFAULT_CRIU),
+            reaper: self.reaper,
+            images: &dir.join(CHECKPOINT_DIR),
+            ticket,
+        }
+        .start()
+        .map(Some)
+        .map_err(RestoreFailure::PostCopy)
+    }
+
     /// Reserves memory for the pages image once the source has announced its size (see
-    /// [`prefault`]), then tells the source it may freeze. `None` while there is no
-    /// announcement for this clone yet; `Some(None)` when nothing was reserved.
+    /// [`prefault`]), then tells the source it may freeze, and whether this node can restore
+    /// lazily. `None` while there is no announcement for this clone yet; `Some(None)` when
+    /// nothing was reserved: in post-copy on a node with userfaultfd, whose pages arrive after
+    /// the restore, nothing is.
     fn reserve_ahead(&self, pod_dir: &Path) -> Option<Option<File>> {
         let expected = prefault::expectation(pod_dir, self.container, self.pod_uid)?;
         let who = self.describe();
+        let readiness = prefault::Readiness {
+            userfaultfd: prefault::userfaultfd_available(),
+        };
         let space = self.space.choose(Some(expected.bytes));
         let mut reserved = None;
-        if space.in_memory {
+        if expected.postcopy && readiness.userfaultfd {
+            info!(container = %who, "post-copy: no memory reserved, the pages arrive after the restore");
+        } else if space.in_memory {
             // Beside the restore directories: unpack links the file there, on the same tmpfs.
             let dir = space.root.join("restore");
             let started = Instant::now();
@@ -334,7 +379,7 @@ impl Restore<'_> {
         } else {
             info!(container = %who, bytes = expected.bytes, why = %space.why, "no memory reserved: the pages image will not be in memory");
         }
-        if let Err(e) = prefault::mark_ready(pod_dir, self.container, self.pod_uid) {
+        if let Err(e) = prefault::mark_ready(pod_dir, self.container, self.pod_uid, readiness) {
             warn!(container = %who, error = %e, "could not tell the source the clone is ready");
         }
         Some(reserved)

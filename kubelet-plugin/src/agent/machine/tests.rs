@@ -197,12 +197,15 @@ struct FakeRuntime {
     /// The state of every task when each Checkpoint ran.
     checkpoints: Mutex<Vec<BTreeMap<String, TaskState>>>,
     killed: Mutex<Vec<String>>,
+    /// Whether each Checkpoint's lease asked for a lazy (post-copy) dump.
+    lazy: Mutex<Vec<bool>>,
 }
 
 impl FakeRuntime {
     fn new(share_root: &Path) -> Self {
         FakeRuntime {
             share_root: share_root.to_path_buf(),
+            lazy: Mutex::default(),
             tasks: Mutex::new(
                 [
                     ("id-web", TaskState::Running),
@@ -287,10 +290,17 @@ impl Runtime for FakeRuntime {
         }
         let container = id.trim_start_matches("id-");
         let dir = share::pod_dir(&self.share_root, NS, SOURCE).unwrap();
-        let uid =
+        let pack_for =
             podmigrate_checkpoint::binding::clone_for_pack(&dir, std::time::SystemTime::now())
-                .unwrap()
-                .unwrap_or_default();
+                .unwrap();
+        let uid = pack_for
+            .as_ref()
+            .map(|p| p.clone_pod_uid.clone())
+            .unwrap_or_default();
+        self.lazy
+            .lock()
+            .unwrap()
+            .push(pack_for.is_some_and(|p| p.page_stream.is_some()));
         let archive = share::archive_path(&self.share_root, NS, SOURCE, container).unwrap();
         std::fs::write(&archive, b"PK").unwrap();
         share::write_commit_record(
@@ -311,6 +321,10 @@ impl Runtime for FakeRuntime {
 
     async fn memory(&self, _id: &str) -> Option<u64> {
         Some(64 << 20)
+    }
+
+    fn postcopy_unavailable(&self) -> Option<String> {
+        None
     }
 }
 
@@ -917,4 +931,164 @@ async fn an_agent_restarted_after_the_ending_releases_what_is_left() {
     assert!(!w.pod_dir_names().is_empty());
     assert_eq!(w.step().await, Next::OnChange);
     w.assert_released();
+}
+
+// ---- post-copy ------------------------------------------------------------------------------
+
+impl World {
+    /// Both pods report the address of their node, as kubelet does once it runs them.
+    fn with_host_ips(self) -> World {
+        self.cluster()
+            .edit(SOURCE, json!({"status": {"hostIP": "10.214.0.2"}}));
+        self.cluster()
+            .edit(CLONE, json!({"status": {"hostIP": "10.214.0.3"}}));
+        self
+    }
+
+    /// The clone's shim is ready for every container, saying whether its node has userfaultfd.
+    fn clone_ready(&self, userfaultfd: bool) {
+        let dir = share::pod_dir(&self.share_root, NS, SOURCE).unwrap();
+        for c in ["web", "log"] {
+            podmigrate_checkpoint::prefault::mark_ready(
+                &dir,
+                c,
+                CLONE_UID,
+                podmigrate_checkpoint::prefault::Readiness { userfaultfd },
+            )
+            .unwrap();
+        }
+    }
+
+    /// The source's shim records container `c`'s page stream.
+    fn pages(&self, c: &str, state: share::PagesState, moved_bytes: u64) {
+        let archive = share::archive_path(&self.share_root, NS, SOURCE, c).unwrap();
+        share::write_pages_record(
+            &archive,
+            &share::PagesRecord {
+                clone_pod_uid: CLONE_UID.into(),
+                state,
+                moved_bytes,
+                total_bytes: 100,
+                reason: if state == share::PagesState::Failed {
+                    "the page stream was lost".into()
+                } else {
+                    String::new()
+                },
+                updated_unix_ms: unix_millis(),
+            },
+        )
+        .unwrap();
+    }
+
+    /// Claimed, frozen, checkpointed lazily, restored: the clone runs in PostCopy.
+    async fn into_postcopy(&self) {
+        self.step().await;
+        self.clone_ready(true);
+        self.until(Phase::Restoring, 3).await;
+        assert_eq!(*self.runtime().lazy.lock().unwrap(), vec![true, true]);
+        assert_eq!(
+            annotation(&self.clone(), TRANSFER_CHOSEN),
+            Some(Transfer::PostCopy.as_str())
+        );
+        self.clone_runs();
+        assert_eq!(self.step().await, Next::Now);
+        assert_eq!(self.phase().as_deref(), Some("PostCopy"));
+    }
+}
+
+#[tokio::test]
+async fn a_postcopy_clone_runs_first_and_the_source_goes_once_every_page_arrived() {
+    let w = World::new("migrate").with_host_ips();
+    w.into_postcopy().await;
+    // The freeze ended when the clone began to run; the source stays frozen meanwhile.
+    assert!(annotation(&w.clone(), FROZEN_MS).is_some());
+    assert_eq!(w.cluster().events_with("PostCopy").len(), 2);
+    assert!(matches!(w.step().await, Next::After(_)));
+    assert_eq!(w.source_states(), PAUSED);
+    assert!(w.cluster().get(SOURCE).is_some());
+    // Progress, as the shim records it, reaches the clone's annotation.
+    w.pages("web", share::PagesState::Streaming, 30);
+    w.pages("log", share::PagesState::Complete, 100);
+    w.step().await;
+    assert_eq!(annotation(&w.clone(), PAGES), Some("130/200"));
+    assert_eq!(w.phase().as_deref(), Some("PostCopy"));
+    // Every page arrived: the source goes, the migration is Running.
+    w.pages("web", share::PagesState::Complete, 100);
+    w.step().await;
+    assert_eq!(w.phase().as_deref(), Some("Running"));
+    assert!(w.cluster().get(SOURCE).is_none(), "the source is deleted");
+    assert!(timings(&w.clone()).contains_key("PostCopy"));
+    w.assert_released();
+}
+
+#[tokio::test]
+async fn a_broken_page_stream_deletes_the_clone_and_thaws_the_source() {
+    let w = World::new("migrate").with_host_ips();
+    w.into_postcopy().await;
+    w.pages("web", share::PagesState::Failed, 30);
+    w.step().await;
+    assert!(w.cluster().get(CLONE).is_none(), "the clone is deleted");
+    let told = w.cluster().events_with("RolledBack");
+    assert_eq!(told.len(), 2, "{told:?}");
+    let reason = &told[0].1;
+    assert!(
+        reason.contains("page stream of container web failed")
+            && reason.contains("the clone was deleted")
+            && reason.contains("the source was resumed"),
+        "{reason}"
+    );
+    assert_eq!(w.source_states(), RUNNING);
+    assert!(w.cluster().get(SOURCE).is_some());
+    assert_eq!(w.pod_dir_names(), Vec::<String>::new(), "share files left");
+}
+
+#[tokio::test]
+async fn a_postcopy_clone_that_stops_makes_the_migration_roll_back() {
+    let w = World::new("migrate").with_host_ips();
+    w.into_postcopy().await;
+    // The clone's shim stops the container when its memory can no longer arrive.
+    w.cluster().edit(
+        CLONE,
+        json!({"status": {"containerStatuses": [running("log"), {"name": "web", "image": "x",
+            "imageID": "", "ready": false, "restartCount": 0, "state": {"terminated": {
+            "exitCode": 137, "message": "podmigrate post-copy: the page stream was lost"}}}]}}),
+    );
+    w.step().await;
+    assert!(w.cluster().get(CLONE).is_none(), "the clone is deleted");
+    let told = w.cluster().events_with("RolledBack");
+    assert!(told[0].1.contains("page stream was lost"), "{told:?}");
+    assert_eq!(w.source_states(), RUNNING);
+}
+
+#[tokio::test]
+async fn without_userfaultfd_on_the_clones_node_the_memory_is_copied_first() {
+    let w = World::new("migrate").with_host_ips();
+    w.step().await;
+    w.clone_ready(false);
+    w.until(Phase::Restoring, 3).await;
+    assert_eq!(*w.runtime().lazy.lock().unwrap(), vec![false, false]);
+    assert_eq!(
+        annotation(&w.clone(), TRANSFER_CHOSEN),
+        Some(Transfer::StopAndCopy.as_str())
+    );
+    let told = w.cluster().events_with("StopAndCopy");
+    assert_eq!(told.len(), 2, "{told:?}");
+    assert!(told[0].1.contains("userfaultfd"), "{told:?}");
+    w.clone_runs();
+    w.step().await;
+    assert_eq!(w.phase().as_deref(), Some("Running"));
+}
+
+#[tokio::test]
+async fn stop_and_copy_asked_for_is_taken_without_an_event() {
+    let w = World::new("migrate").with_host_ips();
+    w.cluster().edit(
+        CLONE,
+        json!({"metadata": {"annotations": {TRANSFER: "stop-and-copy"}}}),
+    );
+    w.step().await;
+    w.clone_ready(true);
+    w.until(Phase::Restoring, 3).await;
+    assert_eq!(*w.runtime().lazy.lock().unwrap(), vec![false, false]);
+    assert!(w.cluster().events_with("StopAndCopy").is_empty());
 }

@@ -8,7 +8,8 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::events::EventType;
 use podmigrate_vocabulary::{
-    Mode, Phase, CANCEL, FROZEN_AT, MEMORY_BYTES, PHASE, PROGRESS, REASON, SOURCE_NODE, STARTED_AT,
+    Mode, Phase, CANCEL, FROZEN_AT, MEMORY_BYTES, PAGES, PHASE, PROGRESS, REASON, SOURCE_NODE,
+    STARTED_AT, TRANSFER_CHOSEN,
 };
 use serde_json::json;
 use tracing::{debug, info, warn};
@@ -20,7 +21,6 @@ use crate::agent::machine::{
 use crate::agent::metrics::Outcome;
 use crate::agent::ports::{Cluster, ClusterError, Runtime, Share};
 use crate::agent::timeouts;
-use crate::gc::lease_for;
 use crate::pod::{annotation, clone_reference, is_valid_pod_name, pod_name};
 use crate::policy::{self, Decision};
 
@@ -185,6 +185,8 @@ impl<C: Cluster, R: Runtime, S: Share> Agent<C, R, S> {
                         MEMORY_BYTES: total.to_string(),
                         PROGRESS: format!("{now}:0"),
                         FROZEN_AT: null,
+                        TRANSFER_CHOSEN: null,
+                        PAGES: null,
                         REASON: null,
                     }
                 }}),
@@ -220,12 +222,7 @@ impl<C: Cluster, R: Runtime, S: Share> Agent<C, R, S> {
 
         // GC leaves the source's share directory and our work unit alone while this lease
         // lasts; it outlives the completion timeout, so only a crashed agent's lease expires.
-        let holder = format!(
-            "agent on node {} for clone {}",
-            self.config.node_name,
-            pod_name(&m.clone)
-        );
-        let lease = lease_for(holder, &m.uid, budget.completion + Duration::from_secs(300));
+        let lease = self.lease(&m);
         if let Err(reason) = self
             .share
             .write_lease(&namespace, &source_name, &m.uid, &lease)
@@ -237,12 +234,17 @@ impl<C: Cluster, R: Runtime, S: Share> Agent<C, R, S> {
         // Old archives of this source must not be mistaken for this migration's.
         self.share
             .clear_archives(&namespace, &source_name, &m.names);
+        // Every container is announced (the clone's answer says whether it can take post-copy);
+        // one whose memory is unknown gets no reservation.
+        let postcopy = super::checkpoint::asks_for_postcopy(&m.clone, mode);
         for (c, bytes) in targets.iter().zip(&memory) {
-            let Some(bytes) = bytes else { continue };
-            if let Err(e) = self
-                .share
-                .announce(&namespace, &source_name, &c.name, &m.uid, *bytes)
-            {
+            if let Err(e) = self.share.announce(
+                &namespace,
+                &source_name,
+                &c.name,
+                &m.uid,
+                (bytes.unwrap_or(0), postcopy),
+            ) {
                 warn!(clone = %pod_name(&m.clone), error = %e, "announcing the checkpoint's size");
             }
         }

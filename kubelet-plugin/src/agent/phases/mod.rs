@@ -3,5 +3,6 @@
 
 mod checkpoint;
 mod claim;
+mod postcopy;
 pub(super) mod restore;
 mod transfer;

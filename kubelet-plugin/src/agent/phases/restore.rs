@@ -1,18 +1,26 @@
 //! Restoring: the clone's shim restores from the committed archives; the source's agent follows
 //! the clone through the controller's watch. It runs: the source is retired (migrate mode) and
-//! the migration is Running. It fails: the source is thawed and the migration rolled back. It
-//! makes no progress (its containers' states stay the same) for the progress timeout: the same.
+//! the migration is Running, or, in post-copy, the migration goes on to PostCopy while the
+//! rest of the memory streams in. It fails: the source is thawed and the migration rolled back.
+//! It makes no progress (its containers' states stay the same) for the progress timeout: the
+//! same.
 
 use std::hash::{Hash, Hasher};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
-use podmigrate_vocabulary::{Mode, PROGRESS};
+use kube::runtime::events::EventType;
+use podmigrate_vocabulary::{
+    Mode, Phase, Transfer, FROZEN_AT, FROZEN_MS, PHASE, PROGRESS, TRANSFER_CHOSEN,
+};
 use serde_json::json;
 use tracing::warn;
 
-use crate::agent::machine::{progress, unix_millis, Agent, AgentError, Ending, Migration, Next};
+use crate::agent::machine::{
+    millis, progress, unix_millis, Agent, AgentError, Ending, Migration, Next,
+};
 use crate::agent::ports::{Cluster, Runtime, Share};
+use crate::pod::{annotation, pod_name};
 
 /// What a restored clone's container says when it failed to come up.
 pub(in crate::agent) fn clone_failure(pod: &Pod) -> Option<String> {
@@ -104,6 +112,9 @@ pub(in crate::agent) fn status_mark(pod: &Pod) -> String {
 impl<C: Cluster, R: Runtime, S: Share> Agent<C, R, S> {
     pub(in crate::agent) async fn restore_step(&self, m: &Migration) -> Result<Next, AgentError> {
         if clone_running(&m.clone) {
+            if annotation(&m.clone, TRANSFER_CHOSEN) == Some(Transfer::PostCopy.as_str()) {
+                return self.enter_postcopy(m).await;
+            }
             if m.mode == Mode::Migrate {
                 self.retire_source(m).await?;
             }
@@ -143,9 +154,33 @@ impl<C: Cluster, R: Runtime, S: Share> Agent<C, R, S> {
         ))
     }
 
+    /// The clone runs while its memory streams in: the app's downtime ends here, the source
+    /// stays frozen until the clone holds every page.
+    async fn enter_postcopy(&self, m: &Migration) -> Result<Next, AgentError> {
+        let now = unix_millis();
+        let frozen_ms = millis(&m.clone, FROZEN_AT).map(|at| now.saturating_sub(at).to_string());
+        let clone = self
+            .annotate(
+                &m.clone,
+                json!({
+                    PHASE: Phase::PostCopy.as_str(),
+                    FROZEN_MS: frozen_ms,
+                    PROGRESS: format!("{now}:0"),
+                }),
+            )
+            .await?;
+        let note = format!(
+            "clone {} runs; the rest of its memory streams from the frozen source",
+            pod_name(&clone)
+        );
+        self.tell(m, EventType::Normal, "PostCopy", "Restore", &note)
+            .await;
+        Ok(Next::Now)
+    }
+
     /// Migrate mode's last step: the source's processes die (frozen, they die as they thaw,
     /// without running again), then its pod goes.
-    async fn retire_source(&self, m: &Migration) -> Result<(), AgentError> {
+    pub(in crate::agent) async fn retire_source(&self, m: &Migration) -> Result<(), AgentError> {
         for c in &m.containers {
             if let Err(e) = self.runtime.kill(&c.id, libc::SIGKILL).await {
                 warn!(container = %c.name, error = %e, "stopping the migrated source");

@@ -95,7 +95,7 @@ fn criu_dump(local_dir: &Path) -> Result<(), Failure> {
 fn a_dump_is_packed_with_its_extras_and_committed_with_its_record() {
     let node = Node::new();
     let op = node.checkpoint();
-    let summary = op.run(|| criu_dump(op.local_dir)).unwrap();
+    let summary = op.run(|_| criu_dump(op.local_dir)).unwrap();
     assert_eq!(summary.archive, node.p("share/team-a/db-0/db.zip"));
     assert_eq!(node.pod_dir(), [".db.commit", "db.zip"]);
     let record = share::read_commit_record(&summary.archive, "")
@@ -133,7 +133,7 @@ fn a_dump_is_packed_with_its_extras_and_committed_with_its_record() {
 fn a_failed_dump_is_the_callers_failure_and_leaves_no_archive() {
     let node = Node::new();
     let op = node.checkpoint();
-    match op.run(|| Err(Failure::Dump("CRIU died"))) {
+    match op.run(|_| Err(Failure::Dump("CRIU died"))) {
         Err(Failure::Dump("CRIU died")) => {}
         other => panic!("expected the dump's own failure: {other:?}"),
     }
@@ -150,7 +150,7 @@ fn a_key_that_does_not_load_fails_before_anything_is_made() {
     };
     let mut dumped = false;
     let err = op
-        .run(|| {
+        .run(|_| {
             dumped = true;
             Ok(())
         })
