@@ -981,7 +981,7 @@ impl World {
     }
 
     /// Claimed, frozen, checkpointed lazily, restored: the clone runs in PostCopy.
-    async fn into_postcopy(&self) {
+    async fn walk_into_postcopy(&self) {
         self.step().await;
         self.clone_ready(true);
         self.until(Phase::Restoring, 3).await;
@@ -999,7 +999,7 @@ impl World {
 #[tokio::test]
 async fn a_postcopy_clone_runs_first_and_the_source_goes_once_every_page_arrived() {
     let w = World::new("migrate").with_host_ips();
-    w.into_postcopy().await;
+    w.walk_into_postcopy().await;
     // The freeze ended when the clone began to run; the source stays frozen meanwhile.
     assert!(annotation(&w.clone(), FROZEN_MS).is_some());
     assert_eq!(w.cluster().events_with("PostCopy").len(), 2);
@@ -1024,7 +1024,7 @@ async fn a_postcopy_clone_runs_first_and_the_source_goes_once_every_page_arrived
 #[tokio::test]
 async fn a_broken_page_stream_deletes_the_clone_and_thaws_the_source() {
     let w = World::new("migrate").with_host_ips();
-    w.into_postcopy().await;
+    w.walk_into_postcopy().await;
     w.pages("web", share::PagesState::Failed, 30);
     w.step().await;
     assert!(w.cluster().get(CLONE).is_none(), "the clone is deleted");
@@ -1045,7 +1045,7 @@ async fn a_broken_page_stream_deletes_the_clone_and_thaws_the_source() {
 #[tokio::test]
 async fn a_postcopy_clone_that_stops_makes_the_migration_roll_back() {
     let w = World::new("migrate").with_host_ips();
-    w.into_postcopy().await;
+    w.walk_into_postcopy().await;
     // The clone's shim stops the container when its memory can no longer arrive.
     w.cluster().edit(
         CLONE,
