@@ -8,6 +8,7 @@
 #   scripts/local-up-cluster.sh status # one line per component
 #   scripts/local-up-cluster.sh kubelet NODE stop|start   # what a node restart does to kubelet
 #   scripts/local-up-cluster.sh containerd NODE stop|start # containerd alone; its shims run on
+#   scripts/local-up-cluster.sh link NODE down|up         # the node's only network link, cut or back
 #
 # The control plane runs on the host: etcd, kube-apiserver (TLS, RBAC and NodeRestriction on,
 # certificates made here), kube-scheduler and kube-controller-manager. Each node (node-a, node-b)
@@ -669,5 +670,11 @@ case ${1:-} in
       start) [ ! -f "$STATE/pids/$node-containerd.pid" ] || die "$node's containerd is running"; start_containerd "$node" ;;
       *) die "usage: scripts/local-up-cluster.sh containerd NODE stop|start" ;;
     esac ;;
-  *) die "usage: scripts/local-up-cluster.sh up | down | status | kubelet|containerd NODE stop|start" ;;
+  link)
+    node=${2:-}; [ -n "${NODE_IP[$node]:-}" ] || die "no node ${node:-(none)}: the nodes are ${NODES[*]}"
+    case ${3:-} in
+      down|up) ip link set "$(veth_of "$node")" "$3" ;;
+      *) die "usage: scripts/local-up-cluster.sh link NODE down|up" ;;
+    esac ;;
+  *) die "usage: scripts/local-up-cluster.sh up | down | status | kubelet|containerd NODE stop|start | link NODE down|up" ;;
 esac

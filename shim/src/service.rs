@@ -102,6 +102,18 @@ impl TaskService {
         })
     }
 
+    /// Ends the serving of container `id`'s memory, if it is served (post-copy's source), and
+    /// waits until CRIU has let go of its processes.
+    fn end_serving(&self, id: &str, why: &str) {
+        if self.streams.is_running(id) {
+            info!(
+                id,
+                why, "post-copy: ending the page stream before the source runs again"
+            );
+        }
+        self.streams.stop(id);
+    }
+
     /// Readies a Create for a lazy restore: the container's CRIU configuration says
     /// `lazy-pages`, and CRIU's restore works where the lazy-pages daemon opened its socket,
     /// in the images.
@@ -130,7 +142,13 @@ impl TaskService {
         let delegate = self.delegate.clone().ok();
         let id = id.to_string();
         let message_file = postcopy::termination_message_file(bundle);
+        let stopped = std::sync::atomic::AtomicBool::new(false);
         move |reason: &str| {
+            // The first reason is the cause; later ones (the daemon failing once its stream
+            // was cut) are its consequences.
+            if stopped.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
             if let Some(file) = &message_file {
                 let message = format!("podmigrate post-copy: {reason}; the clone was stopped, since its memory can no longer arrive");
                 if let Err(e) = std::fs::write(file, message) {
@@ -171,8 +189,6 @@ impl Task for TaskService {
         state(api::StateRequest) -> api::StateResponse;
         pids(api::PidsRequest) -> api::PidsResponse;
         pause(api::PauseRequest) -> Empty;
-        resume(api::ResumeRequest) -> Empty;
-        kill(api::KillRequest) -> Empty;
         exec(api::ExecProcessRequest) -> Empty;
         resize_pty(api::ResizePtyRequest) -> Empty;
         close_io(api::CloseIORequest) -> Empty;
@@ -180,6 +196,23 @@ impl Task for TaskService {
         wait(api::WaitRequest) -> api::WaitResponse;
         stats(api::StatsRequest) -> api::StatsResponse;
         connect(api::ConnectRequest) -> api::ConnectResponse;
+    }
+
+    /// A source whose memory is still being served to its clone is resumed only when the
+    /// migration is given up (the agent rolls back): the serving ends first, which makes CRIU
+    /// let go of the processes, so they run again.
+    fn resume(&self, ctx: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<Empty> {
+        self.end_serving(&req.id, "the source was resumed");
+        self.forward(ctx, |client, c| client.resume(c, &req))
+    }
+
+    /// Killing a source whose memory is still being served ends the serving first: CRIU holds
+    /// its processes until then, and they could not die.
+    fn kill(&self, ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<Empty> {
+        if req.exec_id.is_empty() {
+            self.end_serving(&req.id, "the source was stopped");
+        }
+        self.forward(ctx, |client, c| client.kill(c, &req))
     }
 
     /// A clone pod's app container is created from its source's checkpoint; everything else,
@@ -305,6 +338,10 @@ impl Task for TaskService {
     fn start(&self, ctx: &TtrpcContext, req: api::StartRequest) -> TtrpcResult<api::StartResponse> {
         let result = self.forward(ctx, |client, c| client.start(c, &req));
         if req.exec_id.is_empty() {
+            if result.is_err() {
+                // A lazy restore that failed fetches nothing: its daemon and stream go.
+                self.streams.stop(&req.id);
+            }
             // A lazy restore is done with its own CRIU configuration: later checkpoints of the
             // container must not read `lazy-pages`.
             if let Err(e) = criu_config::settle(

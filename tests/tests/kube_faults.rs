@@ -16,6 +16,10 @@
 //!   Checkpointing and Restoring;
 //! * node-b's containerd restarted while the clone's shim waits for the archive;
 //! * two clones of one source created at once: one proceeds, the other is refused;
+//! * post-copy: node-a's link cut while the clone fetches its memory (the clone is stopped,
+//!   saying why, and cannot restart fresh; once node-a is back the migration rolls back and
+//!   the source, which kept every page, counts on), and node-a's agent killed meanwhile (it is
+//!   not in the page stream: the migration completes);
 //! * the agent's loop: refused clones are marked and reported on both pods, a clone made by
 //!   hand gets the label its source's agent needs.
 //!
@@ -919,4 +923,144 @@ async fn refused_clones_are_marked_and_reported_and_hand_made_clones_labelled() 
     );
     let reason = ns.annotation("by-hand", REASON).await.unwrap_or_default();
     assert!(reason.contains("does not exist"), "{reason}");
+}
+
+// ---- post-copy ------------------------------------------------------------------------------
+
+/// Puts node `node`'s network link back when dropped (also when a test fails).
+struct LinkBack<'a>(&'a KubeCluster, &'static str);
+
+impl Drop for LinkBack<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.local_up(&["link", self.1, "up"]);
+    }
+}
+
+/// A one-counter pod on `node` with `ballast_mib` of memory and its migrations capped at
+/// `cap` per second (`podmigrate.io/bandwidth-per-migration`), so that its memory takes a
+/// while to stream; counted up to `count`.
+async fn run_capped_counter(
+    ns: &TestNamespace,
+    name: &str,
+    ballast_mib: u32,
+    cap: &str,
+    count: u64,
+) {
+    let mut pod = counter_pod(name, NODE_A, &[counter().ballast(ballast_mib)]);
+    pod.metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert("podmigrate.io/bandwidth-per-migration".into(), cap.into());
+    ns.create_pod(&pod).await.unwrap();
+    ns.wait_running(name, WAIT).await.unwrap();
+    let ip = ns.pod_ip(name).await.unwrap();
+    podmigrate_e2e::counter::wait_counter_ready(ip, 8080, WAIT)
+        .await
+        .unwrap();
+    for expected in 1..=count {
+        assert_eq!(ns.hit(name, 8080).await.unwrap(), expected);
+    }
+}
+
+/// Every message kubelet shows for the containers of `pod` (terminated, last terminated,
+/// waiting).
+async fn container_messages(ns: &TestNamespace, pod: &str) -> Vec<String> {
+    let Some(pod) = ns.get_pod(pod).await else {
+        return Vec::new();
+    };
+    let mut messages = Vec::new();
+    for cs in pod
+        .status
+        .and_then(|s| s.container_statuses)
+        .into_iter()
+        .flatten()
+    {
+        for state in [cs.state, cs.last_state].into_iter().flatten() {
+            messages.extend(state.terminated.and_then(|t| t.message));
+            messages.extend(state.waiting.and_then(|w| w.message));
+        }
+    }
+    messages
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postcopy_with_the_link_cut_mid_stream_the_clone_stops_and_the_source_runs_on() {
+    let Some(cluster) = cluster().await else {
+        return;
+    };
+    let _alone = KubeCluster::exclusive().await;
+    let t0 = Instant::now();
+    let ns = cluster.namespace("linkcut").await.unwrap();
+    // 128 MiB at 16 MiB/s: the memory streams for about 8 s after the clone resumes.
+    run_capped_counter(&ns, "cut", 128, "16Mi", 3).await;
+    let cli = spawn_migrate(&ns, "cut");
+    let (clone, _) = ns.wait_clone("cut", WAIT).await.unwrap();
+    ns.wait_phase(&clone, &["PostCopy"], CLI_TIMEOUT)
+        .await
+        .unwrap();
+    cluster.local_up(&["link", NODE_A, "down"]).unwrap();
+    let link = LinkBack(&cluster, NODE_A);
+    step(t0, "node-a's link cut while the clone fetches its memory");
+    // node-b notices the dead link (TCP keepalive and user timeout, about 10 s) and stops the
+    // clone, saying why; a restart is refused rather than run fresh.
+    let started = Instant::now();
+    let said = loop {
+        let messages = container_messages(&ns, &clone).await;
+        if let Some(m) = messages.iter().find(|m| m.contains("post-copy")) {
+            break m.clone();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(45),
+            "the clone was not stopped: {messages:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(said.contains("memory"), "{said}");
+    step(t0, &format!("the clone stopped: {said}"));
+    drop(link);
+    step(t0, "node-a's link back");
+    let run = cli.finish(CLI_TIMEOUT).await.unwrap();
+    eprint!("{}{}", run.stdout, run.stderr);
+    assert!(!run.success, "kubectl migrate must fail");
+    assert!(run.stderr.contains("page stream"), "{}", run.stderr);
+    // The source kept every page: it counts on from where it was, on node-a.
+    assert_eq!(ns.hit("cut", 8080).await.unwrap(), 4);
+    assert_eq!(ns.node_of("cut").await.as_deref(), Some(NODE_A));
+    let warned = notes(&ns, "cut", "RolledBack").await;
+    assert!(
+        warned.iter().any(|n| n.contains("page stream")),
+        "RolledBack events of the source: {warned:?}"
+    );
+    ns.wait_gone(&clone, WAIT).await.unwrap();
+    wait_no_containers(&cluster, NODE_B, &ns.name, &clone).await;
+    let uid = ns.uid_of("cut").await.unwrap();
+    assert_no_leftovers(&cluster, &ns, &[&uid]).await;
+    step(t0, "rolled back; node-a's counter counts on");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postcopy_goes_on_while_the_source_agent_is_killed() {
+    let Some(cluster) = cluster().await else {
+        return;
+    };
+    let _alone = KubeCluster::exclusive().await;
+    let _agent = AgentBack(&cluster, NODE_A);
+    let t0 = Instant::now();
+    let ns = cluster.namespace("pcagent").await.unwrap();
+    run_capped_counter(&ns, "pc", 128, "16Mi", 3).await;
+    let before = ns.checksum("pc", 8080).await.unwrap();
+    let cli = spawn_migrate(&ns, "pc");
+    let (clone, _) = ns.wait_clone("pc", WAIT).await.unwrap();
+    ns.wait_phase(&clone, &["PostCopy"], CLI_TIMEOUT)
+        .await
+        .unwrap();
+    let old = cluster.signal_agent(NODE_A, libc::SIGKILL).await.unwrap();
+    step(t0, "node-a's agent killed in PostCopy");
+    // The clone answers meanwhile: its memory comes from node-a's shim, not its agent.
+    assert_eq!(ns.hit(&clone, 8080).await.unwrap(), 4);
+    cluster.wait_agent_back(NODE_A, &old, WAIT).await.unwrap();
+    let run = cli.finish(CLI_TIMEOUT).await.unwrap();
+    assert_migrated(&cluster, &ns, &run, "pc", &clone, 8080, 5).await;
+    assert_eq!(ns.checksum(&clone, 8080).await.unwrap(), before);
+    step(t0, "migrated; the memory is byte for byte the source's");
 }

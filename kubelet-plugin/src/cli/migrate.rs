@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
-use kube::api::{Api, PostParams};
+use k8s_openapi::api::core::v1::{Event, Namespace, Node, Pod};
+use kube::api::{Api, ListParams, PostParams};
 
 use super::archive::human_bytes;
 use super::clone_pod::{build_clone_pod, default_clone_name, HOSTNAME_LABEL};
@@ -115,11 +115,22 @@ async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
     let mut last_phase = None;
     let mut last_pages = None;
     loop {
-        let current = pods
+        let Some(current) = pods
             .get_opt(&name)
             .await
             .with_context(|| format!("reading clone pod {}/{name}", args.namespace))?
-            .with_context(|| format!("clone pod {}/{name} was deleted", args.namespace))?;
+        else {
+            // The agent deletes a clone that can no longer finish once it has recorded why in
+            // an Event, which outlives the pod.
+            let why = ending_event(&kube, &args.namespace, &name)
+                .await
+                .unwrap_or_else(|| "no reason recorded".to_string());
+            bail!(
+                "migration of {}/{}: clone pod {name} was deleted: {why}",
+                args.namespace,
+                args.pod
+            );
+        };
         let phase = annotation(&current, PHASE).and_then(Phase::parse);
         if phase != last_phase {
             if let Some(phase) = phase {
@@ -216,6 +227,27 @@ async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
             );
         }
     }
+}
+
+/// The note of the newest Event that ended the migration to `clone` (rolled back, failed or
+/// cancelled), which outlives the clone pod.
+async fn ending_event(kube: &kube::Client, namespace: &str, clone: &str) -> Option<String> {
+    let events: Api<Event> = Api::namespaced(kube.clone(), namespace);
+    let listed = events
+        .list(&ListParams::default().fields(&format!("involvedObject.name={clone}")))
+        .await
+        .ok()?;
+    listed
+        .items
+        .into_iter()
+        .filter(|e| {
+            matches!(
+                e.reason.as_deref(),
+                Some("RolledBack" | "Failed" | "Cancelled")
+            )
+        })
+        .max_by_key(|e| e.metadata.creation_timestamp.clone().map(|t| t.0))
+        .and_then(|e| e.message)
 }
 
 /// `<moved>/<total>` bytes, as [`PAGES`] records them.

@@ -85,14 +85,16 @@ impl<C: Cluster, R: Runtime, S: Share> Agent<C, R, S> {
         Ok(Next::After(POLL))
     }
 
-    /// The clone cannot get its memory: it goes, and the source, which still holds every page,
-    /// is thawed.
+    /// The clone cannot get its memory: the source, which still holds every page, is thawed,
+    /// the migration is recorded as rolled back, and then the clone goes (its shim stopped it
+    /// already, or will once the stream breaks; a restart could only start afresh).
     async fn lose_clone(&self, m: &Migration, reason: String) -> Result<Next, AgentError> {
+        let reason = format!("post-copy: {reason}; the clone was deleted");
+        let next = self.roll_back(m, Ending::RolledBack(reason)).await?;
         let clone = m.clone.metadata.name.as_deref().unwrap_or_default();
         if let Err(e) = self.cluster.delete(&m.namespace, clone).await {
             warn!(clone = %pod_name(&m.clone), error = %e, "deleting a clone that cannot get its memory");
         }
-        let reason = format!("post-copy: {reason}; the clone was deleted");
-        self.roll_back(m, Ending::RolledBack(reason)).await
+        Ok(next)
     }
 }
