@@ -139,6 +139,64 @@ pub fn packing_bytes(pod_dir: &Path, container: &str) -> u64 {
         .sum()
 }
 
+/// Writes the JSON record `record` (`what` names it in errors) at `path`, atomically
+/// (temporary name, rename), mode 0600.
+fn write_record<T: serde::Serialize>(
+    path: PathBuf,
+    what: &'static str,
+    record: &T,
+) -> Result<PathBuf, ShareError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut temp = path.as_os_str().to_owned();
+    temp.push(".tmp");
+    let temp = PathBuf::from(temp);
+    let body = serde_json::to_vec(record).expect("a share record serializes");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&temp)
+        .and_then(|mut file| file.write_all(&body))
+        .map_err(|source| ShareError::Io {
+            op: what,
+            path: temp.clone(),
+            source,
+        })?;
+    std::fs::rename(&temp, &path).map_err(|source| ShareError::Io {
+        op: what,
+        path: path.clone(),
+        source,
+    })?;
+    Ok(path)
+}
+
+/// Reads the JSON record at `path` (`what` names it in errors); `None` when there is none.
+fn read_record<T: serde::de::DeserializeOwned>(
+    path: PathBuf,
+    what: &'static str,
+) -> Result<Option<T>, ShareError> {
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(ShareError::Io {
+                op: what,
+                path,
+                source,
+            })
+        }
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| ShareError::Io {
+            op: what,
+            path,
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+        })
+}
+
 /// The commit record of `archive` (see [`CommitRecord`]).
 pub fn commit_record_path(archive: &Path) -> PathBuf {
     record_path(archive, COMMIT_SUFFIX)

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{commit_record_path, ShareError};
+use super::{commit_record_path, read_record, write_record, ShareError};
 
 /// One committed archive, as its shim saw it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,27 +30,11 @@ pub struct CommitRecord {
 
 /// Writes `record` beside `archive`, atomically (temporary name, rename), mode 0600.
 pub fn write_commit_record(archive: &Path, record: &CommitRecord) -> Result<PathBuf, ShareError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = commit_record_path(archive);
-    let mut temp = path.as_os_str().to_owned();
-    temp.push(".tmp");
-    let temp = PathBuf::from(temp);
-    let io = |op: &'static str, path: &Path| {
-        let path = path.to_path_buf();
-        move |source| ShareError::Io { op, path, source }
-    };
-    let body = serde_json::to_vec(record).expect("a commit record serializes");
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&temp)
-        .and_then(|mut file| file.write_all(&body))
-        .map_err(io("writing the commit record", &temp))?;
-    std::fs::rename(&temp, &path).map_err(io("committing the commit record", &path))?;
-    Ok(path)
+    write_record(
+        commit_record_path(archive),
+        "writing the commit record",
+        record,
+    )
 }
 
 /// The commit record of `archive` made for clone `clone_pod_uid`: `None` when there is none,
@@ -59,24 +43,9 @@ pub fn read_commit_record(
     archive: &Path,
     clone_pod_uid: &str,
 ) -> Result<Option<CommitRecord>, ShareError> {
-    let path = commit_record_path(archive);
-    let bytes = match std::fs::read(&path) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => {
-            return Err(ShareError::Io {
-                op: "reading the commit record",
-                path,
-                source,
-            })
-        }
-    };
-    let record: CommitRecord = serde_json::from_slice(&bytes).map_err(|e| ShareError::Io {
-        op: "parsing the commit record",
-        path: path.clone(),
-        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
-    })?;
-    Ok((record.clone_pod_uid == clone_pod_uid).then_some(record))
+    let record: Option<CommitRecord> =
+        read_record(commit_record_path(archive), "reading the commit record")?;
+    Ok(record.filter(|r| r.clone_pod_uid == clone_pod_uid))
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{pages_record_path, ShareError};
+use super::{pages_record_path, read_record, write_record, ShareError};
 
 /// Where a page stream stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,27 +40,11 @@ pub struct PagesRecord {
 
 /// Writes `record` beside `archive`, atomically (temporary name, rename), mode 0600.
 pub fn write_pages_record(archive: &Path, record: &PagesRecord) -> Result<PathBuf, ShareError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = pages_record_path(archive);
-    let mut temp = path.as_os_str().to_owned();
-    temp.push(".tmp");
-    let temp = PathBuf::from(temp);
-    let io = |op: &'static str, path: &Path| {
-        let path = path.to_path_buf();
-        move |source| ShareError::Io { op, path, source }
-    };
-    let body = serde_json::to_vec(record).expect("a pages record serializes");
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&temp)
-        .and_then(|mut file| file.write_all(&body))
-        .map_err(io("writing the page stream record", &temp))?;
-    std::fs::rename(&temp, &path).map_err(io("committing the page stream record", &path))?;
-    Ok(path)
+    write_record(
+        pages_record_path(archive),
+        "writing the page stream record",
+        record,
+    )
 }
 
 /// The page stream record of `archive` for clone `clone_pod_uid`: `None` when there is none
@@ -69,24 +53,9 @@ pub fn read_pages_record(
     archive: &Path,
     clone_pod_uid: &str,
 ) -> Result<Option<PagesRecord>, ShareError> {
-    let path = pages_record_path(archive);
-    let bytes = match std::fs::read(&path) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => {
-            return Err(ShareError::Io {
-                op: "reading the page stream record",
-                path,
-                source,
-            })
-        }
-    };
-    let record: PagesRecord = serde_json::from_slice(&bytes).map_err(|e| ShareError::Io {
-        op: "parsing the page stream record",
-        path: path.clone(),
-        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
-    })?;
-    Ok((record.clone_pod_uid == clone_pod_uid).then_some(record))
+    let record: Option<PagesRecord> =
+        read_record(pages_record_path(archive), "reading the page stream record")?;
+    Ok(record.filter(|r| r.clone_pod_uid == clone_pod_uid))
 }
 
 #[cfg(test)]
