@@ -71,6 +71,20 @@ fn spawn_migrate(ns: &TestNamespace, pod: &str) -> CliProcess {
         .unwrap()
 }
 
+/// `kubectl migrate <pod> --to node-b --transfer postcopy`, in the background.
+fn spawn_postcopy(ns: &TestNamespace, pod: &str) -> CliProcess {
+    ns.spawn_kubectl_migrate(&[
+        pod,
+        "--to",
+        NODE_B,
+        "--timeout",
+        "120s",
+        "--transfer",
+        "postcopy",
+    ])
+    .unwrap()
+}
+
 /// Waits (bounded) until nothing of `ns` is left behind; fails listing what is.
 async fn assert_no_leftovers(cluster: &KubeCluster, ns: &TestNamespace, uids: &[&str]) {
     let started = Instant::now();
@@ -993,7 +1007,7 @@ async fn postcopy_with_the_link_cut_mid_stream_the_clone_stops_and_the_source_ru
     let ns = cluster.namespace("linkcut").await.unwrap();
     // 128 MiB at 16 MiB/s: the memory streams for about 8 s after the clone resumes.
     run_capped_counter(&ns, "cut", 128, "16Mi", 3).await;
-    let cli = spawn_migrate(&ns, "cut");
+    let cli = spawn_postcopy(&ns, "cut");
     let (clone, _) = ns.wait_clone("cut", WAIT).await.unwrap();
     ns.wait_phase(&clone, &["PostCopy"], CLI_TIMEOUT)
         .await
@@ -1049,7 +1063,7 @@ async fn postcopy_goes_on_while_the_source_agent_is_killed() {
     let ns = cluster.namespace("pcagent").await.unwrap();
     run_capped_counter(&ns, "pc", 128, "16Mi", 3).await;
     let before = ns.checksum("pc", 8080).await.unwrap();
-    let cli = spawn_migrate(&ns, "pc");
+    let cli = spawn_postcopy(&ns, "pc");
     let (clone, _) = ns.wait_clone("pc", WAIT).await.unwrap();
     ns.wait_phase(&clone, &["PostCopy"], CLI_TIMEOUT)
         .await
