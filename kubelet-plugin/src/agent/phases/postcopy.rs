@@ -54,6 +54,9 @@ impl<C: Cluster, R: Runtime, S: Share> Agent<C, R, S> {
             total += record.total_bytes;
         }
         if complete == m.names.len() {
+            // The last figures, as the summary reports them.
+            self.annotate(&m.clone, json!({ PAGES: format!("{moved}/{total}") }))
+                .await?;
             self.retire_source(m).await?;
             return self.finish(m, Ending::Running).await;
         }
