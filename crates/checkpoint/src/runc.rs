@@ -478,14 +478,7 @@ impl Runc {
             .arg(image_dir)
             .arg("--work-path")
             .arg(work_dir);
-        flag(&mut cmd, opts.leave_running, "--leave-running");
-        flag(&mut cmd, opts.tcp_established, "--tcp-established");
-        flag(&mut cmd, opts.file_locks, "--file-locks");
-        flag(&mut cmd, opts.ext_unix_sk, "--ext-unix-sk");
-        flag(&mut cmd, opts.shell_job, "--shell-job");
-        if let Some(mode) = opts.manage_cgroups_mode {
-            cmd.arg("--manage-cgroups-mode").arg(mode.as_str());
-        }
+        checkpoint_flags(&mut cmd, opts);
         cmd.arg(id);
         let default_log = work_dir.join("dump.log");
         remove_stale(&default_log);
@@ -731,6 +724,18 @@ fn wait_bounded(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
 /// quotes a log this run did not write.
 fn remove_stale(log: &Path) {
     let _ = fs::remove_file(log);
+}
+
+/// The flags of a `runc checkpoint` with `opts`.
+fn checkpoint_flags(cmd: &mut Command, opts: &CheckpointOptions) {
+    flag(cmd, opts.leave_running, "--leave-running");
+    flag(cmd, opts.tcp_established, "--tcp-established");
+    flag(cmd, opts.file_locks, "--file-locks");
+    flag(cmd, opts.ext_unix_sk, "--ext-unix-sk");
+    flag(cmd, opts.shell_job, "--shell-job");
+    if let Some(mode) = opts.manage_cgroups_mode {
+        cmd.arg("--manage-cgroups-mode").arg(mode.as_str());
+    }
 }
 
 fn flag(cmd: &mut Command, on: bool, name: &str) {

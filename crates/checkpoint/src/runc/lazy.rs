@@ -16,7 +16,7 @@ use std::process::{Child, Stdio};
 use crate::reap::{ExitWatch, Reaper};
 
 use super::{
-    create_dir, display_command, flag, log_messages, remove_stale, spawn, tail_lines,
+    checkpoint_flags, create_dir, display_command, log_messages, remove_stale, spawn, tail_lines,
     with_criu_log, CheckpointOptions, Runc, RuncError, STDERR_TAIL_LINES,
 };
 
@@ -69,14 +69,7 @@ impl Runc {
             .arg(format!("127.0.0.1:{page_server_port}"))
             .arg("--status-fd")
             .arg(status_fd.to_string());
-        flag(&mut cmd, opts.leave_running, "--leave-running");
-        flag(&mut cmd, opts.tcp_established, "--tcp-established");
-        flag(&mut cmd, opts.file_locks, "--file-locks");
-        flag(&mut cmd, opts.ext_unix_sk, "--ext-unix-sk");
-        flag(&mut cmd, opts.shell_job, "--shell-job");
-        if let Some(mode) = opts.manage_cgroups_mode {
-            cmd.arg("--manage-cgroups-mode").arg(mode.as_str());
-        }
+        checkpoint_flags(&mut cmd, opts);
         cmd.arg(id)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -131,14 +124,7 @@ impl LazyCheckpoint {
         match read {
             Ok(1) => Ok(()),
             _ => {
-                let status = self
-                    .watch
-                    .wait(&mut self.child)
-                    .map_err(|source| RuncError::Io {
-                        id: self.id.clone(),
-                        context: "waiting for runc checkpoint".into(),
-                        source,
-                    })?;
+                let status = self.exit_status()?;
                 Err(self.failure(status.to_string()))
             }
         }
@@ -147,19 +133,23 @@ impl LazyCheckpoint {
     /// Waits for runc to end: `Ok` once CRIU served the lazy memory and the restoring side
     /// closed the session properly.
     pub fn wait(mut self) -> Result<(), RuncError> {
-        let status = self
-            .watch
-            .wait(&mut self.child)
-            .map_err(|source| RuncError::Io {
-                id: self.id.clone(),
-                context: "waiting for runc checkpoint".into(),
-                source,
-            })?;
+        let status = self.exit_status()?;
         if status.success() {
             let _ = fs::remove_file(&self.log);
             return Ok(());
         }
         Err(self.failure(status.to_string()))
+    }
+
+    /// runc's exit, once it has ended.
+    fn exit_status(&mut self) -> Result<std::process::ExitStatus, RuncError> {
+        self.watch
+            .wait(&mut self.child)
+            .map_err(|source| RuncError::Io {
+                id: self.id.clone(),
+                context: "waiting for runc checkpoint".into(),
+                source,
+            })
     }
 
     fn failure(&self, status: String) -> RuncError {
