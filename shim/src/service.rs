@@ -297,16 +297,19 @@ impl Task for TaskService {
         let created = self.forward(ctx, |client, c| client.create(c, &req));
         match created {
             Ok(response) => {
-                if let (Some(fetching), Some(dir)) = (fetching, restore_dir.take()) {
-                    // The daemon needs the images until the last page: the stream removes them.
-                    self.streams.fetch(
-                        &req.id,
-                        identity.describe(),
-                        fetching,
-                        dir,
-                        restored.as_ref().map(|r| r.marker.clone()),
-                        self.clone_stopper(&req.id, Path::new(&req.bundle)),
-                    );
+                // The daemon needs the images until the last page: the stream removes them. (Taken
+                // only then: a plain restore's copy goes once the task has started.)
+                if let Some(fetching) = fetching {
+                    if let Some(dir) = restore_dir.take() {
+                        self.streams.fetch(
+                            &req.id,
+                            identity.describe(),
+                            fetching,
+                            dir,
+                            restored.as_ref().map(|r| r.marker.clone()),
+                            self.clone_stopper(&req.id, Path::new(&req.bundle)),
+                        );
+                    }
                 }
                 self.containers().insert(
                     req.id.clone(),

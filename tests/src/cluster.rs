@@ -649,6 +649,23 @@ impl KubeCluster {
             .collect()
     }
 
+    /// Waits (up to 15 s: a post-copy clone's copy goes once its last page arrived) until
+    /// nothing of `namespace` is left behind (see [`Self::leftovers`]); fails listing what is.
+    pub async fn assert_no_leftovers(&self, namespace: &str, uids: &[&str]) {
+        let started = Instant::now();
+        loop {
+            let left = self.leftovers(namespace, uids);
+            if left.is_empty() {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(15),
+                "left behind: {left:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// What a migration of `namespace`'s pods left behind on both nodes: files in the work
     /// space on disk and in memory (checkpoint images, restore copies; under `checkpoints/<uid>`
     /// for the disk checkpoints of the pods `uids`) and on the share. The restore markers of

@@ -85,22 +85,6 @@ fn spawn_postcopy(ns: &TestNamespace, pod: &str) -> CliProcess {
     .unwrap()
 }
 
-/// Waits (bounded) until nothing of `ns` is left behind; fails listing what is.
-async fn assert_no_leftovers(cluster: &KubeCluster, ns: &TestNamespace, uids: &[&str]) {
-    let started = Instant::now();
-    loop {
-        let left = cluster.leftovers(&ns.name, uids);
-        if left.is_empty() {
-            return;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(15),
-            "left behind: {left:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 /// The notes of the Events on `pod` with reason `reason`.
 async fn notes(ns: &TestNamespace, pod: &str, reason: &str) -> Vec<String> {
     ns.events(pod, Some(reason))
@@ -286,7 +270,7 @@ async fn the_share_unmounted_mid_pack_rolls_back() {
         assert!(cluster.node_files(node, &archive).is_empty());
     }
     let uid = ns.uid_of("gone").await.unwrap();
-    assert_no_leftovers(&cluster, &ns, &[&uid]).await;
+    cluster.assert_no_leftovers(&ns.name, &[&uid]).await;
     step(t0, "rolled back; node-a's counter counts on");
 }
 
@@ -321,7 +305,7 @@ async fn a_full_share_rolls_back_and_leaves_no_partial_archive() {
     )
     .await;
     let uid = ns.uid_of("full").await.unwrap();
-    assert_no_leftovers(&cluster, &ns, &[&uid]).await;
+    cluster.assert_no_leftovers(&ns.name, &[&uid]).await;
     step(t0, "rolled back; no partial archive on the share");
 }
 
@@ -366,7 +350,7 @@ async fn a_full_work_disk_fails_the_dump_and_rolls_back() {
     .await;
     cluster.on_node(NODE_A, &["rm", "-f", &filler]).unwrap();
     let uid = ns.uid_of("cramped").await.unwrap();
-    assert_no_leftovers(&cluster, &ns, &[&uid]).await;
+    cluster.assert_no_leftovers(&ns.name, &[&uid]).await;
     step(t0, "rolled back; node-a's work space is clean again");
 }
 
@@ -430,7 +414,7 @@ async fn criu_killed_mid_dump_leaves_the_source_running() {
     )
     .await;
     let uid = ns.uid_of("dumped").await.unwrap();
-    assert_no_leftovers(&cluster, &ns, &[&uid]).await;
+    cluster.assert_no_leftovers(&ns.name, &[&uid]).await;
     step(t0, "rolled back; node-a's counter counts on");
 }
 
@@ -464,7 +448,7 @@ async fn a_failing_restore_on_the_target_rolls_back() {
     .await;
     assert_eq!(cluster.checkpoint_attempts(&ns.name, "blocked"), 1);
     let uid = ns.uid_of("blocked").await.unwrap();
-    assert_no_leftovers(&cluster, &ns, &[&uid]).await;
+    cluster.assert_no_leftovers(&ns.name, &[&uid]).await;
     step(t0, "rolled back; the counter counts on");
 }
 
@@ -537,7 +521,7 @@ async fn the_source_deleted_mid_checkpoint_ends_the_migration_cleanly() {
     } else {
         assert!(!run.success);
     }
-    assert_no_leftovers(&cluster, &ns, &[&uid]).await;
+    cluster.assert_no_leftovers(&ns.name, &[&uid]).await;
 }
 
 /// A successful migration's end: the clone Running on node-b answers `next`, the source is
@@ -567,7 +551,7 @@ async fn assert_migrated(
     ns.wait_gone(source, WAIT).await.unwrap();
     wait_no_containers(cluster, NODE_A, &ns.name, source).await;
     let uids: Vec<&str> = uid.iter().map(String::as_str).collect();
-    assert_no_leftovers(cluster, ns, &uids).await;
+    cluster.assert_no_leftovers(&ns.name, &uids).await;
 }
 
 /// Starts node `node`'s kubelet again when dropped, if it is stopped (also when a test fails).
@@ -776,7 +760,7 @@ async fn containerd_restarted_while_the_clone_waits_leaks_nothing() {
         ns.wait_gone(&clone, WAIT).await.unwrap();
         wait_no_containers(&cluster, NODE_B, &ns.name, &clone).await;
         let uid = ns.uid_of("waiter").await.unwrap();
-        assert_no_leftovers(&cluster, &ns, &[&uid]).await;
+        cluster.assert_no_leftovers(&ns.name, &[&uid]).await;
         let runc_root = cluster.node_path(NODE_B, "/run/containerd/runc/k8s.io");
         let runc_ids: Vec<String> = std::fs::read_dir(&runc_root)
             .into_iter()
@@ -1048,7 +1032,7 @@ async fn postcopy_with_the_link_cut_mid_stream_the_clone_stops_and_the_source_ru
     ns.wait_gone(&clone, WAIT).await.unwrap();
     wait_no_containers(&cluster, NODE_B, &ns.name, &clone).await;
     let uid = ns.uid_of("cut").await.unwrap();
-    assert_no_leftovers(&cluster, &ns, &[&uid]).await;
+    cluster.assert_no_leftovers(&ns.name, &[&uid]).await;
     step(t0, "rolled back; node-a's counter counts on");
 }
 

@@ -8,7 +8,7 @@
 //!   along, the source is gone; then `--clone` of the clone leaves both running, diverging;
 //! * post-copy and stop-and-copy (the default) each carry 256 MiB of memory byte for byte;
 //!   post-copy's clone answers before the memory has moved, and its archive holds next to none
-//!   of it;
+//!   of it; neither leaves a copy of the checkpoint on a node or the share;
 //! * a pod with two counters migrates whole;
 //! * `kubectl migrate` refuses early, in one line, changing nothing: a pod not opted in, a
 //!   missing node, the pod's own node, a pod that is not Running;
@@ -123,6 +123,7 @@ async fn both_transfers_carry_the_memory_byte_for_byte() {
             .unwrap_or_else(|e| panic!("{e:#}\n{}", cluster.diagnostics(20)));
         assert_eq!(ns.hit(pod, 8080).await.unwrap(), 1);
         let before = ns.checksum(pod, 8080).await.unwrap();
+        let uid = ns.uid_of(pod).await.unwrap();
         let run = ns
             .kubectl_migrate(&[pod, "--to", NODE_B, "--transfer", transfer], CLI_TIMEOUT)
             .await
@@ -162,6 +163,8 @@ async fn both_transfers_carry_the_memory_byte_for_byte() {
                 assert!(archived > 64.0, "{}", run.stdout);
             }
         }
+        // Neither node keeps a copy of the checkpoint, nor does the share.
+        cluster.assert_no_leftovers(&ns.name, &[&uid]).await;
     }
 }
 
