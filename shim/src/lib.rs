@@ -7,14 +7,16 @@
 //! (CRIU image/work paths) and the runc container itself.
 //!
 //! How the modules stand: [`shim`] (the protocol's `start` and `delete`) serves [`service`], the
-//! Task RPCs, which asks [`checkpoint`] and [`restore`], and runs post-copy's page streams in
-//! [`postcopy`]; those share nothing but the lower modules ([`mounts`], [`identity`],
-//! [`config`], [`delegate`], [`error`], [`reaper`]), and nothing below `service` imports it.
+//! Task RPCs, which asks [`checkpoint`] and [`restore`], runs post-copy's page streams in
+//! [`postcopy`], and ends a clone whose memory was lost with [`cgroup_kill`]; those share
+//! nothing but the lower modules ([`mounts`], [`identity`], [`config`], [`delegate`],
+//! [`error`], [`reaper`]), and nothing below `service` imports it.
 //!
 //! The protocol plumbing (flag parsing, daemonising, socket, signal handling, reaping) comes
 //! from the `containerd-shim` crate, pinned at 0.11 because 0.12 speaks task API v3, which
 //! containerd 1.6/1.7 reject.
 
+pub mod cgroup_kill;
 pub mod checkpoint;
 pub mod config;
 pub mod criu_config;

@@ -119,7 +119,7 @@ impl Streams {
                     warn!(container = %who, error = %e, "post-copy: fetching the memory failed")
                 }
             }
-            let _ = std::fs::remove_dir_all(&restore_dir);
+            podmigrate_checkpoint::workspace::discard(&restore_dir);
         });
         self.insert(id, Running { cancel, thread });
     }

@@ -116,7 +116,7 @@ pub fn prepare(
 
 /// Removes a restore's local copy.
 pub fn discard(dir: &Path) {
-    let _ = fs::remove_dir_all(dir);
+    podmigrate_checkpoint::workspace::discard(dir);
 }
 
 #[cfg(test)]

@@ -155,6 +155,10 @@ impl TaskService {
                     warn!(file = %file.display(), error = %e, "writing the termination message");
                 }
             }
+            // First the tasks themselves: a lazy restore under way holds the runc shim's lock
+            // until a page is served, which now never happens (see cgroup_kill).
+            let killed = crate::cgroup_kill::kill_container_processes(&id);
+            info!(id = %id, killed, "post-copy: the clone's processes were sent SIGKILL");
             let Some(delegate) = &delegate else { return };
             let kill = api::KillRequest {
                 id: id.clone(),

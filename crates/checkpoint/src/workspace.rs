@@ -232,8 +232,82 @@ fn cgroup_memory_file(cgroups: &str) -> Option<PathBuf> {
     )
 }
 
+/// Removes a checkpoint's local directory, with whatever CRIU mounted inside it: a CRIU killed
+/// while it restores leaves its cgroup yard (`.criu.cgyard.*`, a tmpfs with the cgroup
+/// hierarchies) mounted in its work directory, where no plain removal gets through. Those
+/// mounts are detached first, deepest first. Best effort: what cannot go stays.
+pub fn discard(dir: &Path) {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    for point in mounts_under(&mountinfo, dir) {
+        if let Ok(c) = std::ffi::CString::new(point.as_os_str().as_encoded_bytes()) {
+            // SAFETY: umount2(2) with a NUL-terminated path that outlives the call.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+    let _ = fs::remove_dir_all(dir);
+}
+
+/// The mount points strictly under `dir` in a `/proc/self/mountinfo` text, deepest first.
+fn mounts_under(mountinfo: &str, dir: &Path) -> Vec<PathBuf> {
+    let mut points: Vec<PathBuf> = mountinfo
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|field| PathBuf::from(unescape_mountinfo(field)))
+        .filter(|point| point != dir && point.starts_with(dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    points.dedup();
+    points
+}
+
+/// mountinfo writes a space, tab, newline and backslash in a path as `\ooo` (octal).
+fn unescape_mountinfo(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
+        {
+            let code =
+                (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
+            out.push(code);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_mounts_criu_left_in_a_directory_are_found_deepest_first() {
+        let info = "\
+36 25 0:32 / /dev/shm rw - tmpfs tmpfs rw
+90 36 0:50 / /dev/shm/podmigrate/restore/ns/c1/checkpoint/.criu.cgyard.XIxijK rw - tmpfs none rw
+91 90 0:51 / /dev/shm/podmigrate/restore/ns/c1/checkpoint/.criu.cgyard.XIxijK/blkio rw - cgroup none rw,blkio
+92 36 0:52 / /dev/shm/podmigrate/restore/ns/c10/x rw - tmpfs none rw
+93 36 0:53 / /dev/shm/podmigrate/restore/ns/c1/with\\040space rw - tmpfs none rw
+";
+        let dir = Path::new("/dev/shm/podmigrate/restore/ns/c1");
+        assert_eq!(
+            super::mounts_under(info, dir),
+            [
+                PathBuf::from(
+                    "/dev/shm/podmigrate/restore/ns/c1/checkpoint/.criu.cgyard.XIxijK/blkio"
+                ),
+                PathBuf::from("/dev/shm/podmigrate/restore/ns/c1/checkpoint/.criu.cgyard.XIxijK"),
+                PathBuf::from("/dev/shm/podmigrate/restore/ns/c1/with space"),
+            ]
+        );
+    }
+
     use super::*;
 
     const GIB: u64 = 1 << 30;

@@ -26,6 +26,7 @@ pub fn code(failure: &RestoreFailure) -> Code {
     match failure {
         ArchiveName(_) => Code::INVALID_ARGUMENT,
         WaitTimedOut { .. } => Code::DEADLINE_EXCEEDED,
+        Abandoned => Code::CANCELLED,
         Wait(_) | WorkDir { .. } => Code::INTERNAL,
         Key(_) | CriuTooNew(_) | NotOverlay => Code::FAILED_PRECONDITION,
         Archive(e) => archive_code(e),

@@ -11,6 +11,7 @@ use containerd_shim::protos::types::mount::Mount;
 use podmigrate_checkpoint::archive::{self, PackOptions, Source, Versions};
 use podmigrate_checkpoint::layout::{CHECKPOINT_DIR, ROOTFS_DIFF_TAR};
 use podmigrate_checkpoint::ops::restore::{local_criu_version, local_dir};
+use podmigrate_checkpoint::prefault;
 
 use super::*;
 
@@ -178,6 +179,36 @@ fn a_missing_archive_times_out_naming_the_setting() {
     node.config.archive_wait = Duration::from_millis(100);
     node.refused("timed out", Code::DEADLINE_EXCEEDED);
     node.refused(crate::config::ENV_ARCHIVE_WAIT, Code::DEADLINE_EXCEEDED);
+}
+
+#[test]
+fn a_migration_abandoned_before_its_archive_ends_the_wait_at_once() {
+    let mut node = node();
+    node.config.archive_wait = Duration::from_secs(60);
+    let pod_dir = node.config.share_root.join(NS).join(SOURCE_POD);
+    fs::create_dir_all(&pod_dir).unwrap();
+    let expectation = prefault::Expectation {
+        clone_pod_uid: node.identity.pod_uid.clone(),
+        bytes: 4096,
+        postcopy: false,
+    };
+    prefault::announce(&pod_dir, CONTAINER, &expectation).unwrap();
+    let withdraw = std::thread::spawn({
+        let pod_dir = pod_dir.clone();
+        let uid = node.identity.pod_uid.clone();
+        move || {
+            std::thread::sleep(Duration::from_millis(300));
+            prefault::withdraw(&pod_dir, &uid);
+        }
+    });
+    let started = std::time::Instant::now();
+    node.refused("before committing its archive", Code::CANCELLED);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    withdraw.join().unwrap();
 }
 
 #[test]

@@ -1,15 +1,23 @@
 //! `bench-downtime`: podmigrate's frozen time on a real two-node migration, by phase, for
 //! `scripts/bench.sh downtime`, on the real cluster of `scripts/local-up-cluster.sh` (brought up
 //! if none answers; one share on disk). For each ballast size, a counter pod with `-m <MiB>`
-//! runs on node-a and is moved with `kubectl migrate` while this driver asks the clone's pod IP
-//! for the counter every few milliseconds. The downtime runs from the agent's "freezing the
-//! source" log line to the first HTTP answer from node-b; the logs of the agent (its pod's),
-//! both shims and node-b's containerd (the nodes' containerd logs, where the shims log too)
-//! place each phase boundary on that same (wall) clock.
+//! runs on node-a and is moved with `kubectl migrate --transfer <transfer>` while this driver
+//! asks the clone's pod IP for the counter every few milliseconds. The downtime runs from the
+//! agent's "freezing the source" log line to the first HTTP answer from node-b; the logs of the
+//! agent (its pod's), both shims and node-b's containerd (the nodes' containerd logs, where the
+//! shims log too) place each phase boundary on that same (wall) clock.
 //!
-//! Usage: `bench-downtime <MiB>...`; prints one JSON object per size on stdout, progress on
-//! stderr. Exit status 1 when a migration fails or the restored counter does not continue.
+//! Two more figures per run: the total time, from the freeze to the last page on node-b (node-b's
+//! shim logging that every page arrived; for stop-and-copy it is the downtime), and how much
+//! longer the counter takes to serve [`REQUESTS`] requests in a row right after its first answer
+//! on node-b than it took on node-a just before the migration.
+//!
+//! Usage: `bench-downtime [--transfer stop-and-copy|postcopy] <MiB>...`; prints one JSON object
+//! per size on stdout (`method` is `podmigrate` for stop-and-copy, `postcopy` for post-copy),
+//! progress on stderr. Exit status 1 when a migration fails or the restored counter does not
+//! continue.
 
+use std::net::Ipv4Addr;
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -18,12 +26,19 @@ use anyhow::{bail, ensure, Context, Result};
 use podmigrate_e2e::cli::parse_summary;
 use podmigrate_e2e::cluster::{skip_reason, KubeCluster, TestNamespace, NODE_A, NODE_B};
 use podmigrate_e2e::counter::{counter_hit, Counter};
+use podmigrate_vocabulary::Transfer;
 use serde_json::{json, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 const PORT: u16 = 8090;
 const COUNT_FILE: &str = "/tmp/count";
+/// Requests timed before the freeze and after the first answer.
+const REQUESTS: u64 = 1000;
+/// Counts asked of node-a's counter before the timed requests.
+const WARM_UP: u64 = 3;
+/// How long after `kubectl migrate` ends node-b's shim may still be logging the last page.
+const LAST_PAGE_LOG_WAIT: Duration = Duration::from_secs(15);
 
 fn note(what: &str) {
     eprintln!("[bench-downtime] {what}");
@@ -71,8 +86,12 @@ fn read(path: &Path) -> Result<String> {
 }
 
 /// Asks the clone's counter every 5 ms (once the clone has an IP) until it answers: (wall
-/// time of the answer, its count).
-async fn first_answer(ns: &TestNamespace, source: &str, timeout: Duration) -> Result<(f64, u64)> {
+/// time of the answer, its count, the clone's IP).
+async fn first_answer(
+    ns: &TestNamespace,
+    source: &str,
+    timeout: Duration,
+) -> Result<(f64, u64, Ipv4Addr)> {
     let started = Instant::now();
     let mut ip = None;
     loop {
@@ -82,12 +101,12 @@ async fn first_answer(ns: &TestNamespace, source: &str, timeout: Duration) -> Re
                     .status
                     .as_ref()
                     .and_then(|s| s.pod_ip.as_deref())
-                    .and_then(|ip| ip.parse::<std::net::Ipv4Addr>().ok());
+                    .and_then(|ip| ip.parse::<Ipv4Addr>().ok());
             }
         }
         if let Some(ip) = ip {
             if let Ok(count) = counter_hit(ip, PORT).await {
-                return Ok((now_unix(), count));
+                return Ok((now_unix(), count, ip));
             }
         }
         ensure!(
@@ -98,15 +117,50 @@ async fn first_answer(ns: &TestNamespace, source: &str, timeout: Duration) -> Re
     }
 }
 
+/// Asks the counter at `ip` for [`REQUESTS`] counts in a row, each expected to be one more than
+/// the last; returns the seconds they took and the last count.
+async fn timed_requests(ip: Ipv4Addr, after: u64) -> Result<(f64, u64)> {
+    let started = Instant::now();
+    let mut count = after;
+    for _ in 0..REQUESTS {
+        let got = counter_hit(ip, PORT).await?;
+        ensure!(
+            got == count + 1,
+            "the counter at {ip} answered {got}, not {}",
+            count + 1
+        );
+        count = got;
+    }
+    Ok((started.elapsed().as_secs_f64(), count))
+}
+
+/// The wall time of node-b's shim logging that every page of `clone` arrived (post-copy),
+/// waiting a little for the line.
+async fn last_page_at(cluster: &KubeCluster, clone: &str) -> Result<f64> {
+    let started = Instant::now();
+    let log = cluster.dir.join(format!("logs/{NODE_B}-containerd.log"));
+    loop {
+        let text = read(&log)?;
+        if let Some(line) = last_line_with(&text, &["every page arrived", &format!("/{clone} ")]) {
+            return shim_time(line).context("shim line without timestamp");
+        }
+        ensure!(
+            started.elapsed() < LAST_PAGE_LOG_WAIT,
+            "no \"every page arrived\" line for {clone} in node-b's containerd log"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_default()
 }
 
-async fn measure(cluster: &KubeCluster, mib: u32) -> Result<Value> {
-    let pod = format!("bench-{mib}");
-    let ns = cluster.namespace(&format!("bench-{mib}")).await?;
+async fn measure(cluster: &KubeCluster, mib: u32, transfer: Transfer) -> Result<Value> {
+    let pod = format!("bench-{}-{mib}", method(transfer).1);
+    let ns = cluster.namespace(&pod).await?;
     let ready_within = Duration::from_secs(120 + u64::from(mib) / 10);
     let a = ns
         .start_counters(
@@ -116,15 +170,17 @@ async fn measure(cluster: &KubeCluster, mib: u32) -> Result<Value> {
             ready_within,
         )
         .await?;
-    for expected in 1..=3 {
+    for expected in 1..=WARM_UP {
         let got = counter_hit(a, PORT).await?;
         ensure!(
             got == expected,
             "node-a's counter answered {got}, not {expected}"
         );
     }
+    let (requests_before, at) = timed_requests(a, WARM_UP).await?;
     note(&format!(
-        "{pod}: counter with {mib} MiB ballast at 3 on node-a; migrating"
+        "{pod}: counter with {mib} MiB ballast at {at} on node-a ({REQUESTS} requests in {requests_before:.3}s); migrating ({})",
+        transfer.as_str()
     ));
     let load_before = loadavg();
 
@@ -133,12 +189,20 @@ async fn measure(cluster: &KubeCluster, mib: u32) -> Result<Value> {
         &pod,
         "--to",
         NODE_B,
+        "--transfer",
+        transfer.as_str(),
         "--timeout",
         &format!("{}s", timeout.as_secs()),
     ])?;
+    // The timed requests start at the first answer, while a post-copy clone's memory still moves.
+    let answer_then_requests = async {
+        let (answered_at, count, ip) = first_answer(&ns, &pod, timeout).await?;
+        let (requests_after, _) = timed_requests(ip, count).await?;
+        anyhow::Ok((answered_at, count, requests_after))
+    };
     let (run, answer) = tokio::join!(
         cli.finish(timeout + Duration::from_secs(30)),
-        first_answer(&ns, &pod, timeout)
+        answer_then_requests
     );
     let run = run?;
     if !run.success {
@@ -148,10 +212,11 @@ async fn measure(cluster: &KubeCluster, mib: u32) -> Result<Value> {
             run.stderr.trim()
         );
     }
-    let (answered_at, count) = answer?;
+    let (answered_at, count, requests_after) = answer?;
     ensure!(
-        count == 4,
-        "node-b's counter answered {count} first, not 4 (it did not carry on from 3)"
+        count == at + 1,
+        "node-b's counter answered {count} first, not {} (it did not carry on from {at})",
+        at + 1
     );
     let summary = parse_summary(run.last_line())
         .with_context(|| format!("unexpected CLI summary {:?}", run.last_line()))?;
@@ -219,6 +284,11 @@ async fn measure(cluster: &KubeCluster, mib: u32) -> Result<Value> {
         "first_answer": answered_at - t_restored,
     });
     let downtime = answered_at - t_freeze;
+    let total = match transfer {
+        Transfer::StopAndCopy => downtime,
+        Transfer::PostCopy => last_page_at(cluster, &clone).await? - t_freeze,
+    };
+    let slowdown = requests_after / requests_before;
     // Before the freeze: did the clone reserve memory for the pages image, and how long did it take?
     let reserved = last_line_with(
         &b_log,
@@ -241,13 +311,19 @@ async fn measure(cluster: &KubeCluster, mib: u32) -> Result<Value> {
         }
     ));
     note(&format!(
-        "{pod}: downtime {downtime:.2}s; phases {phases}; CLI: {}",
+        "{pod}: downtime {downtime:.2}s, total {total:.2}s, first {REQUESTS} requests {slowdown:.2}x as long; phases {phases}; CLI: {}",
         run.last_line()
     ));
     let result = json!({
-        "method": "podmigrate",
+        "method": method(transfer).0,
         "mib": mib,
         "downtime": downtime,
+        "total": total,
+        "requests": REQUESTS,
+        "requests_before": requests_before,
+        "requests_after": requests_after,
+        "slowdown": slowdown,
+        "streamed": summary.streamed,
         "phases": phases,
         "reserve_ahead": reserve_s,
         "archive_bytes": archive_bytes,
@@ -261,7 +337,15 @@ async fn measure(cluster: &KubeCluster, mib: u32) -> Result<Value> {
     Ok(result)
 }
 
-async fn bench(sizes: &[u32]) -> Result<()> {
+/// The method's name in scripts/bench.sh's report, and the pod's name part.
+fn method(transfer: Transfer) -> (&'static str, &'static str) {
+    match transfer {
+        Transfer::StopAndCopy => ("podmigrate", "sc"),
+        Transfer::PostCopy => ("postcopy", "pc"),
+    }
+}
+
+async fn bench(sizes: &[u32], transfer: Transfer) -> Result<()> {
     if let Some(reason) = skip_reason() {
         bail!("this machine cannot run the benchmark: {reason}");
     }
@@ -270,7 +354,7 @@ async fn bench(sizes: &[u32]) -> Result<()> {
         .context("the two-node cluster (scripts/local-up-cluster.sh)")?;
     note(&format!("cluster up; share {}", cluster.share().display()));
     for &mib in sizes {
-        let result = measure(&cluster, mib).await.with_context(|| {
+        let result = measure(&cluster, mib, transfer).await.with_context(|| {
             format!(
                 "migrating the {mib} MiB counter\n{}",
                 cluster.diagnostics(30)
@@ -283,16 +367,29 @@ async fn bench(sizes: &[u32]) -> Result<()> {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> ExitCode {
-    let sizes: Result<Vec<u32>, _> = std::env::args().skip(1).map(|a| a.parse()).collect();
+    const USAGE: &str = "usage: bench-downtime [--transfer stop-and-copy|postcopy] <MiB>...";
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let mut transfer = Transfer::StopAndCopy;
+    if args.first().map(String::as_str) == Some("--transfer") {
+        match args.get(1).and_then(|t| Transfer::parse(Some(t))) {
+            Some(t) => transfer = t,
+            None => {
+                eprintln!("{USAGE}");
+                return ExitCode::from(2);
+            }
+        }
+        args.drain(..2);
+    }
+    let sizes: Result<Vec<u32>, _> = args.iter().map(|a| a.parse()).collect();
     let sizes = match sizes {
         Ok(s) if !s.is_empty() => s,
         _ => {
-            eprintln!("usage: bench-downtime <MiB>...");
+            eprintln!("{USAGE}");
             return ExitCode::from(2);
         }
     };
     let result = tokio::select! {
-        r = bench(&sizes) => r,
+        r = bench(&sizes, transfer) => r,
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
     };
     match result {

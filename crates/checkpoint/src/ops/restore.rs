@@ -101,6 +101,13 @@ pub enum RestoreFailure {
     #[error("{0}")]
     Wait(ShareError),
 
+    /// The source withdrew its announcement without committing an archive: the migration was
+    /// cancelled or rolled back while this clone waited.
+    #[error(
+        "the source ended the migration (cancelled or rolled back) before committing its archive"
+    )]
+    Abandoned,
+
     /// The node's archive key does not load.
     #[error("{0}")]
     Key(KeyError),
@@ -216,13 +223,19 @@ impl Restore<'_> {
         let waited = share::wait_for_archive(archive, self.archive_wait, RESERVE_POLL, |waited| {
             match &reservation {
                 None => reservation = self.reserve_ahead(&pod_dir),
-                // The source withdraws its announcement when the migration ends: without an
-                // archive, that means it was abandoned, and the memory is given back at once.
-                Some(Some(_))
+                // The source withdraws its announcement when the migration ends. Without an
+                // archive that means it was abandoned (cancelled, rolled back): waiting on would
+                // hold up the clone's deletion until the wait runs out, as kubelet tears nothing
+                // down while this Create runs. Whatever was reserved goes with the error.
+                Some(_)
                     if prefault::expectation(&pod_dir, self.container, self.pod_uid).is_none() =>
                 {
-                    info!(container = %who, "the source withdrew its announcement; reserved memory released");
-                    reservation = Some(None);
+                    // Committed just before the withdrawal: the next look finds it.
+                    if archive.exists() {
+                        return Ok(());
+                    }
+                    info!(container = %who, "the source withdrew its announcement before committing an archive: the migration was abandoned");
+                    return Err(RestoreFailure::Abandoned.to_string());
                 }
                 Some(_) => {}
             }
@@ -239,6 +252,8 @@ impl Restore<'_> {
                 error,
                 setting: self.archive_wait_setting,
             },
+            // Only the withdrawal above cancels the wait.
+            ShareError::Cancelled { .. } => RestoreFailure::Abandoned,
             error => RestoreFailure::Wait(error),
         })?;
 
