@@ -25,8 +25,7 @@
 //!
 //! Migrations are post-copy, the default, but for the faults of packing the pages (the share
 //! read-only, unmounted or full, the work disk full, CRIU killed mid-dump), which only
-//! stop-and-copy puts in the archive. The target's restore failing is post-copy's: the clone's
-//! lazy-pages daemon is running when its CRIU dies.
+//! stop-and-copy puts in the archive. The target's restore failing is tested with each.
 //!
 //! Mounts are made inside the nodes' own mount namespaces (host mounts never reach a node).
 //! Tests that change node-wide state take the cluster alone and put it back when they end,
@@ -433,29 +432,41 @@ async fn a_failing_restore_on_the_target_rolls_back() {
     let _alone = KubeCluster::exclusive().await;
     let t0 = Instant::now();
     let ns = cluster.namespace("blocked").await.unwrap();
-    run_counter(&ns, "blocked", NODE_A, counter().ballast(128), 3).await;
-    // Every pod has its own network namespace, so no other pod can take the clone's port:
-    // node-b's CRIU is killed while it restores instead, which fails the restore (runc's Start).
-    let cli = spawn_migrate(&ns, "blocked");
-    let (clone, _) = ns.wait_clone("blocked", WAIT).await.unwrap();
-    let killed = kill_criu(&cluster, NODE_B, "restore", Duration::from_millis(50)).await;
-    step(t0, &format!("killed node-b's CRIU {killed} mid-restore"));
-    let run = cli.finish(CLI_TIMEOUT).await.unwrap();
-    assert_rolled_back(
-        &cluster,
-        &ns,
-        &run,
-        "blocked",
-        &clone,
-        8080,
-        4,
-        "RunContainerError",
-    )
-    .await;
-    assert_eq!(cluster.checkpoint_attempts(&ns.name, "blocked"), 1);
-    let uid = ns.uid_of("blocked").await.unwrap();
-    cluster.assert_no_leftovers(&ns.name, &[&uid]).await;
-    step(t0, "rolled back; the counter counts on");
+    // Post-copy (the default: the clone's lazy-pages daemon is running when its CRIU dies), then
+    // stop-and-copy.
+    for (pod, stop_and_copy) in [("blocked", false), ("copied", true)] {
+        run_counter(&ns, pod, NODE_A, counter().ballast(128), 3).await;
+        // Every pod has its own network namespace, so no other pod can take the clone's port:
+        // node-b's CRIU is killed while it restores instead, which fails the restore (runc's
+        // Start).
+        let cli = if stop_and_copy {
+            spawn_stop_and_copy(&ns, pod)
+        } else {
+            spawn_migrate(&ns, pod)
+        };
+        let (clone, _) = ns.wait_clone(pod, WAIT).await.unwrap();
+        let killed = kill_criu(&cluster, NODE_B, "restore", Duration::from_millis(50)).await;
+        step(
+            t0,
+            &format!("{pod}: killed node-b's CRIU {killed} mid-restore"),
+        );
+        let run = cli.finish(CLI_TIMEOUT).await.unwrap();
+        assert_rolled_back(
+            &cluster,
+            &ns,
+            &run,
+            pod,
+            &clone,
+            8080,
+            4,
+            "RunContainerError",
+        )
+        .await;
+        assert_eq!(cluster.checkpoint_attempts(&ns.name, pod), 1);
+        let uid = ns.uid_of(pod).await.unwrap();
+        cluster.assert_no_leftovers(&ns.name, &[&uid]).await;
+        step(t0, &format!("{pod}: rolled back; the counter counts on"));
+    }
 }
 
 /// Waits until `node` has no containers and no sandboxes of pod `namespace/pod` any more.
