@@ -8,7 +8,8 @@
 //!
 //! How the modules stand: [`shim`] (the protocol's `start` and `delete`) serves [`service`], the
 //! Task RPCs, which asks [`checkpoint`] and [`restore`], runs post-copy's page streams in
-//! [`postcopy`], and ends a clone whose memory was lost with [`cgroup_kill`]; those share
+//! [`postcopy`], holds a restored task's Waits until its Start is known ([`restored_wait`]), and
+//! ends a clone whose memory was lost with [`cgroup_kill`]; those share
 //! nothing but the lower modules ([`mounts`], [`identity`], [`config`], [`delegate`],
 //! [`error`], [`reaper`]), and nothing below `service` imports it.
 //!
@@ -29,6 +30,7 @@ pub mod net_lock;
 pub mod postcopy;
 pub mod reaper;
 pub mod restore;
+pub mod restored_wait;
 pub mod runtime_options;
 pub mod service;
 pub mod shim;

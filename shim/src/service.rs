@@ -3,7 +3,8 @@
 //!
 //! Every other RPC is forwarded unchanged, and the runc shim's answers (statuses included) come
 //! back unchanged, so a `migrate` pod behaves exactly like a `runc` pod: exec, logs, stats, OOM
-//! and exit events are all the runc shim's.
+//! and exit events are all the runc shim's. One exception: a restored task's Wait, which the runc
+//! shim never answers if the task never ran ([`crate::restored_wait`]).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -25,6 +26,7 @@ use crate::error::{describe_ttrpc_error, status};
 use crate::identity::ContainerIdentity;
 use crate::postcopy::{self, Streams};
 use crate::reaper::MonitorReaper;
+use crate::restored_wait::{RestoredWait, WaitAnswer};
 use crate::{criu_config, restore, runtime_options};
 
 /// What we remember of each container the runc shim created for us.
@@ -36,6 +38,8 @@ struct Record {
     restore_dir: Option<PathBuf>,
     /// A restore to record once the task has started.
     restored: Option<Restored>,
+    /// A task created from a checkpoint: its init's Waits are held until its Start is known.
+    restored_wait: Option<Arc<RestoredWait>>,
 }
 
 /// A restore whose marker ([`restore::marker`]) is written once its Start succeeded.
@@ -172,6 +176,12 @@ impl TaskService {
         }
     }
 
+    fn restored_wait(&self, id: &str) -> Option<Arc<RestoredWait>> {
+        self.containers()
+            .get(id)
+            .and_then(|r| r.restored_wait.clone())
+    }
+
     fn containers(&self) -> std::sync::MutexGuard<'_, HashMap<String, Record>> {
         self.containers.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -197,7 +207,6 @@ impl Task for TaskService {
         resize_pty(api::ResizePtyRequest) -> Empty;
         close_io(api::CloseIORequest) -> Empty;
         update(api::UpdateTaskRequest) -> Empty;
-        wait(api::WaitRequest) -> api::WaitResponse;
         stats(api::StatsRequest) -> api::StatsResponse;
         connect(api::ConnectRequest) -> api::ConnectResponse;
     }
@@ -215,8 +224,24 @@ impl Task for TaskService {
     fn kill(&self, ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<Empty> {
         if req.exec_id.is_empty() {
             self.end_serving(&req.id, "the source was stopped");
+            if let Some(gate) = self.restored_wait(&req.id) {
+                gate.ended_unstarted();
+            }
         }
         self.forward(ctx, |client, c| client.kill(c, &req))
+    }
+
+    /// A restored task's init is waited for only once its Start is known; see [`RestoredWait`].
+    fn wait(&self, ctx: &TtrpcContext, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
+        if req.exec_id.is_empty() {
+            if let Some(gate) = self.restored_wait(&req.id) {
+                if let WaitAnswer::Answer(response) = gate.wait() {
+                    info!(id = %req.id, exit_status = response.exit_status, "wait: the restored task never ran");
+                    return Ok(response);
+                }
+            }
+        }
+        self.forward(ctx, |client, c| client.wait(c, &req))
     }
 
     /// A clone pod's app container is created from its source's checkpoint; everything else,
@@ -298,6 +323,7 @@ impl Task for TaskService {
                 Err(err) => return Err(restore::answer(err)),
             }
         }
+        let restored_wait = (!req.checkpoint.is_empty()).then(Arc::default);
         let created = self.forward(ctx, |client, c| client.create(c, &req));
         match created {
             Ok(response) => {
@@ -323,6 +349,7 @@ impl Task for TaskService {
                         rootfs: req.rootfs.clone(),
                         restore_dir,
                         restored,
+                        restored_wait,
                     },
                 );
                 Ok(response)
@@ -343,7 +370,18 @@ impl Task for TaskService {
     /// checkpoint is no longer needed after that, whatever the outcome. Once it succeeded, the
     /// container is marked restored: if it exits and kubelet restarts it, it starts fresh.
     fn start(&self, ctx: &TtrpcContext, req: api::StartRequest) -> TtrpcResult<api::StartResponse> {
+        let gate = req
+            .exec_id
+            .is_empty()
+            .then(|| self.restored_wait(&req.id))
+            .flatten();
+        if let Some(gate) = &gate {
+            gate.starting();
+        }
         let result = self.forward(ctx, |client, c| client.start(c, &req));
+        if let Some(gate) = &gate {
+            gate.start_answered(result.is_ok());
+        }
         if req.exec_id.is_empty() {
             if result.is_err() {
                 // A lazy restore that failed fetches nothing: its daemon and stream go.
@@ -390,6 +428,11 @@ impl Task for TaskService {
         ctx: &TtrpcContext,
         req: api::DeleteRequest,
     ) -> TtrpcResult<api::DeleteResponse> {
+        if req.exec_id.is_empty() {
+            if let Some(gate) = self.restored_wait(&req.id) {
+                gate.ended_unstarted();
+            }
+        }
         let response = self.forward(ctx, |client, c| client.delete(c, &req))?;
         if req.exec_id.is_empty() {
             self.streams.stop(&req.id);

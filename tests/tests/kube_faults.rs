@@ -23,8 +23,9 @@
 //! * the agent's loop: refused clones are marked and reported on both pods, a clone made by
 //!   hand gets the label its source's agent needs.
 //!
-//! Migrations are stop-and-copy, the default, but for the post-copy tests; the target's restore
-//! failing is tested with each transfer.
+//! Migrations are post-copy, the default, but for the faults of packing the pages (the share
+//! read-only, unmounted or full, the work disk full, CRIU killed mid-dump), which only
+//! stop-and-copy puts in the archive. The target's restore failing is tested with each.
 //!
 //! Mounts are made inside the nodes' own mount namespaces (host mounts never reach a node).
 //! Tests that change node-wide state take the cluster alone and put it back when they end,
@@ -68,14 +69,15 @@ async fn run_counter(ns: &TestNamespace, name: &str, node: &str, counter: Counte
     }
 }
 
-/// `kubectl migrate <pod> --to node-b`, in the background (stop-and-copy, the default).
+/// `kubectl migrate <pod> --to node-b`, in the background (post-copy, the default).
 fn spawn_migrate(ns: &TestNamespace, pod: &str) -> CliProcess {
     ns.spawn_kubectl_migrate(&[pod, "--to", NODE_B, "--timeout", "120s"])
         .unwrap()
 }
 
-/// `kubectl migrate <pod> --to node-b --transfer postcopy`, in the background.
-fn spawn_postcopy(ns: &TestNamespace, pod: &str) -> CliProcess {
+/// `kubectl migrate <pod> --to node-b --transfer stop-and-copy`, in the background: for the
+/// faults of packing the pages, which only stop-and-copy puts in the archive.
+fn spawn_stop_and_copy(ns: &TestNamespace, pod: &str) -> CliProcess {
     ns.spawn_kubectl_migrate(&[
         pod,
         "--to",
@@ -83,7 +85,7 @@ fn spawn_postcopy(ns: &TestNamespace, pod: &str) -> CliProcess {
         "--timeout",
         "120s",
         "--transfer",
-        "postcopy",
+        "stop-and-copy",
     ])
     .unwrap()
 }
@@ -206,7 +208,7 @@ async fn the_share_turning_read_only_mid_pack_rolls_back() {
     run_counter(&ns, "ro", NODE_A, counter().ballast(96), 3).await;
     step(t0, "counter at 3 on node-a; the share is a 256 MiB ext4");
     let packing = when_packing(&cluster, NODE_A, &ns.name, "ro", 1 << 20);
-    let cli = spawn_migrate(&ns, "ro");
+    let cli = spawn_stop_and_copy(&ns, "ro");
     let temp = join(packing).await.expect("no temporary archive appeared");
     share.fail_read_only().unwrap();
     assert!(share.is_read_only(NODE_A));
@@ -257,7 +259,7 @@ async fn the_share_unmounted_mid_pack_rolls_back() {
     let mut share = cluster.mount_ext4(&[NODE_A], SHARE_IN_NODE, 256).unwrap();
     run_counter(&ns, "gone", NODE_A, counter().ballast(96), 2).await;
     let packing = when_packing(&cluster, NODE_A, &ns.name, "gone", 1 << 20);
-    let cli = spawn_migrate(&ns, "gone");
+    let cli = spawn_stop_and_copy(&ns, "gone");
     let temp = join(packing).await.expect("no temporary archive appeared");
     share.detach(NODE_A).unwrap();
     step(
@@ -291,7 +293,7 @@ async fn a_full_share_rolls_back_and_leaves_no_partial_archive() {
     // 30% of 96 MiB is incompressible: more than 24 MiB.
     run_counter(&ns, "full", NODE_A, counter().ballast(96), 2).await;
     step(t0, "counter at 2 on node-a; the share is a 24 MiB ext4");
-    let run = spawn_migrate(&ns, "full")
+    let run = spawn_stop_and_copy(&ns, "full")
         .finish(CLI_TIMEOUT)
         .await
         .unwrap();
@@ -335,7 +337,7 @@ async fn a_full_work_disk_fails_the_dump_and_rolls_back() {
         t0,
         "counter at 2 on node-a; node-a's work space is a full 24 MiB ext4 (and 16 MiB of tmpfs)",
     );
-    let run = spawn_migrate(&ns, "cramped")
+    let run = spawn_stop_and_copy(&ns, "cramped")
         .finish(CLI_TIMEOUT)
         .await
         .unwrap();
@@ -394,7 +396,7 @@ async fn criu_killed_mid_dump_leaves_the_source_running() {
     let ns = cluster.namespace("dumped").await.unwrap();
     run_counter(&ns, "dumped", NODE_A, counter().ballast(256), 3).await;
     let packing = when_packing(&cluster, NODE_A, &ns.name, "dumped", 1 << 20);
-    let cli = spawn_migrate(&ns, "dumped");
+    let cli = spawn_stop_and_copy(&ns, "dumped");
     let (clone, _) = ns.wait_clone("dumped", WAIT).await.unwrap();
     // CRIU (run by runc under node-a's runc shim) is writing page images, which the shim packs
     // onto the share as they come: kill it then. (Killed earlier, while it injects its
@@ -430,15 +432,15 @@ async fn a_failing_restore_on_the_target_rolls_back() {
     let _alone = KubeCluster::exclusive().await;
     let t0 = Instant::now();
     let ns = cluster.namespace("blocked").await.unwrap();
-    // Post-copy (the clone's lazy-pages daemon is running when its CRIU dies), then
+    // Post-copy (the default: the clone's lazy-pages daemon is running when its CRIU dies), then
     // stop-and-copy.
-    for (pod, postcopy) in [("blocked", true), ("copied", false)] {
+    for (pod, stop_and_copy) in [("blocked", false), ("copied", true)] {
         run_counter(&ns, pod, NODE_A, counter().ballast(128), 3).await;
         // Every pod has its own network namespace, so no other pod can take the clone's port:
         // node-b's CRIU is killed while it restores instead, which fails the restore (runc's
         // Start).
-        let cli = if postcopy {
-            spawn_postcopy(&ns, pod)
+        let cli = if stop_and_copy {
+            spawn_stop_and_copy(&ns, pod)
         } else {
             spawn_migrate(&ns, pod)
         };
@@ -1006,7 +1008,7 @@ async fn postcopy_with_the_link_cut_mid_stream_the_clone_stops_and_the_source_ru
     let ns = cluster.namespace("linkcut").await.unwrap();
     // 128 MiB at 16 MiB/s: the memory streams for about 8 s after the clone resumes.
     run_capped_counter(&ns, "cut", 128, "16Mi", 3).await;
-    let cli = spawn_postcopy(&ns, "cut");
+    let cli = spawn_migrate(&ns, "cut");
     let (clone, _) = ns.wait_clone("cut", WAIT).await.unwrap();
     ns.wait_phase(&clone, &["PostCopy"], CLI_TIMEOUT)
         .await
@@ -1062,7 +1064,7 @@ async fn postcopy_goes_on_while_the_source_agent_is_killed() {
     let ns = cluster.namespace("pcagent").await.unwrap();
     run_capped_counter(&ns, "pc", 128, "16Mi", 3).await;
     let before = ns.checksum("pc", 8080).await.unwrap();
-    let cli = spawn_postcopy(&ns, "pc");
+    let cli = spawn_migrate(&ns, "pc");
     let (clone, _) = ns.wait_clone("pc", WAIT).await.unwrap();
     ns.wait_phase(&clone, &["PostCopy"], CLI_TIMEOUT)
         .await

@@ -56,7 +56,7 @@ pub const PROGRESS: &str = "podmigrate.io/progress";
 /// On a clone pod: when the source's agent claimed the migration, in Unix milliseconds: its
 /// completion timeout runs from there.
 pub const STARTED_AT: &str = "podmigrate.io/started-at";
-/// On a clone pod: how the memory moves, `stop-and-copy` (the default for now) or `postcopy`
+/// On a clone pod: how the memory moves, `postcopy` (the default) or `stop-and-copy`
 /// (`kubectl migrate --transfer`). Post-copy falls back to stop-and-copy, with the reason in an
 /// Event, where the clone's node has no userfaultfd or the migration is a clone.
 pub const TRANSFER: &str = "podmigrate.io/transfer";
@@ -181,13 +181,11 @@ impl Transfer {
         }
     }
 
-    /// Absent means stop-and-copy: post-copy is asked for until a clone's teardown mid-restore
-    /// works on containerd 1.6 too (docs/reliability.md, "Known gaps"); anything else unknown
-    /// is refused by the caller.
+    /// Absent means post-copy; anything else unknown is refused by the caller.
     pub fn parse(value: Option<&str>) -> Option<Transfer> {
         match value {
-            None | Some("") | Some("stop-and-copy") => Some(Transfer::StopAndCopy),
-            Some("postcopy") => Some(Transfer::PostCopy),
+            None | Some("") | Some("postcopy") => Some(Transfer::PostCopy),
+            Some("stop-and-copy") => Some(Transfer::StopAndCopy),
             Some(_) => None,
         }
     }

@@ -38,8 +38,8 @@ pub struct MigrateArgs {
     /// The clone's name (default: <pod>-mig-<random>).
     #[arg(long)]
     pub name: Option<String>,
-    /// How the memory moves: `stop-and-copy` (the default: every page in the archive) or
-    /// `postcopy` (the clone resumes at once and fetches the rest from the frozen source).
+    /// How the memory moves: `postcopy` (the agent's default: the clone resumes at once and
+    /// fetches the rest from the frozen source) or `stop-and-copy` (every page in the archive).
     #[arg(long, value_parser = parse_transfer)]
     pub transfer: Option<Transfer>,
 }

@@ -936,13 +936,8 @@ async fn an_agent_restarted_after_the_ending_releases_what_is_left() {
 // ---- post-copy ------------------------------------------------------------------------------
 
 impl World {
-    /// Both pods report the address of their node, as kubelet does once it runs them, and the
-    /// clone asks for post-copy.
+    /// Both pods report the address of their node, as kubelet does once it runs them.
     fn with_host_ips(self) -> World {
-        self.cluster().edit(
-            CLONE,
-            json!({"metadata": {"annotations": {TRANSFER: "postcopy"}}}),
-        );
         self.cluster()
             .edit(SOURCE, json!({"status": {"hostIP": "10.214.0.2"}}));
         self.cluster()

@@ -149,7 +149,7 @@ impl<C: Cluster, R: Runtime, S: Share> Agent<C, R, S> {
 
     /// The source was frozen by a step that did not end here: follow the shim's pack to its
     /// commit records, or roll back once it stops moving.
-    /// Post-copy where asked and possible; otherwise stop-and-copy, with why
+    /// Post-copy where asked (the default) and possible; otherwise stop-and-copy, with why
     /// post-copy was not taken when it was asked for.
     fn choose_transfer(
         &self,
@@ -252,7 +252,7 @@ impl<C: Cluster, R: Runtime, S: Share> Agent<C, R, S> {
     }
 }
 
-/// Whether the clone asks for post-copy: its `podmigrate.io/transfer` (absent: stop-and-copy), in
+/// Whether the clone asks for post-copy: its `podmigrate.io/transfer` (absent: post-copy), in
 /// migrate mode only (a clone's source thaws once its archive is committed, so its memory
 /// cannot stay behind).
 pub(in crate::agent) fn asks_for_postcopy(clone: &Pod, mode: Mode) -> bool {
