@@ -11,6 +11,12 @@
 //!   nothing; on a dump it does nothing (it only acts on a dump with a parent image, which
 //!   runc's checkpoints here never have).
 //!
+//! * `tcp-close` and `file-locks`: a pod with established connections or held file locks is
+//!   checkpointed instead of failing its dump. The pod's address changes with its node, so its
+//!   connections to the outside are restored closed (the application sees them reset, and its
+//!   clients reconnect); with our CRIU patch (scripts/criu/tcp-close-keeps-loopback.patch) a
+//!   connection with both ends on the loopback, inside the pod, is carried whole. File locks
+//!   are taken again by the restored processes.
 //! * `address 127.0.0.1`: where a lazy dump's page server listens (post-copy). runc passes
 //!   CRIU only its port, and CRIU would otherwise listen on every address, unauthenticated;
 //!   the shim's page stream relays it to the clone. Nothing else reads it.
@@ -36,7 +42,7 @@ pub const RUNC_CRIU_CONFIG: &str = "/etc/criu/runc.conf";
 /// work units and go with garbage collection.
 const CONFIG_FILE: &str = "criu.conf";
 /// What podmigrate adds to the node's settings (see the module's documentation).
-const SETTINGS: &str = "# podmigrate: drop connections not yet accepted instead of failing the dump\nskip-in-flight\n# podmigrate: free each restored page from the unpacked image at once\nauto-dedup\n# podmigrate: a lazy dump's page server listens on the loopback only\naddress 127.0.0.1\n";
+const SETTINGS: &str = "# podmigrate: drop connections not yet accepted instead of failing the dump\nskip-in-flight\n# podmigrate: connections to the outside are restored closed (the pod's address changes), those inside the pod whole\ntcp-close\n# podmigrate: file locks move with their processes\nfile-locks\n# podmigrate: free each restored page from the unpacked image at once\nauto-dedup\n# podmigrate: a lazy dump's page server listens on the loopback only\naddress 127.0.0.1\n";
 /// What a lazy restore adds.
 const LAZY_SETTINGS: &str =
     "# podmigrate: post-copy, the memory comes from the lazy-pages daemon\nlazy-pages\n";

@@ -1064,8 +1064,13 @@ impl TestNamespace {
 
     /// `GET /checksum` on the counter at `port` of pod `name`: its ballast's hash.
     pub async fn checksum(&self, name: &str, port: u16) -> Result<String> {
+        self.get(name, port, "/checksum").await
+    }
+
+    /// `GET <path>` on the counter at `port` of pod `name`: its answer, trimmed.
+    pub async fn get(&self, name: &str, port: u16, path: &str) -> Result<String> {
         let ip = self.pod_ip(name).await?;
-        Ok(http_get_addr((ip, port).into(), "/checksum")
+        Ok(http_get_addr((ip, port).into(), path)
             .await?
             .trim()
             .to_string())

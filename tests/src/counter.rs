@@ -1,5 +1,6 @@
 //! The test app `counter` (tests/apps/counter): a container of it, and its HTTP side (`GET /`
-//! answers the next count, `GET /healthz` answers `ok`, `GET /checksum` the ballast's hash).
+//! answers the next count, `GET /healthz` answers `ok`, `GET /checksum` the ballast's hash, and
+//! with `-k` `GET /loopback`, `GET /lock` and `GET /hold` show what it holds).
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -16,6 +17,8 @@ pub struct Counter {
     pub file: String,
     /// `-m` ballast in MiB.
     pub ballast_mib: Option<u32>,
+    /// `-k`: hold a loopback connection, a file lock and the connections that ask to be held.
+    pub keep: bool,
 }
 
 impl Counter {
@@ -25,7 +28,13 @@ impl Counter {
             port,
             file: file.to_owned(),
             ballast_mib: None,
+            keep: false,
         }
+    }
+
+    pub fn keep(mut self) -> Counter {
+        self.keep = true;
+        self
     }
 
     pub fn ballast(mut self, mib: u32) -> Counter {
@@ -43,6 +52,9 @@ impl Counter {
         ];
         if let Some(mib) = self.ballast_mib {
             args.extend(["-m".to_owned(), mib.to_string()]);
+        }
+        if self.keep {
+            args.push("-k".to_owned());
         }
         args
     }
@@ -76,6 +88,30 @@ pub async fn http_get_addr(addr: SocketAddr, path: &str) -> Result<String> {
     tokio::time::timeout(Duration::from_secs(5), exchange)
         .await
         .with_context(|| format!("GET {path} on {addr}: no answer within 5s"))?
+}
+
+/// `GET /hold` on a counter started with `-k`: the connection, answered and kept open by the
+/// counter, as a long-lived client's would be.
+pub async fn hold_connection(addr: SocketAddr) -> Result<tokio::net::TcpStream> {
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("connecting to {addr}"))?;
+        stream
+            .write_all(format!("GET /hold HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await?;
+        let mut reply = Vec::new();
+        let mut chunk = [0u8; 512];
+        while !reply.ends_with(b"\r\n\r\nheld\n") {
+            let n = stream.read(&mut chunk).await?;
+            ensure!(n > 0, "GET /hold on {addr}: closed after {reply:?}");
+            reply.extend_from_slice(&chunk[..n]);
+        }
+        Ok(stream)
+    };
+    tokio::time::timeout(Duration::from_secs(5), exchange)
+        .await
+        .with_context(|| format!("GET /hold on {addr}: no answer within 5s"))?
 }
 
 /// `GET /` on a counter: its new count.

@@ -10,6 +10,9 @@
 //!   post-copy's clone answers before the memory has moved, and its archive holds next to none
 //!   of it; neither leaves a copy of the checkpoint on a node or the share;
 //! * a pod with two counters migrates whole;
+//! * a pod holding a connection over its loopback, a file lock and a client's connection from
+//!   outside migrates: the first two carry on, the same connection and the same lock, and the
+//!   client's connection ends;
 //! * `kubectl migrate` refuses early, in one line, changing nothing: a pod not opted in, a
 //!   missing node, the pod's own node, a pod that is not Running;
 //! * a restored container that exits is restarted by kubelet fresh, never restored again;
@@ -41,8 +44,9 @@ use podmigrate_e2e::cluster::{
     counter_pod, skip_reason, KubeCluster, TestNamespace, AGENT_NAMESPACE, NODE_A, NODE_B, PHASE,
     REASON,
 };
-use podmigrate_e2e::counter::Counter;
+use podmigrate_e2e::counter::{hold_connection, Counter};
 use podmigrate_e2e::harness::skip;
+use tokio::io::AsyncReadExt;
 
 /// Bound on pods coming up, going away, and similar waits.
 const WAIT: Duration = Duration::from_secs(60);
@@ -277,6 +281,54 @@ async fn a_two_container_pod_migrates_whole() {
     assert_eq!(ns.hit(&clone, 8080).await.unwrap(), 4);
     assert_eq!(ns.hit(&clone, 8081).await.unwrap(), 2);
     ns.wait_gone("pair", WAIT).await.unwrap();
+}
+
+/// What an application holds moves with it: a connection inside the pod (both ends on its
+/// loopback) carries on, the same connection, and so does its file lock; a client's connection
+/// from outside does not fail the checkpoint, and ends (the pod's address changed).
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_and_locks_migrate_with_the_pod() {
+    let Some(cluster) = cluster().await else {
+        return;
+    };
+    let _turn = KubeCluster::shared_turn().await;
+    let ns = cluster.namespace("held").await.unwrap();
+    let ip = ns
+        .start_counters("held", NODE_A, &[counter().keep()], WAIT)
+        .await
+        .unwrap();
+    let before = ns.get("held", 8080, "/loopback").await.unwrap();
+    assert_eq!(ns.get("held", 8080, "/lock").await.unwrap(), "held");
+    let mut outside = hold_connection((ip, 8080).into()).await.unwrap();
+    assert_eq!(ns.hit("held", 8080).await.unwrap(), 1);
+    let run = ns
+        .kubectl_migrate(&["held", "--to", NODE_B], CLI_TIMEOUT)
+        .await
+        .unwrap();
+    if !run.success {
+        panic!("{run:?}\n{}", cluster.diagnostics(40));
+    }
+    assert_cli_ok(
+        &run,
+        "migrated",
+        &format!("{}/held", ns.name),
+        NODE_A,
+        NODE_B,
+    );
+    let clone = clone_name(&ns, "held").await;
+    ns.wait_running(&clone, WAIT).await.unwrap();
+    // The same two ports, and the second byte through them.
+    let after = ns.get(&clone, 8080, "/loopback").await.unwrap();
+    let ports = |answer: &str| answer.rsplit_once(' ').map(|(p, _)| p.to_string());
+    assert_eq!(ports(&after), ports(&before), "{before} / {after}");
+    assert!(after.ends_with(" 2"), "{after}");
+    assert_eq!(ns.get(&clone, 8080, "/lock").await.unwrap(), "held");
+    assert_eq!(ns.hit(&clone, 8080).await.unwrap(), 2);
+    // The client outside sees its connection end, as after any server's restart.
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(WAIT, outside.read_to_end(&mut rest)).await;
+    assert!(ended.is_ok(), "the connection from outside is still open");
+    ns.wait_gone("held", WAIT).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]

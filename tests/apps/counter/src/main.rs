@@ -10,8 +10,19 @@
 //!   that a restored process's memory is byte-identical to the dumped one;
 //! * anything else: 404 (400 for a request that is not HTTP).
 //!
-//! Every response carries `Connection: close`: connections are short, so a checkpoint taken
-//! between requests has only the listening socket, which CRIU dumps without `--tcp-established`.
+//! With `-k` ("keep") it also holds what a checkpoint must carry or close, as real servers do:
+//!
+//! * an established TCP connection over the loopback, both ends its own; `GET /loopback` sends a
+//!   byte through it and answers `<client port> <server port> <bytes so far>`, so a test sees
+//!   the same connection carry on after a migration;
+//! * an exclusive `flock` on `<count file>.lock`; `GET /lock` answers `held` when a second
+//!   open file description cannot take it, `free` otherwise;
+//! * every connection that asks `GET /hold`: answered `held`, then kept open, never read again,
+//!   as a client's long-lived connection to the pod would be.
+//!
+//! Every response carries `Connection: close` and the server closes its side (but for `/hold`,
+//! below): connections are short, so a checkpoint taken between requests holds only the
+//! listening socket.
 //!
 //! With `-m <MiB>` it first allocates that much *ballast* and fills it: the first 30% with xorshift
 //! pseudo-random bytes (incompressible), the other 70% with repeating English text (highly
@@ -26,7 +37,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 const USAGE: &str =
-    "usage: counter [-m <MiB>] [-p <port, default 8080>] [-f <file, default /tmp/count>]";
+    "usage: counter [-m <MiB>] [-p <port, default 8080>] [-f <file, default /tmp/count>] [-k]";
 
 /// Share of the ballast filled with pseudo-random bytes, in percent; the rest is text.
 const RANDOM_PERCENT: usize = 30;
@@ -54,6 +65,7 @@ struct Config {
     mib: usize,
     port: u16,
     file: PathBuf,
+    keep: bool,
 }
 
 impl Default for Config {
@@ -62,6 +74,7 @@ impl Default for Config {
             mib: 0,
             port: 8080,
             file: PathBuf::from("/tmp/count"),
+            keep: false,
         }
     }
 }
@@ -96,6 +109,7 @@ fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Option<Config>,
                 }
                 cfg.file = PathBuf::from(v);
             }
+            "-k" => cfg.keep = true,
             _ => return Err(format!("unknown argument {flag:?}")),
         }
     }
@@ -162,6 +176,9 @@ enum Route {
     Count,
     Health,
     Checksum,
+    Loopback,
+    Lock,
+    Hold,
     NotFound,
     BadRequest,
 }
@@ -188,6 +205,9 @@ fn route(head: &[u8]) -> Route {
         ("GET", "/") => Route::Count,
         ("GET", "/healthz") => Route::Health,
         ("GET", "/checksum") => Route::Checksum,
+        ("GET", "/loopback") => Route::Loopback,
+        ("GET", "/lock") => Route::Lock,
+        ("GET", "/hold") => Route::Hold,
         _ => Route::NotFound,
     }
 }
@@ -207,10 +227,89 @@ fn response(status: &str, body: &str) -> String {
     )
 }
 
+/// What `-k` holds (see the module's documentation).
+struct Kept {
+    /// The two ends of one loopback connection.
+    client: TcpStream,
+    server: TcpStream,
+    /// Bytes sent through it so far.
+    sent: u64,
+    /// The open file description holding the lock, and the file's path.
+    _lock: std::fs::File,
+    lock_path: PathBuf,
+    /// Connections that asked to be held.
+    held: Vec<TcpStream>,
+}
+
+impl Kept {
+    fn new(count_file: &std::path::Path) -> std::io::Result<Kept> {
+        use std::os::fd::AsRawFd;
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+        let client = TcpStream::connect(listener.local_addr()?)?;
+        let (server, _) = listener.accept()?;
+        for s in [&client, &server] {
+            s.set_read_timeout(Some(IO_TIMEOUT))?;
+            s.set_write_timeout(Some(IO_TIMEOUT))?;
+        }
+        let mut lock_path = count_file.as_os_str().to_owned();
+        lock_path.push(".lock");
+        let lock_path = PathBuf::from(lock_path);
+        let lock = std::fs::File::create(&lock_path)?;
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Kept {
+            client,
+            server,
+            sent: 0,
+            _lock: lock,
+            lock_path,
+            held: Vec::new(),
+        })
+    }
+
+    /// One byte through the loopback connection, and back.
+    fn loopback(&mut self) -> std::io::Result<String> {
+        let byte = [(self.sent % 251) as u8];
+        self.client.write_all(&byte)?;
+        let mut got = [0u8; 1];
+        self.server.read_exact(&mut got)?;
+        self.server.write_all(&got)?;
+        self.client.read_exact(&mut got)?;
+        if got != byte {
+            return Err(std::io::Error::other(format!(
+                "sent {} and got {} back",
+                byte[0], got[0]
+            )));
+        }
+        self.sent += 1;
+        Ok(format!(
+            "{} {} {}\n",
+            self.client.local_addr()?.port(),
+            self.server.local_addr()?.port(),
+            self.sent
+        ))
+    }
+
+    /// Whether the lock is held: a second open file description cannot take it.
+    fn lock(&self) -> std::io::Result<&'static str> {
+        use std::os::fd::AsRawFd;
+        let other = std::fs::File::open(&self.lock_path)?;
+        if unsafe { libc::flock(other.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok("free\n");
+        }
+        match std::io::Error::last_os_error() {
+            e if e.kind() == std::io::ErrorKind::WouldBlock => Ok("held\n"),
+            e => Err(e),
+        }
+    }
+}
+
 struct Server {
     count: u64,
     file: PathBuf,
     ballast: Vec<u8>,
+    kept: Option<Kept>,
 }
 
 impl Server {
@@ -224,6 +323,20 @@ impl Server {
             }
             Route::Health => response("200 OK", "ok\n"),
             Route::Checksum => response("200 OK", &format!("{:016x}\n", checksum(&self.ballast))),
+            Route::Loopback | Route::Lock | Route::Hold => {
+                let Some(kept) = self.kept.as_mut() else {
+                    return response("409 Conflict", "nothing kept: start with -k\n");
+                };
+                let answer = match route(head) {
+                    Route::Loopback => kept.loopback(),
+                    Route::Lock => kept.lock().map(String::from),
+                    _ => Ok("held\n".to_string()),
+                };
+                match answer {
+                    Ok(body) => response("200 OK", &body),
+                    Err(e) => response("500 Internal Server Error", &format!("{e}\n")),
+                }
+            }
             Route::NotFound => response("404 Not Found", "not found\n"),
             Route::BadRequest => response("400 Bad Request", "bad request\n"),
         }
@@ -260,6 +373,10 @@ impl Server {
         };
         stream.write_all(reply.as_bytes())?;
         stream.flush()?;
+        if let (Route::Hold, Some(kept)) = (route(&buf), self.kept.as_mut()) {
+            kept.held.push(stream);
+            return Ok(());
+        }
         let _ = stream.shutdown(std::net::Shutdown::Write);
         Ok(())
     }
@@ -304,10 +421,18 @@ fn main() {
             std::process::exit(1);
         }
     };
+    let kept = match cfg.keep.then(|| Kept::new(&cfg.file)).transpose() {
+        Ok(kept) => kept,
+        Err(e) => {
+            log!("-k: holding a loopback connection and a lock: {e}");
+            std::process::exit(1);
+        }
+    };
     let mut server = Server {
         count: 0,
         file: cfg.file,
         ballast,
+        kept,
     };
     server.write_count();
     log!(
@@ -356,9 +481,11 @@ mod tests {
             Ok(Some(Config {
                 mib: 64,
                 port: 9000,
-                file: PathBuf::from("/data/c")
+                file: PathBuf::from("/data/c"),
+                keep: false,
             }))
         );
+        assert!(parse_args(args("-k")).unwrap().unwrap().keep);
         assert_eq!(parse_args(args("-h")), Ok(None));
         assert!(parse_args(args("-m")).is_err());
         assert!(parse_args(args("-m lots")).is_err());
@@ -402,6 +529,7 @@ mod tests {
             count: 5,
             file: file.clone(),
             ballast: Vec::new(),
+            kept: None,
         };
         let r = s.handle(b"GET / HTTP/1.1\r\n\r\n");
         assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
@@ -419,6 +547,32 @@ mod tests {
             .starts_with("HTTP/1.1 404 "));
         assert_eq!(s.count, 6);
         assert_eq!(std::fs::read_to_string(&file).unwrap(), "6\n");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn keeps_a_loopback_connection_and_a_lock() {
+        let dir = std::env::temp_dir().join(format!("counter-kept-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut s = Server {
+            count: 0,
+            file: dir.join("count"),
+            ballast: Vec::new(),
+            kept: Some(Kept::new(&dir.join("count")).unwrap()),
+        };
+        let first = s.handle(b"GET /loopback HTTP/1.1\r\n\r\n");
+        let second = s.handle(b"GET /loopback HTTP/1.1\r\n\r\n");
+        let body = |r: &str| r.rsplit("\r\n\r\n").next().unwrap().to_string();
+        let (a, b) = (body(&first), body(&second));
+        assert!(a.ends_with(" 1\n") && b.ends_with(" 2\n"), "{a}{b}");
+        assert_eq!(a.rsplit_once(' ').unwrap().0, b.rsplit_once(' ').unwrap().0);
+        assert!(s
+            .handle(b"GET /lock HTTP/1.1\r\n\r\n")
+            .ends_with("\r\n\r\nheld\n"));
+        s.kept = None;
+        assert!(s
+            .handle(b"GET /lock HTTP/1.1\r\n\r\n")
+            .starts_with("HTTP/1.1 409 "));
         std::fs::remove_dir_all(dir).unwrap();
     }
 
@@ -478,6 +632,7 @@ mod tests {
             count: 0,
             file: file.clone(),
             ballast: vec![1, 2, 3],
+            kept: None,
         };
         for _ in 0..3 {
             let (stream, _) = listener.accept().unwrap();
