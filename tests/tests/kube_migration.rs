@@ -13,6 +13,8 @@
 //! * a pod holding a connection over its loopback, a file lock and a client's connection from
 //!   outside migrates: the first two carry on, the same connection and the same lock, and the
 //!   client's connection ends;
+//! * emptyDir volumes, one on disk shared by two containers and one in memory, land in the
+//!   clone's volumes of the same names;
 //! * `kubectl migrate` refuses early, in one line, changing nothing: a pod not opted in, a
 //!   missing node, the pod's own node, a pod that is not Running;
 //! * a restored container that exits is restarted by kubelet fresh, never restored again;
@@ -44,7 +46,7 @@ use podmigrate_e2e::cluster::{
     counter_pod, skip_reason, KubeCluster, TestNamespace, AGENT_NAMESPACE, NODE_A, NODE_B, PHASE,
     REASON,
 };
-use podmigrate_e2e::counter::{hold_connection, Counter};
+use podmigrate_e2e::counter::{hold_connection, wait_counter_ready, Counter};
 use podmigrate_e2e::harness::skip;
 use tokio::io::AsyncReadExt;
 
@@ -329,6 +331,74 @@ async fn connections_and_locks_migrate_with_the_pod() {
     let ended = tokio::time::timeout(WAIT, outside.read_to_end(&mut rest)).await;
     assert!(ended.is_ok(), "the connection from outside is still open");
     ns.wait_gone("held", WAIT).await.unwrap();
+}
+
+/// emptyDir volumes travel with the pod: a disk-backed one that two containers share (each keeps
+/// its count file there, one also holds a lock on a file there) and a memory-backed one, each
+/// land in the clone's volume of the same name, and the counts go on from them.
+#[tokio::test(flavor = "multi_thread")]
+async fn empty_dir_volumes_travel_with_the_pod() {
+    let Some(cluster) = cluster().await else {
+        return;
+    };
+    let _turn = KubeCluster::shared_turn().await;
+    let ns = cluster.namespace("scratch").await.unwrap();
+    let counters = [
+        Counter::new("first", 8080, "/data/first").keep(),
+        Counter::new("second", 8081, "/data/second"),
+    ];
+    let mut pod = serde_json::to_value(counter_pod("scratch", NODE_A, &counters)).unwrap();
+    pod["spec"]["volumes"] = serde_json::json!([
+        {"name": "data", "emptyDir": {}},
+        {"name": "ram", "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}},
+    ]);
+    pod["spec"]["containers"][0]["volumeMounts"] = serde_json::json!([
+        {"name": "data", "mountPath": "/data"},
+        {"name": "ram", "mountPath": "/ram"},
+    ]);
+    pod["spec"]["containers"][1]["volumeMounts"] =
+        serde_json::json!([{"name": "data", "mountPath": "/data"}]);
+    ns.create_pod(&serde_json::from_value(pod).unwrap())
+        .await
+        .unwrap();
+    ns.wait_running("scratch", WAIT).await.unwrap();
+    let ip = ns.pod_ip("scratch").await.unwrap();
+    for c in &counters {
+        wait_counter_ready(ip, c.port, WAIT).await.unwrap();
+    }
+    for _ in 0..3 {
+        ns.hit("scratch", 8080).await.unwrap();
+    }
+    ns.hit("scratch", 8081).await.unwrap();
+    ns.exec(
+        "scratch",
+        "first",
+        &["sh", "-c", "echo kept in memory > /ram/note"],
+    )
+    .unwrap();
+    let run = ns
+        .kubectl_migrate(&["scratch", "--to", NODE_B], CLI_TIMEOUT)
+        .await
+        .unwrap();
+    if !run.success {
+        panic!("{run:?}\n{}", cluster.diagnostics(40));
+    }
+    let clone = clone_name(&ns, "scratch").await;
+    ns.wait_running(&clone, WAIT).await.unwrap();
+    let cat = |container: &str, file: &str| {
+        ns.exec(&clone, container, &["cat", file])
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    assert_eq!(cat("first", "/data/first"), "3");
+    assert_eq!(cat("second", "/data/second"), "1");
+    assert_eq!(cat("first", "/ram/note"), "kept in memory");
+    assert_eq!(ns.get(&clone, 8080, "/lock").await.unwrap(), "held");
+    assert_eq!(ns.hit(&clone, 8080).await.unwrap(), 4);
+    assert_eq!(ns.hit(&clone, 8081).await.unwrap(), 2);
+    assert_eq!(cat("second", "/data/first"), "4");
+    ns.wait_gone("scratch", WAIT).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -15,4 +15,5 @@ pub mod reap;
 pub mod rootfs;
 pub mod runc;
 pub mod share;
+pub mod volumes;
 pub mod workspace;

@@ -7,6 +7,7 @@ use podmigrate_checkpoint::archive::ArchiveError;
 use podmigrate_checkpoint::creds::CredsError;
 use podmigrate_checkpoint::ops::restore::{RestoreError, RestoreFailure};
 use podmigrate_checkpoint::rootfs::RootfsError;
+use podmigrate_checkpoint::volumes::VolumeError;
 
 use crate::error::status;
 
@@ -45,6 +46,14 @@ pub fn code(failure: &RestoreFailure) -> Code {
                 Code::PERMISSION_DENIED
             }
             RootfsError::Io { .. } => Code::INTERNAL,
+        },
+        Volumes(e) => match e {
+            VolumeError::Volume {
+                source: RootfsError::BadEntry { .. } | RootfsError::BadDeletedList { .. },
+                ..
+            } => Code::PERMISSION_DENIED,
+            VolumeError::Spec { .. } => Code::INVALID_ARGUMENT,
+            VolumeError::Volume { .. } | VolumeError::Io { .. } => Code::INTERNAL,
         },
     }
 }

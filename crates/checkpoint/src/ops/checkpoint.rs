@@ -21,6 +21,7 @@ use crate::binding::{self, BindingError, PackFor};
 use crate::layout::{ContainerConfig, LayoutError, CHECKPOINT_DIR, FIRST_PAGES_IMAGE, SPEC_DUMP};
 use crate::rootfs::{self, RootfsError};
 use crate::share::{self, ShareError};
+use crate::volumes::{self, VolumeError};
 
 /// The packer gives up on a dump that has not finished by then (containerd's own checkpoint
 /// calls are bounded well below it).
@@ -86,6 +87,10 @@ pub enum CheckpointError {
     /// The overlay upper directory cannot be captured.
     #[error("capturing the rootfs changes: {0}")]
     RootfsDiff(RootfsError),
+
+    /// An emptyDir volume cannot be captured.
+    #[error("capturing the pod's emptyDir volumes: {0}")]
+    Volumes(VolumeError),
 
     /// Packing the checkpoint onto the share failed.
     #[error("packing onto the share: {0}")]
@@ -217,7 +222,7 @@ impl Checkpoint<'_> {
     }
 
     /// The dump, then what CRIU does not save (the spec, the container's config, its rootfs
-    /// changes). Returns how long each took.
+    /// changes, its emptyDir volumes). Returns how long each took.
     fn dump_and_extras<E: From<CheckpointError>>(
         &self,
         dump: impl FnOnce() -> Result<(), E>,
@@ -253,6 +258,11 @@ impl Checkpoint<'_> {
             None => {
                 warn!(container = %who, "rootfs is not an overlay: its changes are not carried")
             }
+        }
+        let carried =
+            volumes::capture(self.spec, self.local_dir).map_err(CheckpointError::Volumes)?;
+        if !carried.volumes.is_empty() {
+            info!(container = %who, volumes = ?carried.volumes, "emptyDir volumes captured");
         }
         Ok((dumped_in, extras_started.elapsed()))
     }

@@ -20,6 +20,7 @@ use crate::pagestream::{PageStreamError, Ticket};
 use crate::reap::Reaper;
 use crate::rootfs::{self, RootfsError};
 use crate::share::{self, ShareError};
+use crate::volumes::{self, VolumeError};
 use crate::workspace::WorkSpace;
 use crate::{criu, prefault};
 
@@ -146,6 +147,10 @@ pub enum RestoreFailure {
     /// The source's rootfs changes do not apply.
     #[error("applying the rootfs changes: {0}")]
     RootfsDiff(RootfsError),
+
+    /// The source's emptyDir volumes do not apply.
+    #[error("filling the clone's emptyDir volumes: {0}")]
+    Volumes(VolumeError),
 
     /// The local copy's directory cannot be cleared or made.
     #[error("{op} {path}: {error}")]
@@ -320,6 +325,12 @@ impl Restore<'_> {
             }
             let upper = self.upperdir.as_ref().ok_or(RestoreFailure::NotOverlay)?;
             rootfs::apply_diff(&dir, upper, &self.lowerdirs).map_err(RestoreFailure::RootfsDiff)?;
+            if let Some(spec) = self.spec {
+                let carried = volumes::restore(&dir, spec).map_err(RestoreFailure::Volumes)?;
+                if !carried.volumes.is_empty() || !carried.already_filled.is_empty() {
+                    info!(container = %who, volumes = ?carried.volumes, already_filled = ?carried.already_filled, "emptyDir volumes filled from the checkpoint");
+                }
+            }
             info!(
                 container = %who,
                 archive = %archive.display(),
