@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod cli;
+pub mod controller;
 pub mod gc;
 pub mod pod;
 pub mod policy;

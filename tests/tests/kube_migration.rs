@@ -13,6 +13,8 @@
 //! * a pod holding a connection over its loopback, a file lock and a client's connection from
 //!   outside migrates: the first two carry on, the same connection and the same lock, and the
 //!   client's connection ends;
+//! * a Deployment's pod is handed over: its clone is owned by the same ReplicaSet, which makes
+//!   no other pod; a StatefulSet's pod is refused with the reason;
 //! * emptyDir volumes, one on disk shared by two containers and one in memory, land in the
 //!   clone's volumes of the same names;
 //! * `kubectl migrate` refuses early, in one line, changing nothing: a pod not opted in, a
@@ -41,6 +43,8 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use kube::api::{Api, ListParams, PostParams};
 use podmigrate_e2e::cli::{parse_summary, CliRun, Summary};
 use podmigrate_e2e::cluster::{
     counter_pod, skip_reason, KubeCluster, TestNamespace, AGENT_NAMESPACE, NODE_A, NODE_B, PHASE,
@@ -399,6 +403,120 @@ async fn empty_dir_volumes_travel_with_the_pod() {
     assert_eq!(ns.hit(&clone, 8081).await.unwrap(), 2);
     assert_eq!(cat("second", "/data/first"), "4");
     ns.wait_gone("scratch", WAIT).await.unwrap();
+}
+
+/// A Deployment's pod migrates into its ReplicaSet's hands: the clone takes the source's place,
+/// owned by the same ReplicaSet, which makes no replacement, and the count goes on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deployments_pod_is_handed_over_to_its_replica_set() {
+    let Some(cluster) = cluster().await else {
+        return;
+    };
+    let _turn = KubeCluster::shared_turn().await;
+    let ns = cluster.namespace("deploy").await.unwrap();
+    let template = serde_json::to_value(counter_pod("web", NODE_A, &[counter()])).unwrap();
+    let deployment: Deployment = serde_json::from_value(serde_json::json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "web"},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {
+                "metadata": {"labels": template["metadata"]["labels"]},
+                "spec": template["spec"],
+            },
+        },
+    }))
+    .unwrap();
+    Api::<Deployment>::namespaced(ns.client.clone(), &ns.name)
+        .create(&PostParams::default(), &deployment)
+        .await
+        .unwrap();
+    let web_pods = || async {
+        ns.pods
+            .list(&ListParams::default().labels("app=web"))
+            .await
+            .unwrap()
+            .items
+    };
+    let started = Instant::now();
+    let source = loop {
+        if let Some(pod) = web_pods().await.into_iter().next() {
+            break pod;
+        }
+        assert!(started.elapsed() < WAIT, "the Deployment made no pod");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let source_name = source.metadata.name.clone().unwrap();
+    let owner = source.metadata.owner_references.clone().unwrap()[0].clone();
+    assert_eq!(owner.kind, "ReplicaSet");
+    ns.wait_running(&source_name, WAIT).await.unwrap();
+    let ip = ns.pod_ip(&source_name).await.unwrap();
+    wait_counter_ready(ip, 8080, WAIT).await.unwrap();
+    for _ in 0..3 {
+        ns.hit(&source_name, 8080).await.unwrap();
+    }
+    let run = ns
+        .kubectl_migrate(&[&source_name, "--to", NODE_B], CLI_TIMEOUT)
+        .await
+        .unwrap();
+    if !run.success {
+        panic!("{run:?}\n{}", cluster.diagnostics(40));
+    }
+    let clone = clone_name(&ns, &source_name).await;
+    ns.wait_gone(&source_name, WAIT).await.unwrap();
+    let owned = ns.get_pod(&clone).await.unwrap().metadata;
+    assert_eq!(owned.owner_references.unwrap()[0].uid, owner.uid);
+    assert!(owned.labels.unwrap().contains_key("pod-template-hash"));
+    assert_eq!(ns.hit(&clone, 8080).await.unwrap(), 4);
+    // The ReplicaSet counts the clone as its one pod: it makes no other.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let names: Vec<String> = web_pods()
+        .await
+        .into_iter()
+        .filter_map(|p| p.metadata.name)
+        .collect();
+    assert_eq!(names, vec![clone.clone()]);
+    assert_eq!(ns.hit(&clone, 8080).await.unwrap(), 5);
+}
+
+/// A StatefulSet's pod is refused in one line: its StatefulSet would recreate it under its own
+/// name beside the clone.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stateful_sets_pod_is_refused_with_the_reason() {
+    let Some(cluster) = cluster().await else {
+        return;
+    };
+    let _turn = KubeCluster::shared_turn().await;
+    let ns = cluster.namespace("sts").await.unwrap();
+    let template = serde_json::to_value(counter_pod("db", NODE_A, &[counter()])).unwrap();
+    let set: StatefulSet = serde_json::from_value(serde_json::json!({
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": {"name": "db"},
+        "spec": {
+            "replicas": 1,
+            "serviceName": "db",
+            "selector": {"matchLabels": {"app": "db"}},
+            "template": {
+                "metadata": {"labels": template["metadata"]["labels"]},
+                "spec": template["spec"],
+            },
+        },
+    }))
+    .unwrap();
+    Api::<StatefulSet>::namespaced(ns.client.clone(), &ns.name)
+        .create(&PostParams::default(), &set)
+        .await
+        .unwrap();
+    ns.wait_running("db-0", WAIT).await.unwrap();
+    let run = ns
+        .kubectl_migrate(&["db-0", "--to", NODE_B], CLI_TIMEOUT)
+        .await
+        .unwrap();
+    assert_refused(&run, "it belongs to StatefulSet db");
+    assert!(ns.clones_of("db-0").await.unwrap().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -73,6 +73,20 @@ pub const FINALIZER: &str = "podmigrate.io/migration";
 pub const MIGRATABLE: &str = "podmigrate.io/migratable";
 /// The RuntimeClass whose handler is our shim.
 pub const RUNTIME_CLASS: &str = "migrate";
+
+/// Labels a controller uses to count or adopt its pods: a ReplicaSet's `pod-template-hash`, a
+/// StatefulSet's or DaemonSet's `controller-revision-hash`, a Job's `controller-uid`. A clone is
+/// made without them, so no controller counts it while it restores; a ReplicaSet's are given
+/// to it when it takes the source's place.
+pub const CONTROLLER_LABELS: [&str; 4] = [
+    "pod-template-hash",
+    "controller-revision-hash",
+    "controller-uid",
+    "batch.kubernetes.io/controller-uid",
+];
+/// Kubernetes' own annotation: a ReplicaSet scaling down deletes the pod with the lowest cost
+/// first (among pods equally ready).
+pub const POD_DELETION_COST: &str = "controller.kubernetes.io/pod-deletion-cost";
 /// The type URL containerd's runc shim expects on an Any holding runc's CheckpointOptions
 /// (`podmigrate_proto::v1::RuncCheckpointOptions`).
 pub const RUNC_CHECKPOINT_OPTIONS_TYPE_URL: &str = "containerd.runc.v1.CheckpointOptions";

@@ -7,19 +7,9 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use podmigrate_vocabulary::{
-    Mode, Phase, CLONE_OF_LABEL, CLONE_POD, KEEP_ARCHIVE, MODE, PHASE, PREFIX, RUNTIME_CLASS,
+    Mode, Phase, CLONE_OF_LABEL, CLONE_POD, CONTROLLER_LABELS, KEEP_ARCHIVE, MODE, PHASE, PREFIX,
+    RUNTIME_CLASS,
 };
-
-/// Labels a controller uses to count or adopt its pods. Kept, they would make the source's
-/// ReplicaSet (pod-template-hash), StatefulSet or DaemonSet revision (controller-revision-hash)
-/// or Job (controller-uid) see the clone as one of its own and scale it away. Every other
-/// label stays, so Services and NetworkPolicies select the clone as they did the source.
-const CONTROLLER_LABELS: [&str; 4] = [
-    "pod-template-hash",
-    "controller-revision-hash",
-    "controller-uid",
-    "batch.kubernetes.io/controller-uid",
-];
 
 /// kubectl's copy of the object that created the source: wrong for the clone, and large.
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";

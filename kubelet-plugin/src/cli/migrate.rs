@@ -88,6 +88,11 @@ async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
     } else {
         Mode::Migrate
     };
+    if mode == Mode::Migrate {
+        if let Some(why) = crate::controller::refusal(&source, &pod_name(&source)) {
+            bail!(why);
+        }
+    }
     let name = args
         .name
         .clone()

@@ -14,12 +14,13 @@ use podmigrate_vocabulary::{
     Mode, Phase, Transfer, FROZEN_AT, FROZEN_MS, PHASE, PROGRESS, TRANSFER_CHOSEN,
 };
 use serde_json::json;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::agent::machine::{
     millis, progress, unix_millis, Agent, AgentError, Ending, Migration, Next,
 };
 use crate::agent::ports::{Cluster, Runtime, Share};
+use crate::controller;
 use crate::pod::{annotation, pod_name};
 
 /// What a restored clone's container says when it failed to come up.
@@ -179,7 +180,8 @@ impl<C: Cluster, R: Runtime, S: Share> Agent<C, R, S> {
     }
 
     /// Migrate mode's last step: the source's processes die (frozen, they die as they thaw,
-    /// without running again), then its pod goes.
+    /// without running again), its ReplicaSet, if any, takes the clone in its place, then its
+    /// pod goes.
     pub(in crate::agent) async fn retire_source(&self, m: &Migration) -> Result<(), AgentError> {
         for c in &m.containers {
             if let Err(e) = self.runtime.kill(&c.id, libc::SIGKILL).await {
@@ -187,9 +189,32 @@ impl<C: Cluster, R: Runtime, S: Share> Agent<C, R, S> {
             }
             let _ = self.runtime.resume(&c.id).await;
         }
-        if m.source.is_some() {
+        if let Some(source) = &m.source {
+            self.hand_over(m, source).await?;
             self.cluster.delete(&m.namespace, &m.source_name).await?;
         }
+        Ok(())
+    }
+
+    /// The source's ReplicaSet owns the clone from now on, and no longer the source
+    /// ([`crate::controller`]).
+    async fn hand_over(&self, m: &Migration, source: &Pod) -> Result<(), AgentError> {
+        let Some(h) = controller::handover(source) else {
+            return Ok(());
+        };
+        self.cluster.patch(source, h.source_cost).await?;
+        self.cluster.patch(&m.clone, h.clone).await?;
+        self.cluster.patch(source, h.source_release).await?;
+        let note = format!(
+            "{} {} owns clone {} in place of {}",
+            h.owner.kind,
+            h.owner.name,
+            pod_name(&m.clone),
+            m.source_name
+        );
+        info!(namespace = %m.namespace, %note, "handed over");
+        self.tell(m, EventType::Normal, "HandedOver", "Restore", &note)
+            .await;
         Ok(())
     }
 }
