@@ -405,6 +405,25 @@ async fn empty_dir_volumes_travel_with_the_pod() {
     ns.wait_gone("scratch", WAIT).await.unwrap();
 }
 
+/// An `apps/v1` controller `kind` named `name` of one counter pod on node-a, labelled
+/// `app: <name>`.
+fn counter_controller(kind: &str, name: &str) -> serde_json::Value {
+    let template = serde_json::to_value(counter_pod(name, NODE_A, &[counter()])).unwrap();
+    serde_json::json!({
+        "apiVersion": "apps/v1",
+        "kind": kind,
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": template["metadata"]["labels"]},
+                "spec": template["spec"],
+            },
+        },
+    })
+}
+
 /// A Deployment's pod migrates into its ReplicaSet's hands: the clone takes the source's place,
 /// owned by the same ReplicaSet, which makes no replacement, and the count goes on.
 #[tokio::test(flavor = "multi_thread")]
@@ -414,21 +433,8 @@ async fn a_deployments_pod_is_handed_over_to_its_replica_set() {
     };
     let _turn = KubeCluster::shared_turn().await;
     let ns = cluster.namespace("deploy").await.unwrap();
-    let template = serde_json::to_value(counter_pod("web", NODE_A, &[counter()])).unwrap();
-    let deployment: Deployment = serde_json::from_value(serde_json::json!({
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": "web"},
-        "spec": {
-            "replicas": 1,
-            "selector": {"matchLabels": {"app": "web"}},
-            "template": {
-                "metadata": {"labels": template["metadata"]["labels"]},
-                "spec": template["spec"],
-            },
-        },
-    }))
-    .unwrap();
+    let deployment: Deployment =
+        serde_json::from_value(counter_controller("Deployment", "web")).unwrap();
     Api::<Deployment>::namespaced(ns.client.clone(), &ns.name)
         .create(&PostParams::default(), &deployment)
         .await
@@ -490,22 +496,9 @@ async fn a_stateful_sets_pod_is_refused_with_the_reason() {
     };
     let _turn = KubeCluster::shared_turn().await;
     let ns = cluster.namespace("sts").await.unwrap();
-    let template = serde_json::to_value(counter_pod("db", NODE_A, &[counter()])).unwrap();
-    let set: StatefulSet = serde_json::from_value(serde_json::json!({
-        "apiVersion": "apps/v1",
-        "kind": "StatefulSet",
-        "metadata": {"name": "db"},
-        "spec": {
-            "replicas": 1,
-            "serviceName": "db",
-            "selector": {"matchLabels": {"app": "db"}},
-            "template": {
-                "metadata": {"labels": template["metadata"]["labels"]},
-                "spec": template["spec"],
-            },
-        },
-    }))
-    .unwrap();
+    let mut set = counter_controller("StatefulSet", "db");
+    set["spec"]["serviceName"] = serde_json::json!("db");
+    let set: StatefulSet = serde_json::from_value(set).unwrap();
     Api::<StatefulSet>::namespaced(ns.client.clone(), &ns.name)
         .create(&PostParams::default(), &set)
         .await

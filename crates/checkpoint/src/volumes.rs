@@ -85,6 +85,15 @@ fn empty_dir_name(source: &Path) -> Option<String> {
         .flatten()
 }
 
+/// A capture or an application of `volume`, whose directory is `dir`, that failed.
+fn failed<'a>(volume: &'a str, dir: &'a Path) -> impl FnOnce(RootfsError) -> VolumeError + 'a {
+    move |source| VolumeError::Volume {
+        volume: volume.to_string(),
+        path: dir.to_path_buf(),
+        source,
+    }
+}
+
 /// What a capture or a restore did with the volumes.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Carried {
@@ -104,11 +113,7 @@ pub fn capture(spec: &Path, checkpoint_dir: &Path) -> Result<Carried, VolumeErro
             path: into.clone(),
             source,
         })?;
-        let summary = rootfs::capture_diff(&dir, &into).map_err(|source| VolumeError::Volume {
-            volume: volume.clone(),
-            path: dir.clone(),
-            source,
-        })?;
+        let summary = rootfs::capture_diff(&dir, &into).map_err(failed(&volume, &dir))?;
         carried.volumes.insert(volume, summary.files);
     }
     Ok(carried)
@@ -136,12 +141,7 @@ pub fn restore(checkpoint_dir: &Path, spec: &Path) -> Result<Carried, VolumeErro
             carried.already_filled.push(volume);
             continue;
         }
-        let summary =
-            rootfs::apply_diff(&from, &dir, &[]).map_err(|source| VolumeError::Volume {
-                volume: volume.clone(),
-                path: dir.clone(),
-                source,
-            })?;
+        let summary = rootfs::apply_diff(&from, &dir, &[]).map_err(failed(&volume, &dir))?;
         carried.volumes.insert(volume, summary.files);
     }
     Ok(carried)
