@@ -323,22 +323,22 @@ impl Server {
             }
             Route::Health => response("200 OK", "ok\n"),
             Route::Checksum => response("200 OK", &format!("{:016x}\n", checksum(&self.ballast))),
-            Route::Loopback | Route::Lock | Route::Hold => {
-                let Some(kept) = self.kept.as_mut() else {
-                    return response("409 Conflict", "nothing kept: start with -k\n");
-                };
-                let answer = match route(head) {
-                    Route::Loopback => kept.loopback(),
-                    Route::Lock => kept.lock().map(String::from),
-                    _ => Ok("held\n".to_string()),
-                };
-                match answer {
-                    Ok(body) => response("200 OK", &body),
-                    Err(e) => response("500 Internal Server Error", &format!("{e}\n")),
-                }
-            }
+            Route::Loopback => self.with_kept(Kept::loopback),
+            Route::Lock => self.with_kept(|kept| kept.lock().map(String::from)),
+            Route::Hold => self.with_kept(|_| Ok("held\n".to_string())),
             Route::NotFound => response("404 Not Found", "not found\n"),
             Route::BadRequest => response("400 Bad Request", "bad request\n"),
+        }
+    }
+
+    /// The answer of `ask` on what `-k` holds: 409 without `-k`, 500 when it fails.
+    fn with_kept(&mut self, ask: impl FnOnce(&mut Kept) -> std::io::Result<String>) -> String {
+        let Some(kept) = self.kept.as_mut() else {
+            return response("409 Conflict", "nothing kept: start with -k\n");
+        };
+        match ask(kept) {
+            Ok(body) => response("200 OK", &body),
+            Err(e) => response("500 Internal Server Error", &format!("{e}\n")),
         }
     }
 
