@@ -30,6 +30,9 @@ pub struct ContainerIdentity {
     pub is_sandbox: bool,
     pub clone_of: Option<String>,
     pub fallback_fresh: bool,
+    /// For a pod that replaces a departed one (the agent said so at Create, see
+    /// [`crate::handoff`]): the departure whose archives it restores (the departed pod's uid).
+    pub departure: Option<String>,
     /// The pod's [`BANDWIDTH`] annotation, unparsed.
     pub bandwidth: Option<String>,
     /// The OCI spec the container runs with (its bundle's `config.json`), when read from one:
@@ -76,6 +79,7 @@ impl ContainerIdentity {
             is_sandbox: get(CONTAINER_TYPE).as_deref() == Some("sandbox"),
             clone_of: get(CLONE_POD),
             fallback_fresh: get(FALLBACK).as_deref() == Some("fresh"),
+            departure: None,
             bandwidth: get(BANDWIDTH),
             spec: None,
         }

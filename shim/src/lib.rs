@@ -3,11 +3,12 @@
 //! containerd launches one shim per pod (or per container outside Kubernetes) and talks to it
 //! over ttrpc. The shim stands in front of containerd's own runc shim and forwards every Task
 //! RPC to it, but two: Checkpoint, and Create for a clone's container, which it restores from
-//! the source's checkpoint. It is the only component that sees both containerd's runc options
+//! the source's checkpoint. A Kill and a Create also ask the node's agent whether the pod
+//! departs or replaces a departed one ([`handoff`]). It is the only component that sees both containerd's runc options
 //! (CRIU image/work paths) and the runc container itself.
 //!
 //! How the modules stand: [`shim`] (the protocol's `start` and `delete`) serves [`service`], the
-//! Task RPCs, which asks [`checkpoint`] and [`restore`], runs post-copy's page streams in
+//! Task RPCs, which asks [`checkpoint`], [`restore`] and the agent ([`handoff`]), runs post-copy's page streams in
 //! [`postcopy`], holds a restored task's Waits until its Start is known ([`restored_wait`]), and
 //! ends a clone whose memory was lost with [`cgroup_kill`]; those share
 //! nothing but the lower modules ([`mounts`], [`identity`], [`config`], [`delegate`],
@@ -23,6 +24,7 @@ pub mod config;
 pub mod criu_config;
 pub mod delegate;
 pub mod error;
+pub mod handoff;
 pub mod identity;
 pub mod logging;
 pub mod mounts;

@@ -106,6 +106,7 @@ pub fn prepare(
         container: &identity.container,
         container_id: &identity.id,
         source_pod,
+        made_for: identity.departure.as_deref().unwrap_or(&identity.pod_uid),
         spec: identity.spec.as_deref(),
         upperdir: upperdir(rootfs),
         lowerdirs: lowerdirs(rootfs),

@@ -23,6 +23,7 @@ use crate::checkpoint::{CheckpointError, CheckpointFailure, Checkpointer};
 use crate::config::ShimConfig;
 use crate::delegate::Delegate;
 use crate::error::{describe_ttrpc_error, status};
+use crate::handoff::{self, AfterKill};
 use crate::identity::ContainerIdentity;
 use crate::postcopy::{self, Streams};
 use crate::reaper::MonitorReaper;
@@ -223,6 +224,13 @@ impl Task for TaskService {
     /// its processes until then, and they could not die.
     fn kill(&self, ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<Empty> {
         if req.exec_id.is_empty() {
+            // A pod that departs is checkpointed before it is stopped ([`handoff`]).
+            let identity = self.containers().get(&req.id).map(|r| r.identity.clone());
+            if let Some(identity) = identity {
+                if handoff::before_kill(&self.config, &identity, req.signal) == AfterKill::Done {
+                    return Ok(Empty::new());
+                }
+            }
             self.end_serving(&req.id, "the source was stopped");
             if let Some(gate) = self.restored_wait(&req.id) {
                 gate.ended_unstarted();
@@ -275,6 +283,9 @@ impl Task for TaskService {
                 warn!(container = %identity.describe(), error = %e, "creating without podmigrate's CRIU configuration")
             }
         }
+        // A container that names no source may still replace a departed pod ([`handoff`]).
+        let mut identity = identity;
+        handoff::at_create(&self.config, &mut identity);
         let mut restore_dir = None;
         let mut restored = None;
         let plan = restore::plan(&self.config.work_dir, &identity, !req.checkpoint.is_empty());

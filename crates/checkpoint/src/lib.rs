@@ -7,6 +7,7 @@ pub mod binding;
 pub mod creds;
 pub mod criu;
 pub mod gc;
+pub mod handoff;
 pub mod layout;
 pub mod ops;
 pub mod pagestream;

@@ -71,6 +71,26 @@ pub const FINALIZER: &str = "podmigrate.io/migration";
 /// Label on a source pod or its namespace: `"true"` opts in to being cloned. Memory can hold
 /// secrets, so nobody may clone what its owner did not offer.
 pub const MIGRATABLE: &str = "podmigrate.io/migratable";
+/// On a pod that replaces a departed pod (a controller's new pod in the place of one deleted
+/// or evicted): the name of the departed pod whose checkpoint it restores.
+pub const REPLACES: &str = "podmigrate.io/replaces";
+/// A departure's record is a coordination.k8s.io Lease in the pod's namespace named this and
+/// the departing pod's uid: the checkpoint a deleted pod left for its replacement, claimed by
+/// the replacement (its uid in `spec.holderIdentity`).
+pub const DEPARTURE_LEASE_PREFIX: &str = "podmigrate-departure-";
+/// On a departure record: where it stands (see [`Departure`]).
+pub const DEPARTURE: &str = "podmigrate.io/departure";
+/// On a departure record: the departed pod's name.
+pub const DEPARTED_POD: &str = "podmigrate.io/departed-pod";
+/// On a departure record: the departed pod's app containers, comma-separated, one archive each.
+pub const DEPARTED_CONTAINERS: &str = "podmigrate.io/departed-containers";
+/// Label on a departure record: the uid of the controller that replaces the pod.
+pub const CONTROLLER_UID_LABEL: &str = "podmigrate.io/controller-uid";
+/// Label on a departure record: which of the controller's pods departed (a StatefulSet's pod
+/// name, a ReplicaSet's `pod-template-hash`, an Indexed Job's completion index).
+pub const IDENTITY_LABEL: &str = "podmigrate.io/identity";
+/// Label on a departure record: the node the pod departed from, whose agent owns the record.
+pub const DEPARTED_FROM_LABEL: &str = "podmigrate.io/departed-from";
 /// The RuntimeClass whose handler is our shim.
 pub const RUNTIME_CLASS: &str = "migrate";
 
@@ -93,6 +113,38 @@ pub const RUNC_CHECKPOINT_OPTIONS_TYPE_URL: &str = "containerd.runc.v1.Checkpoin
 /// The field the original proof of concept added to PodSpec; a stock API server drops it, so
 /// `podmigrate apply` moves it into [`CLONE_POD`].
 pub const SPEC_CLONE_POD_FIELD: &str = "clonePod";
+
+/// Where a departure stands, as written to [`DEPARTURE`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Departure {
+    /// The pod is frozen and being checkpointed; its containers are not killed yet.
+    Checkpointing,
+    /// Every container's archive is committed: the replacement restores them.
+    Committed,
+    /// The checkpoint failed or ran out of time: the pod ended as usual, the replacement
+    /// starts fresh.
+    Failed,
+}
+
+impl Departure {
+    pub const ALL: [Departure; 3] = [
+        Departure::Checkpointing,
+        Departure::Committed,
+        Departure::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Departure::Checkpointing => "Checkpointing",
+            Departure::Committed => "Committed",
+            Departure::Failed => "Failed",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<Departure> {
+        Departure::ALL.into_iter().find(|d| d.as_str() == value)
+    }
+}
 
 /// The phases of a migration, as written to [`PHASE`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -243,6 +295,13 @@ mod tests {
             TRANSFER,
             TRANSFER_CHOSEN,
             PAGES,
+            REPLACES,
+            DEPARTURE,
+            DEPARTED_POD,
+            DEPARTED_CONTAINERS,
+            CONTROLLER_UID_LABEL,
+            IDENTITY_LABEL,
+            DEPARTED_FROM_LABEL,
         ] {
             assert!(name.starts_with(PREFIX), "{name}");
         }
@@ -254,6 +313,9 @@ mod tests {
             assert_eq!(Phase::parse(phase.as_str()), Some(phase));
         }
         assert_eq!(Phase::parse("Done"), None);
+        for departure in Departure::ALL {
+            assert_eq!(Departure::parse(departure.as_str()), Some(departure));
+        }
         assert_eq!(Mode::parse(None), Some(Mode::Migrate));
         assert_eq!(Mode::parse(Some("clone")), Some(Mode::Clone));
         assert_eq!(Mode::parse(Some("teleport")), None);

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::agent::containerd::Containerd;
+use crate::agent::handoff::{self, Handoff};
 use crate::agent::limits::Limits;
 use crate::agent::machine::{Agent, AgentConfig};
 use crate::agent::metrics::{self, Metrics};
@@ -162,6 +163,19 @@ async fn serve(args: AgentArgs) -> anyhow::Result<()> {
             served
         }
     };
+    let collected = gc::run_periodically(gc_kube, gc_schedule, shutdown.clone());
+    let handoff = Handoff::new(Arc::clone(&agent), shutdown.clone());
+    let answered = {
+        let shutdown = shutdown.clone();
+        let handoff = Arc::clone(&handoff);
+        let work_dir = agent.config.work_dir.clone();
+        async move {
+            let answered = handoff::serve(handoff, &work_dir).await;
+            shutdown.cancel();
+            answered.with_context(|| format!("answering the shims in {}", work_dir.display()))
+        }
+    };
+    let released = handoff::run_release(handoff);
     let watched = {
         let shutdown = shutdown.clone();
         async move {
@@ -169,7 +183,8 @@ async fn serve(args: AgentArgs) -> anyhow::Result<()> {
             shutdown.cancel();
         }
     };
-    let collected = gc::run_periodically(gc_kube, gc_schedule, shutdown.clone());
-    let (served, (), (), ()) = tokio::join!(served, watched, on_signal, collected);
+    let (served, answered, (), (), (), ()) =
+        tokio::join!(served, answered, watched, released, on_signal, collected);
+    answered?;
     served.with_context(|| format!("serving metrics on {}", args.metrics_addr))
 }

@@ -53,6 +53,7 @@ fn node() -> Node {
         is_sandbox: false,
         clone_of: Some(SOURCE_POD.to_string()),
         fallback_fresh: false,
+        departure: None,
         bandwidth: None,
         spec: None,
     };

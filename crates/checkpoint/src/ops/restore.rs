@@ -49,6 +49,9 @@ pub struct Restore<'a> {
     pub container_id: &'a str,
     /// The pod the clone was made of, whose same-named container was checkpointed.
     pub source_pod: &'a str,
+    /// The uid the archive must have been made for (see [`crate::binding`]): the clone's own,
+    /// or, for a pod that replaces a departed one, the departure's (the departed pod's uid).
+    pub made_for: &'a str,
     /// The OCI spec the clone runs with: the checkpoint's credentials must be within it.
     pub spec: Option<&'a Path>,
     /// The new container's overlay upper directory (`None`: its rootfs is no overlay), and the
@@ -316,7 +319,7 @@ impl Restore<'_> {
                     }),
                 });
             }
-            binding::check_restore(&holds.clone_pod_uid, self.pod_uid)
+            binding::check_restore(&holds.clone_pod_uid, self.made_for)
                 .map_err(RestoreFailure::OtherClone)?;
             if let Some(spec) = self.spec {
                 let tasks = creds::check(&dir.join(CHECKPOINT_DIR), spec)
