@@ -115,6 +115,30 @@ pub fn clone_mode(pod: &Pod) -> Result<Mode, ModeError> {
     })
 }
 
+/// The containers that run for the pod's whole life, which a departure checkpoints: its native
+/// sidecars (init containers with `restartPolicy: Always`), then its app containers.
+pub fn long_running(pod: &Pod) -> Vec<String> {
+    let Some(spec) = pod.spec.as_ref() else {
+        return Vec::new();
+    };
+    spec.init_containers
+        .iter()
+        .flatten()
+        .filter(|c| c.restart_policy.as_deref() == Some("Always"))
+        .chain(&spec.containers)
+        .map(|c| c.name.clone())
+        .collect()
+}
+
+/// Whether `container` is one of the pod's init containers that run to their end (not a
+/// native sidecar).
+pub fn is_run_once_init(pod: &Pod, container: &str) -> bool {
+    pod.spec
+        .iter()
+        .flat_map(|s| s.init_containers.iter().flatten())
+        .any(|c| c.name == container && c.restart_policy.as_deref() != Some("Always"))
+}
+
 /// Whether `name` can name a pod: a DNS-1123 subdomain (lowercase alphanumerics, '-' and
 /// '.', alphanumeric at both ends of each dot-separated part, at most 253 characters), as
 /// the API server checks it.

@@ -62,16 +62,25 @@ pub fn before_kill(config: &ShimConfig, identity: &ContainerIdentity, signal: u3
     }
 }
 
+/// What a Create does once the agent has answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AtCreate {
+    /// Create it (from the departed pod's checkpoint when `identity` now names it).
+    Create,
+    /// An init container that ran in the departed pod: it ends at once ([`crate::init_skip`]).
+    Skip,
+}
+
 /// Asks, before the Create of `identity` (a container that names no source), whether its pod
 /// replaces a departed one (a container restored before on this node does not ask); if so, `identity` restores that pod's checkpoint, or starts fresh
 /// should the restore fail.
-pub fn at_create(config: &ShimConfig, identity: &mut ContainerIdentity) {
+pub fn at_create(config: &ShimConfig, identity: &mut ContainerIdentity) -> AtCreate {
     if identity.is_sandbox || identity.clone_of.is_some() || identity.pod_uid.is_empty() {
-        return;
+        return AtCreate::Create;
     }
     // Restored once already on this node: kubelet restarts it, and it starts fresh.
     if crate::restore::marker(&config.work_dir, identity).is_some_and(|m| m.exists()) {
-        return;
+        return AtCreate::Create;
     }
     let question = Ask::Arrive {
         namespace: identity.namespace.clone(),
@@ -86,6 +95,10 @@ pub fn at_create(config: &ShimConfig, identity: &mut ContainerIdentity) {
             identity.departure = Some(departure);
             identity.fallback_fresh = true;
         }
+        Ok(Answer::Skip { source }) => {
+            info!(container = %identity.describe(), departed = %source, "an init container that ran in the departed pod: skipped");
+            return AtCreate::Skip;
+        }
         Ok(Answer::Proceed { why }) => {
             tracing::debug!(container = %identity.describe(), %why, "created fresh");
         }
@@ -97,4 +110,5 @@ pub fn at_create(config: &ShimConfig, identity: &mut ContainerIdentity) {
             warn!(container = %identity.describe(), error = %e, "created fresh");
         }
     }
+    AtCreate::Create
 }

@@ -8,7 +8,7 @@
 //! (CRIU image/work paths) and the runc container itself.
 //!
 //! How the modules stand: [`shim`] (the protocol's `start` and `delete`) serves [`service`], the
-//! Task RPCs, which asks [`checkpoint`], [`restore`] and the agent ([`handoff`]), runs post-copy's page streams in
+//! Task RPCs, which asks [`checkpoint`], [`restore`] and the agent ([`handoff`]), skips an init container that ran already ([`init_skip`]), runs post-copy's page streams in
 //! [`postcopy`], holds a restored task's Waits until its Start is known ([`restored_wait`]), and
 //! ends a clone whose memory was lost with [`cgroup_kill`]; those share
 //! nothing but the lower modules ([`mounts`], [`identity`], [`config`], [`delegate`],
@@ -26,6 +26,7 @@ pub mod delegate;
 pub mod error;
 pub mod handoff;
 pub mod identity;
+pub mod init_skip;
 pub mod logging;
 pub mod mounts;
 pub mod net_lock;

@@ -23,12 +23,12 @@ use crate::checkpoint::{CheckpointError, CheckpointFailure, Checkpointer};
 use crate::config::ShimConfig;
 use crate::delegate::Delegate;
 use crate::error::{describe_ttrpc_error, status};
-use crate::handoff::{self, AfterKill};
+use crate::handoff::{self, AfterKill, AtCreate};
 use crate::identity::ContainerIdentity;
 use crate::postcopy::{self, Streams};
 use crate::reaper::MonitorReaper;
 use crate::restored_wait::{RestoredWait, WaitAnswer};
-use crate::{criu_config, restore, runtime_options};
+use crate::{criu_config, init_skip, restore, runtime_options};
 
 /// What we remember of each container the runc shim created for us.
 struct Record {
@@ -285,7 +285,11 @@ impl Task for TaskService {
         }
         // A container that names no source may still replace a departed pod ([`handoff`]).
         let mut identity = identity;
-        handoff::at_create(&self.config, &mut identity);
+        if handoff::at_create(&self.config, &mut identity) == AtCreate::Skip {
+            if let Err(e) = init_skip::skip(Path::new(&req.bundle), &self.config.work_dir) {
+                warn!(container = %identity.describe(), error = %e, "running the init container again");
+            }
+        }
         let mut restore_dir = None;
         let mut restored = None;
         let plan = restore::plan(&self.config.work_dir, &identity, !req.checkpoint.is_empty());

@@ -9,7 +9,8 @@
 //!   agent checkpoints the whole pod first if it is departing (being deleted, opted in, with a
 //!   controller that replaces it), and answers once that is done or has failed;
 //! * at the Create of a container that names no source, [`Ask::Arrive`]: the agent answers
-//!   whether the pod takes the place of a departed one, and which.
+//!   whether the pod takes the place of a departed one, and which (an init container that ran
+//!   in the departed pod is skipped instead).
 //!
 //! One connection per question, on the Unix socket [`SOCKET_NAME`] in the node's work
 //! directory; the question and the answer are one JSON line each. An agent that is not there
@@ -65,6 +66,9 @@ pub enum Answer {
     /// Create every container from the checkpoint of the departed pod `source`, in the same
     /// namespace; its archives were made for departure `departure` (the departed pod's uid).
     Restore { source: String, departure: String },
+    /// The container is an init container that ran to its end in the departed pod, whose
+    /// checkpoint the pod restores: it ends at once, successfully, instead of running again.
+    Skip { source: String },
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -2,7 +2,8 @@
 //! place of a departed one (see [`crate::controller::place`]). It claims the oldest unclaimed
 //! record in its place (a committed one first), waits while that one is still checkpointing,
 //! and restores it once committed; a failed one makes it start fresh, with the reason in an
-//! Event. Where a pod in its place is still terminating without a record yet (a ReplicaSet or a
+//! Event. Its init containers that run to their end are skipped: they ran in the departed pod,
+//! and what they did is in its checkpoint. Where a pod in its place is still terminating without a record yet (a ReplicaSet or a
 //! Job makes the replacement as soon as the pod is deleted, maybe before its containers are
 //! stopped), it waits for that record, or for that pod to go.
 
@@ -20,7 +21,7 @@ use super::{proceed, Handoff, RECORD_TTL};
 use crate::agent::machine::event;
 use crate::agent::ports::Cluster;
 use crate::controller::{controller_of, place, Place};
-use crate::pod::{annotation, pod_name};
+use crate::pod::{annotation, is_run_once_init, pod_name};
 use crate::policy::not_opted_in;
 use podmigrate_checkpoint::handoff::Answer;
 
@@ -127,7 +128,8 @@ impl Handoff {
 
     async fn restore(&self, pod: &Pod, place: &Place, r: &Record, container: &str) -> Answer {
         let source = r.departed_pod().to_string();
-        if !r.containers().iter().any(|c| c == container) {
+        let skip = is_run_once_init(pod, container);
+        if !skip && !r.containers().iter().any(|c| c == container) {
             return proceed(format!(
                 "the departed pod {source} had no container {container}"
             ));
@@ -145,6 +147,9 @@ impl Handoff {
         );
         self.mark(pod, r, EventType::Normal, "Replacing", &note)
             .await;
+        if skip {
+            return Answer::Skip { source };
+        }
         Answer::Restore {
             source,
             departure: r.departure().to_string(),

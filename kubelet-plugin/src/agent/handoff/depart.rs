@@ -1,5 +1,6 @@
 //! A departure: a pod on this node is being deleted (or evicted) and one of its containers is
-//! being stopped. If it departs, every container is frozen at one instant, checkpointed onto
+//! being stopped. If it departs, every container that runs for the pod's life (its app
+//! containers and native sidecars) is frozen at one instant, checkpointed onto
 //! the share (stop-and-copy: the pod is going, nothing could serve its memory later), and
 //! stopped without running again; the record then says Committed, and the replacement
 //! restores it. Everything must fit in the pod's grace period: what does not, or fails, is
@@ -18,11 +19,11 @@ use tracing::{info, warn};
 
 use super::{proceed, record, Handoff, RECORD_TTL};
 use crate::agent::containerd::{AppContainer, TaskState};
-use crate::agent::machine::{event, spec_names};
+use crate::agent::machine::event;
 use crate::agent::ports::{Cluster, Share};
 use crate::controller::{controller_of, place, Place};
 use crate::gc::lease_for;
-use crate::pod::{annotation, pod_name};
+use crate::pod::{annotation, long_running, pod_name};
 use crate::policy::not_opted_in;
 use podmigrate_checkpoint::handoff::Answer;
 
@@ -111,7 +112,7 @@ impl Handoff {
             ));
         }
         let deadline = Instant::now() + budget;
-        let names = spec_names(&pod);
+        let names = long_running(&pod);
         let containers = match self.running_containers(namespace, name, &names).await {
             Ok(containers) => containers,
             Err(why) => return proceed(why),
