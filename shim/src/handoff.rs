@@ -30,9 +30,25 @@ pub enum AfterKill {
     Done,
 }
 
+/// How long to wait for the agent: at most `most`, and less than the caller (containerd, for
+/// kubelet) waits for this request, `caller` when it said (ttrpc's timeout).
+fn wait(most: Duration, caller: Option<Duration>) -> Duration {
+    match caller {
+        Some(caller) => most.min(caller.saturating_sub(Duration::from_secs(2))),
+        None => most,
+    }
+    .max(Duration::from_secs(1))
+}
+
 /// Asks, before the Kill of `identity`'s main process with `signal`, whether its pod departs.
-/// SIGKILL is never held: it is kubelet's last word, and the agent's own.
-pub fn before_kill(config: &ShimConfig, identity: &ContainerIdentity, signal: u32) -> AfterKill {
+/// SIGKILL is never held: it is kubelet's last word, and the agent's own. `caller`: how long the
+/// caller waits for the Kill, if it said.
+pub fn before_kill(
+    config: &ShimConfig,
+    identity: &ContainerIdentity,
+    signal: u32,
+    caller: Option<Duration>,
+) -> AfterKill {
     if signal == libc::SIGKILL as u32 || identity.is_sandbox || identity.pod_uid.is_empty() {
         return AfterKill::Forward;
     }
@@ -41,7 +57,7 @@ pub fn before_kill(config: &ShimConfig, identity: &ContainerIdentity, signal: u3
         pod: identity.pod.clone(),
         uid: identity.pod_uid.clone(),
     };
-    match handoff::ask(&config.work_dir, &question, DEPART_WAIT) {
+    match handoff::ask(&config.work_dir, &question, wait(DEPART_WAIT, caller)) {
         Ok(Answer::Departed) => {
             info!(container = %identity.describe(), "the pod departed: checkpointed for its replacement, and stopped");
             AfterKill::Done
@@ -73,8 +89,12 @@ pub enum AtCreate {
 
 /// Asks, before the Create of `identity` (a container that names no source), whether its pod
 /// replaces a departed one (a container restored before on this node does not ask); if so, `identity` restores that pod's checkpoint, or starts fresh
-/// should the restore fail.
-pub fn at_create(config: &ShimConfig, identity: &mut ContainerIdentity) -> AtCreate {
+/// should the restore fail. `caller`: how long the caller waits for the Create, if it said.
+pub fn at_create(
+    config: &ShimConfig,
+    identity: &mut ContainerIdentity,
+    caller: Option<Duration>,
+) -> AtCreate {
     if identity.is_sandbox || identity.clone_of.is_some() || identity.pod_uid.is_empty() {
         return AtCreate::Create;
     }
@@ -88,7 +108,7 @@ pub fn at_create(config: &ShimConfig, identity: &mut ContainerIdentity) -> AtCre
         uid: identity.pod_uid.clone(),
         container: identity.container.clone(),
     };
-    match handoff::ask(&config.work_dir, &question, ARRIVE_WAIT) {
+    match handoff::ask(&config.work_dir, &question, wait(ARRIVE_WAIT, caller)) {
         Ok(Answer::Restore { source, departure }) => {
             info!(container = %identity.describe(), departed = %source, %departure, "replaces a departed pod: restoring its checkpoint");
             identity.clone_of = Some(source);
@@ -111,4 +131,20 @@ pub fn at_create(config: &ShimConfig, identity: &mut ContainerIdentity) -> AtCre
         }
     }
     AtCreate::Create
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_agent_is_waited_for_less_than_the_caller_waits() {
+        let most = Duration::from_secs(900);
+        assert_eq!(wait(most, None), most);
+        assert_eq!(
+            wait(most, Some(Duration::from_secs(150))),
+            Duration::from_secs(148)
+        );
+        assert_eq!(wait(most, Some(Duration::ZERO)), Duration::from_secs(1));
+    }
 }

@@ -188,6 +188,11 @@ impl TaskService {
     }
 }
 
+/// How long the caller waits for this request, when it said (ttrpc carries its deadline).
+fn caller_timeout(ctx: &TtrpcContext) -> Option<std::time::Duration> {
+    (ctx.timeout_nano > 0).then(|| std::time::Duration::from_nanos(ctx.timeout_nano as u64))
+}
+
 /// Expands to Task methods that forward to the runc shim.
 macro_rules! forward {
     ($($method:ident($request:ty) -> $response:ty;)*) => {
@@ -227,7 +232,9 @@ impl Task for TaskService {
             // A pod that departs is checkpointed before it is stopped ([`handoff`]).
             let identity = self.containers().get(&req.id).map(|r| r.identity.clone());
             if let Some(identity) = identity {
-                if handoff::before_kill(&self.config, &identity, req.signal) == AfterKill::Done {
+                if handoff::before_kill(&self.config, &identity, req.signal, caller_timeout(ctx))
+                    == AfterKill::Done
+                {
                     return Ok(Empty::new());
                 }
             }
@@ -285,7 +292,7 @@ impl Task for TaskService {
         }
         // A container that names no source may still replace a departed pod ([`handoff`]).
         let mut identity = identity;
-        if handoff::at_create(&self.config, &mut identity) == AtCreate::Skip {
+        if handoff::at_create(&self.config, &mut identity, caller_timeout(ctx)) == AtCreate::Skip {
             if let Err(e) = init_skip::skip(Path::new(&req.bundle), &self.config.work_dir) {
                 warn!(container = %identity.describe(), error = %e, "running the init container again");
             }
