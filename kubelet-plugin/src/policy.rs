@@ -689,8 +689,9 @@ pub fn not_opted_in(
 }
 
 /// `(name, image)` of `spec.containers`: the long-running app containers. Init containers
-/// have finished (or, as native sidecars, are restarted fresh by the clone's kubelet), and
-/// ephemeral debug containers cannot be created with a pod.
+/// have finished, native sidecars are not carried by a clone (the CLI drops every init
+/// container; a departure carries them, see `agent::handoff`), and ephemeral debug containers
+/// cannot be created with a pod.
 fn app_containers(pod: &Pod) -> Vec<(&str, &str)> {
     pod.spec
         .iter()

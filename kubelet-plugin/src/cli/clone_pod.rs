@@ -42,6 +42,8 @@ const MAX_NAME: usize = 63;
 /// Init containers are dropped: they ran on the source, and what they left in its containers'
 /// filesystems and memory travels in the checkpoint. Run again on the clone, they would only
 /// wait in vain for an archive (the shim cannot tell an init container from an app container).
+/// Native sidecars go with them: a clone runs without them. (A pod that departs, evicted or
+/// deleted, carries its sidecars and skips its init containers; operations.md.)
 ///
 /// Also dropped from the spec: ephemeral containers (the API refuses them on create),
 /// scheduling gates (refused together with a node name), and priority and preemption policy
