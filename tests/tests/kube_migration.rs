@@ -1121,6 +1121,14 @@ fn the_agents_service_account_may_do_what_the_agent_does() {
         ("patch", "events"),
         ("create", "events.events.k8s.io"),
         ("patch", "events.events.k8s.io"),
+        // A departure's record, and whether its controller replaces the pod.
+        ("create", "leases.coordination.k8s.io"),
+        ("update", "leases.coordination.k8s.io"),
+        ("delete", "leases.coordination.k8s.io"),
+        ("watch", "leases.coordination.k8s.io"),
+        ("get", "statefulsets.apps"),
+        ("get", "replicasets.apps"),
+        ("get", "jobs.batch"),
     ];
     for (verb, resource) in allowed {
         let out = cluster
@@ -1132,7 +1140,13 @@ fn the_agents_service_account_may_do_what_the_agent_does() {
             "the agent may not {verb} {resource}"
         );
     }
-    for (verb, resource) in [("create", "pods"), ("get", "secrets"), ("delete", "nodes")] {
+    for (verb, resource) in [
+        ("create", "pods"),
+        ("get", "secrets"),
+        ("delete", "nodes"),
+        ("update", "statefulsets.apps"),
+        ("delete", "jobs.batch"),
+    ] {
         let out = cluster
             .kubectl_output(&["auth", "can-i", verb, resource, "-A", &agent])
             .unwrap();
