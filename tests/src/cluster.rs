@@ -1034,6 +1034,70 @@ impl TestNamespace {
             .collect())
     }
 
+    /// Waits until at least one Event with `reason` is about pod `pod` (of uid `uid` when given:
+    /// a StatefulSet's pods share their name); the notes of all of them.
+    pub async fn wait_events(
+        &self,
+        pod: &str,
+        uid: Option<&str>,
+        reason: &str,
+        timeout: Duration,
+    ) -> Result<Vec<String>> {
+        let started = Instant::now();
+        loop {
+            let events = self.events(pod, None).await?;
+            let notes: Vec<String> = events
+                .iter()
+                .filter(|e| e.reason.as_deref() == Some(reason))
+                .filter(|e| uid.is_none() || e.involved_object.uid.as_deref() == uid)
+                .map(|e| e.message.clone().unwrap_or_default())
+                .collect();
+            if !notes.is_empty() {
+                return Ok(notes);
+            }
+            if started.elapsed() >= timeout {
+                let seen: Vec<_> = events
+                    .iter()
+                    .map(|e| (&e.reason, &e.involved_object.uid, &e.message))
+                    .collect();
+                bail!(
+                    "no {reason} Event about pod {}/{pod} (uid {uid:?}) within {timeout:?}: {seen:?}",
+                    self.name
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// `kubectl apply` of `object` (any kind's JSON) in this namespace.
+    pub fn apply(&self, object: &Value) -> Result<()> {
+        use std::io::Write;
+        let mut child = Command::new(&self.kubectl)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .args(["apply", "-n", &self.name, "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting kubectl apply")?;
+        let written = child
+            .stdin
+            .take()
+            .context("kubectl apply's stdin")?
+            .write_all(object.to_string().as_bytes());
+        let out = child.wait_with_output()?;
+        written.context("writing to kubectl apply")?;
+        ensure!(
+            out.status.success(),
+            "kubectl apply -n {} of {} {}: {}",
+            self.name,
+            object["kind"],
+            object["metadata"]["name"],
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(())
+    }
+
     pub async fn delete_pod(&self, name: &str) -> Result<()> {
         self.pods.delete(name, &DeleteParams::default()).await?;
         Ok(())
@@ -1156,6 +1220,83 @@ pub fn counter_pod(name: &str, node: &str, counters: &[Counter]) -> Pod {
     .expect("a valid Pod")
 }
 
+/// The grace period of [`roaming_counter_pod`]s: a departing pod's checkpoint must fit in it
+/// (Kubernetes' default).
+pub const DEPARTURE_GRACE_SECONDS: i64 = 30;
+
+/// A pod of counters any node may run, to be a controller's template: [`counter_pod`]'s without
+/// its node pinning, with a grace period a departure's checkpoint fits in
+/// ([`DEPARTURE_GRACE_SECONDS`]); opted in (`migratable`) or not, the `migrate` RuntimeClass
+/// either way. Its JSON, to be shaped further.
+pub fn roaming_counter_pod(name: &str, counters: &[Counter], migratable: bool) -> Value {
+    let mut pod = serde_json::to_value(counter_pod(name, NODE_A, counters)).expect("a pod");
+    let spec = pod["spec"].as_object_mut().expect("a pod spec");
+    spec.remove("nodeSelector");
+    spec.insert(
+        "terminationGracePeriodSeconds".into(),
+        json!(DEPARTURE_GRACE_SECONDS),
+    );
+    if !migratable {
+        pod["metadata"]["labels"]
+            .as_object_mut()
+            .expect("labels")
+            .remove(MIGRATABLE);
+    }
+    pod
+}
+
+/// The pod template of `pod` (a Pod's JSON): its labels and spec.
+fn template_of(pod: &Value) -> Value {
+    json!({
+        "metadata": {"labels": pod["metadata"]["labels"]},
+        "spec": pod["spec"],
+    })
+}
+
+/// An `apps/v1` `Deployment` or `StatefulSet` named `name` of one pod shaped as `pod` (a Pod's
+/// JSON, e.g. [`counter_pod`]'s or [`roaming_counter_pod`]'s), selecting its pods by their
+/// `app` label. A StatefulSet's `serviceName` is `name` (no such Service is needed).
+pub fn counter_controller(kind: &str, name: &str, pod: &Value) -> Value {
+    assert!(
+        matches!(kind, "Deployment" | "StatefulSet"),
+        "not an apps/v1 controller of one pod: {kind}"
+    );
+    let mut spec = json!({
+        "replicas": 1,
+        "selector": {"matchLabels": {"app": pod["metadata"]["labels"]["app"]}},
+        "template": template_of(pod),
+    });
+    if kind == "StatefulSet" {
+        spec["serviceName"] = json!(name);
+    }
+    json!({
+        "apiVersion": "apps/v1",
+        "kind": kind,
+        "metadata": {"name": name},
+        "spec": spec,
+    })
+}
+
+/// An Indexed `batch/v1` Job named `name` of `completions` pods shaped as `pod`, all run at once,
+/// each done when its container exits 0 (a counter's `GET /exit`): `restartPolicy: Never`, and
+/// a `backoffLimit` that evictions (a Job counts an evicted pod as failed) do not reach.
+pub fn indexed_counter_job(name: &str, pod: &Value, completions: i32) -> Value {
+    let mut template = template_of(pod);
+    template["spec"]["restartPolicy"] = json!("Never");
+    json!({
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name},
+        "spec": {
+            "completionMode": "Indexed",
+            "completions": completions,
+            "parallelism": completions,
+            "backoffLimit": 4 * completions + 4,
+            "template": template,
+        },
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1178,5 +1319,51 @@ mod tests {
             ["-p", "8080", "-f", "/tmp/count", "-m", "64"]
         );
         assert_eq!(pod.metadata.labels.unwrap()[MIGRATABLE], "true");
+    }
+
+    #[test]
+    fn roaming_pods_run_anywhere_opted_in_or_not() {
+        let counters = [Counter::new("counter", 8080, "/tmp/count")];
+        let pod: Pod = serde_json::from_value(roaming_counter_pod("r", &counters, true)).unwrap();
+        let spec = pod.spec.unwrap();
+        assert!(spec.node_selector.is_none());
+        assert_eq!(
+            spec.termination_grace_period_seconds,
+            Some(DEPARTURE_GRACE_SECONDS)
+        );
+        assert_eq!(pod.metadata.labels.unwrap()[MIGRATABLE], "true");
+        let plain: Pod =
+            serde_json::from_value(roaming_counter_pod("p", &counters, false)).unwrap();
+        let labels = plain.metadata.labels.unwrap();
+        assert!(!labels.contains_key(MIGRATABLE) && labels["app"] == "p");
+        assert_eq!(
+            plain.spec.unwrap().runtime_class_name.as_deref(),
+            Some(RUNTIME_CLASS)
+        );
+    }
+
+    #[test]
+    fn controllers_of_counter_pods_are_valid_objects() {
+        use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+        use k8s_openapi::api::batch::v1::Job;
+        let pod = roaming_counter_pod("w", &[Counter::new("counter", 8080, "/tmp/count")], true);
+        let set: StatefulSet =
+            serde_json::from_value(counter_controller("StatefulSet", "w", &pod)).unwrap();
+        let spec = set.spec;
+        assert_eq!(spec.service_name.as_deref(), Some("w"));
+        assert_eq!(spec.selector.match_labels.unwrap()["app"], "w");
+        let template = spec.template.metadata.unwrap().labels.unwrap();
+        assert_eq!(template[MIGRATABLE], "true");
+        let deployment: Deployment =
+            serde_json::from_value(counter_controller("Deployment", "w", &pod)).unwrap();
+        assert_eq!(deployment.spec.replicas, Some(1));
+        let job: Job = serde_json::from_value(indexed_counter_job("w", &pod, 2)).unwrap();
+        let spec = job.spec.unwrap();
+        assert_eq!(spec.completion_mode.as_deref(), Some("Indexed"));
+        assert_eq!((spec.completions, spec.parallelism), (Some(2), Some(2)));
+        assert!(spec.backoff_limit.unwrap() > 2);
+        let pod_spec = spec.template.spec.unwrap();
+        assert_eq!(pod_spec.restart_policy.as_deref(), Some("Never"));
+        assert_eq!(pod_spec.runtime_class_name.as_deref(), Some(RUNTIME_CLASS));
     }
 }

@@ -1,6 +1,7 @@
 //! The test app `counter` (tests/apps/counter): a container of it, and its HTTP side (`GET /`
-//! answers the next count, `GET /healthz` answers `ok`, `GET /checksum` the ballast's hash, and
-//! with `-k` `GET /loopback`, `GET /lock` and `GET /hold` show what it holds).
+//! answers the next count, `GET /healthz` answers `ok`, `GET /checksum` the ballast's hash,
+//! `GET /exit` ends it with status 0, and with `-k` `GET /loopback`, `GET /lock` and
+//! `GET /hold` show what it holds).
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};

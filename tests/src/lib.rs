@@ -4,6 +4,8 @@
 //! * [`cluster`]: the real two-node Kubernetes cluster of scripts/local-up-cluster.sh, one namespace per test.
 //! * [`cli`]: `kubectl migrate` runs and their summary line.
 //! * [`counter`]: the test app's containers and its HTTP side.
+//! * [`drain`]: `kubectl drain` and cordons undone at the end, the pods a controller runs on a
+//!   node, Jobs completing, departure records.
 //! * [`harness`]: skip checks, bounded waits, cleanup guards and locating workspace binaries.
 //! * [`oci`]: OCI image-layout tarballs built locally (pause, busybox, counter) for `ctr import`.
 //! * [`containerd`]: a private containerd with the CRI plugin, cleaned up on drop.
@@ -19,6 +21,7 @@ pub mod cluster;
 pub mod containerd;
 pub mod counter;
 pub mod cri;
+pub mod drain;
 pub mod harness;
 pub mod loopfs;
 pub mod migrate;

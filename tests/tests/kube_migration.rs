@@ -47,8 +47,8 @@ use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use kube::api::{Api, ListParams, PostParams};
 use podmigrate_e2e::cli::{parse_summary, CliRun, Summary};
 use podmigrate_e2e::cluster::{
-    counter_pod, skip_reason, KubeCluster, TestNamespace, AGENT_NAMESPACE, NODE_A, NODE_B, PHASE,
-    REASON,
+    counter_controller, counter_pod, skip_reason, KubeCluster, TestNamespace, AGENT_NAMESPACE,
+    NODE_A, NODE_B, PHASE, REASON,
 };
 use podmigrate_e2e::counter::{hold_connection, wait_counter_ready, Counter};
 use podmigrate_e2e::harness::skip;
@@ -407,21 +407,9 @@ async fn empty_dir_volumes_travel_with_the_pod() {
 
 /// An `apps/v1` controller `kind` named `name` of one counter pod on node-a, labelled
 /// `app: <name>`.
-fn counter_controller(kind: &str, name: &str) -> serde_json::Value {
-    let template = serde_json::to_value(counter_pod(name, NODE_A, &[counter()])).unwrap();
-    serde_json::json!({
-        "apiVersion": "apps/v1",
-        "kind": kind,
-        "metadata": {"name": name},
-        "spec": {
-            "replicas": 1,
-            "selector": {"matchLabels": {"app": name}},
-            "template": {
-                "metadata": {"labels": template["metadata"]["labels"]},
-                "spec": template["spec"],
-            },
-        },
-    })
+fn pinned_controller(kind: &str, name: &str) -> serde_json::Value {
+    let pod = serde_json::to_value(counter_pod(name, NODE_A, &[counter()])).unwrap();
+    counter_controller(kind, name, &pod)
 }
 
 /// A Deployment's pod migrates into its ReplicaSet's hands: the clone takes the source's place,
@@ -434,7 +422,7 @@ async fn a_deployments_pod_is_handed_over_to_its_replica_set() {
     let _turn = KubeCluster::shared_turn().await;
     let ns = cluster.namespace("deploy").await.unwrap();
     let deployment: Deployment =
-        serde_json::from_value(counter_controller("Deployment", "web")).unwrap();
+        serde_json::from_value(pinned_controller("Deployment", "web")).unwrap();
     Api::<Deployment>::namespaced(ns.client.clone(), &ns.name)
         .create(&PostParams::default(), &deployment)
         .await
@@ -496,9 +484,7 @@ async fn a_stateful_sets_pod_is_refused_with_the_reason() {
     };
     let _turn = KubeCluster::shared_turn().await;
     let ns = cluster.namespace("sts").await.unwrap();
-    let mut set = counter_controller("StatefulSet", "db");
-    set["spec"]["serviceName"] = serde_json::json!("db");
-    let set: StatefulSet = serde_json::from_value(set).unwrap();
+    let set: StatefulSet = serde_json::from_value(pinned_controller("StatefulSet", "db")).unwrap();
     Api::<StatefulSet>::namespaced(ns.client.clone(), &ns.name)
         .create(&PostParams::default(), &set)
         .await

@@ -1,5 +1,5 @@
 //! The records of departures from this node, followed to their end: a committed one once the
-//! pod that claimed it runs (or once nobody claimed it in [`RECORD_TTL`]), a failed one a little
+//! pod that claimed it has created its containers (or once nobody claimed it in [`RECORD_TTL`]), a failed one a little
 //! after it failed (its archives went when it failed). Its archives and share lease go, then the
 //! record. A record still checkpointing that no departure in this agent is writing was left by
 //! an agent that stopped mid-way: its pod is thawed, and the record fails.
@@ -39,8 +39,8 @@ pub enum ReleaseError {
     Remove { record: String, source: kube::Error },
 }
 
-/// Whether `holder`, the pod that claimed the departure of `departed`, runs (every container
-/// started) or is gone: either way the archives are no longer waited for.
+/// Whether `holder`, the pod that claimed the departure of `departed`, has created every
+/// container (each runs, or ran) or is gone: either way the archives are no longer waited for.
 async fn taken(
     handoff: &Handoff,
     namespace: &str,
@@ -67,11 +67,15 @@ async fn taken(
         .as_ref()
         .and_then(|s| s.container_statuses.as_ref());
     let wanted = pod.spec.as_ref().map_or(0, |s| s.containers.len());
+    // A container that runs, or ran and ended (a Job's), has been created: restored, or
+    // started fresh, it needs the archive no more.
     Ok(statuses.is_some_and(|all| {
         all.len() == wanted
-            && all
-                .iter()
-                .all(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
+            && all.iter().all(|c| {
+                c.state
+                    .as_ref()
+                    .is_some_and(|s| s.running.is_some() || s.terminated.is_some())
+            })
     }))
 }
 

@@ -8,6 +8,7 @@
 //! * `GET /healthz` answers `ok\n` without incrementing;
 //! * `GET /checksum` answers a 64-bit hash of the ballast (see below) in hex, so a test can check
 //!   that a restored process's memory is byte-identical to the dumped one;
+//! * `GET /exit` answers `bye\n`, then exits 0 (an Indexed Job's pod completes so);
 //! * anything else: 404 (400 for a request that is not HTTP).
 //!
 //! With `-k` ("keep") it also holds what a checkpoint must carry or close, as real servers do:
@@ -179,6 +180,7 @@ enum Route {
     Loopback,
     Lock,
     Hold,
+    Exit,
     NotFound,
     BadRequest,
 }
@@ -208,6 +210,7 @@ fn route(head: &[u8]) -> Route {
         ("GET", "/loopback") => Route::Loopback,
         ("GET", "/lock") => Route::Lock,
         ("GET", "/hold") => Route::Hold,
+        ("GET", "/exit") => Route::Exit,
         _ => Route::NotFound,
     }
 }
@@ -326,6 +329,7 @@ impl Server {
             Route::Loopback => self.with_kept(Kept::loopback),
             Route::Lock => self.with_kept(|kept| kept.lock().map(String::from)),
             Route::Hold => self.with_kept(|_| Ok("held\n".to_string())),
+            Route::Exit => response("200 OK", "bye\n"),
             Route::NotFound => response("404 Not Found", "not found\n"),
             Route::BadRequest => response("400 Bad Request", "bad request\n"),
         }
@@ -378,6 +382,10 @@ impl Server {
             return Ok(());
         }
         let _ = stream.shutdown(std::net::Shutdown::Write);
+        if route(&buf) == Route::Exit {
+            log!("asked to exit");
+            std::process::exit(0);
+        }
         Ok(())
     }
 }
@@ -502,6 +510,8 @@ mod tests {
         assert_eq!(route(b"GET / HTTP/1.1\n\n"), Route::Count);
         assert_eq!(route(b"GET /healthz HTTP/1.1\r\n\r\n"), Route::Health);
         assert_eq!(route(b"GET /checksum HTTP/1.1\r\n\r\n"), Route::Checksum);
+        assert_eq!(route(b"GET /exit HTTP/1.1\r\n\r\n"), Route::Exit);
+        assert_eq!(route(b"POST /exit HTTP/1.1\r\n\r\n"), Route::NotFound);
         assert_eq!(route(b"POST / HTTP/1.1\r\n\r\n"), Route::NotFound);
         assert_eq!(route(b"GET /other HTTP/1.1\r\n\r\n"), Route::NotFound);
         assert_eq!(route(b"GET /healthz/ HTTP/1.1\r\n\r\n"), Route::NotFound);
@@ -538,10 +548,14 @@ mod tests {
         assert!(r.ends_with("\r\n\r\n6\n"), "{r}");
         assert!(r.contains("Content-Length: 2\r\n"));
         assert_eq!(std::fs::read_to_string(&file).unwrap(), "6\n");
-        // Health does not count, and neither does a 404.
+        // Health does not count, nor does the answer to /exit (`serve` exits after sending
+        // it), nor a 404.
         assert!(s
             .handle(b"GET /healthz HTTP/1.1\r\n\r\n")
             .ends_with("\r\n\r\nok\n"));
+        assert!(s
+            .handle(b"GET /exit HTTP/1.1\r\n\r\n")
+            .ends_with("\r\n\r\nbye\n"));
         assert!(s
             .handle(b"GET /nope HTTP/1.1\r\n\r\n")
             .starts_with("HTTP/1.1 404 "));
