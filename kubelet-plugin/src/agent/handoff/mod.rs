@@ -44,11 +44,14 @@ const ANSWER_KEPT: Duration = Duration::from_secs(15 * 60);
 /// The longest question line read.
 const MAX_LINE: u64 = 4096;
 
+/// A departure: when it began, and its answer once known.
+type Departing = (Instant, watch::Receiver<Option<Answer>>);
+
 /// The agent's side of the handoff: the socket's questions and the departures in flight.
 pub struct Handoff {
     agent: Arc<LiveAgent>,
-    /// Departures by pod uid: the answer, once known, and when it began.
-    departures: Mutex<HashMap<String, (Instant, watch::Receiver<Option<Answer>>)>>,
+    /// Departures by pod uid.
+    departures: Mutex<HashMap<String, Departing>>,
     /// The departures and the connections being answered.
     tasks: TaskTracker,
     shutdown: CancellationToken,
