@@ -55,12 +55,10 @@ impl Handoff {
         container: &str,
     ) -> Answer {
         let agent = &self.agent;
-        let pod = match agent.cluster.pod(namespace, name).await {
-            Ok(Some(pod)) if pod.metadata.uid.as_deref() == Some(uid) => pod,
-            Ok(_) => return proceed(format!("pod {namespace}/{name} is gone")),
-            Err(e) => return proceed(format!("reading pod {namespace}/{name}: {e}")),
+        let (pod, namespace_object) = match self.asked_about(namespace, name, uid).await {
+            Ok(read) => read,
+            Err(answer) => return answer,
         };
-        let namespace_object = agent.cluster.namespace(namespace).await.ok().flatten();
         if let Some(refusal) = not_opted_in(&pod, namespace_object.as_ref(), namespace) {
             return proceed(refusal.to_string());
         }

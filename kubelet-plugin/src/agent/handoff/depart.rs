@@ -8,20 +8,17 @@
 
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::apps::v1::{ReplicaSet, StatefulSet};
-use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{Api, ListParams};
 use kube::runtime::events::EventType;
 use podmigrate_vocabulary::{Departure, Phase, PHASE};
 use tracing::{info, warn};
 
+use super::replaced::replaced;
 use super::{proceed, record, Handoff, RECORD_TTL};
 use crate::agent::containerd::{AppContainer, TaskState};
 use crate::agent::machine::event;
 use crate::agent::ports::{Cluster, Share};
-use crate::controller::{controller_of, place, Place};
+use crate::controller::{place, Place};
 use crate::gc::lease_for;
 use crate::pod::{annotation, long_running, pod_name};
 use crate::policy::not_opted_in;
@@ -79,12 +76,10 @@ fn grace_left(pod: &Pod) -> Duration {
 impl Handoff {
     pub(super) async fn departure(&self, namespace: &str, name: &str, uid: &str) -> Answer {
         let agent = &self.agent;
-        let pod = match agent.cluster.pod(namespace, name).await {
-            Ok(Some(pod)) if pod.metadata.uid.as_deref() == Some(uid) => pod,
-            Ok(_) => return proceed(format!("pod {namespace}/{name} is gone")),
-            Err(e) => return proceed(format!("reading pod {namespace}/{name}: {e}")),
+        let (pod, namespace_object) = match self.asked_about(namespace, name, uid).await {
+            Ok(read) => read,
+            Err(answer) => return answer,
         };
-        let namespace_object = agent.cluster.namespace(namespace).await.ok().flatten();
         let place = match departs(&pod, namespace_object.as_ref(), namespace) {
             Ok(place) => place,
             Err(why) => return proceed(why),
@@ -102,7 +97,7 @@ impl Handoff {
                 ));
             }
         }
-        if let Err(why) = self.replaced(&pod, &place).await {
+        if let Err(why) = replaced(&agent.cluster.client, &pod, &place).await {
             return proceed(why);
         }
         let budget = grace_left(&pod);
@@ -190,131 +185,6 @@ impl Handoff {
                 proceed(note)
             }
         }
-    }
-
-    /// Whether the pod's controller will make a pod in its place: not when it is gone or being
-    /// deleted itself, a StatefulSet that scales below the pod's ordinal, a ReplicaSet that
-    /// already has its replicas without the pod (it scales down), or a Job that has ended or is
-    /// suspended. A pod whose checkpoint nobody takes costs a freeze and a record until
-    /// [`RECORD_TTL`]; where it cannot be told, the pod departs.
-    async fn replaced(&self, pod: &Pod, place: &Place) -> Result<(), String> {
-        let client = self.agent.cluster.client.clone();
-        let namespace = pod.metadata.namespace.as_deref().unwrap_or_default();
-        let owner = &place.owner;
-        let gone = || {
-            format!(
-                "{} {} of pod {} is gone or being deleted, so nothing replaces the pod",
-                owner.kind,
-                owner.name,
-                pod_name(pod)
-            )
-        };
-        fn alive(meta: &ObjectMeta, uid: &str) -> bool {
-            meta.uid.as_deref() == Some(uid) && meta.deletion_timestamp.is_none()
-        }
-        let read = |e: kube::Error| format!("reading {} {}: {e}", owner.kind, owner.name);
-        match owner.kind.as_str() {
-            "StatefulSet" => {
-                let Some(set) = Api::<StatefulSet>::namespaced(client, namespace)
-                    .get_opt(&owner.name)
-                    .await
-                    .map_err(read)?
-                    .filter(|s| alive(&s.metadata, &owner.uid))
-                else {
-                    return Err(gone());
-                };
-                let replicas = set.spec.replicas.unwrap_or(1);
-                let ordinal = pod
-                    .metadata
-                    .name
-                    .as_deref()
-                    .and_then(|n| n.rsplit('-').next())
-                    .and_then(|o| o.parse::<i32>().ok());
-                if ordinal.is_some_and(|o| o >= replicas) {
-                    return Err(format!(
-                        "StatefulSet {} scales down to {replicas}, so nothing replaces pod {}",
-                        owner.name,
-                        pod_name(pod)
-                    ));
-                }
-            }
-            "ReplicaSet" => {
-                let Some(set) = Api::<ReplicaSet>::namespaced(client.clone(), namespace)
-                    .get_opt(&owner.name)
-                    .await
-                    .map_err(read)?
-                    .filter(|s| alive(&s.metadata, &owner.uid))
-                else {
-                    return Err(gone());
-                };
-                let replicas = set.spec.replicas.unwrap_or(1);
-                // Its pods made before this one was deleted, still active: a replacement is made
-                // after the deletion, so it is never among them.
-                let deleted_at = pod
-                    .metadata
-                    .deletion_timestamp
-                    .as_ref()
-                    .map(|t| {
-                        t.0.as_second() - pod.metadata.deletion_grace_period_seconds.unwrap_or(0)
-                    })
-                    .unwrap_or(i64::MAX);
-                let pods = Api::<Pod>::namespaced(client, namespace)
-                    .list(&ListParams::default())
-                    .await
-                    .map_err(|e| format!("listing the pods of namespace {namespace}: {e}"))?;
-                let others = pods
-                    .items
-                    .iter()
-                    .filter(|p| p.metadata.uid != pod.metadata.uid)
-                    .filter(|p| p.metadata.deletion_timestamp.is_none())
-                    .filter(|p| controller_of(p).is_some_and(|o| o.uid == owner.uid))
-                    .filter(|p| {
-                        p.metadata
-                            .creation_timestamp
-                            .as_ref()
-                            .is_some_and(|t| t.0.as_second() < deleted_at)
-                    })
-                    .count();
-                if others as i32 >= replicas {
-                    return Err(format!(
-                        "ReplicaSet {} scales down to {replicas}, so nothing replaces pod {}",
-                        owner.name,
-                        pod_name(pod)
-                    ));
-                }
-            }
-            "Job" => {
-                let Some(job) = Api::<Job>::namespaced(client, namespace)
-                    .get_opt(&owner.name)
-                    .await
-                    .map_err(read)?
-                    .filter(|j| alive(&j.metadata, &owner.uid))
-                else {
-                    return Err(gone());
-                };
-                let suspended = job.spec.as_ref().and_then(|s| s.suspend) == Some(true);
-                let ended = job
-                    .status
-                    .iter()
-                    .flat_map(|s| s.conditions.iter().flatten())
-                    .any(|c| {
-                        matches!(
-                            c.type_.as_str(),
-                            "Complete" | "Failed" | "FailureTarget" | "SuccessCriteriaMet"
-                        ) && c.status == "True"
-                    });
-                if suspended || ended {
-                    return Err(format!(
-                        "Job {} is {}, so nothing replaces pod {}",
-                        owner.name,
-                        if suspended { "suspended" } else { "ending" },
-                        pod_name(pod)
-                    ));
-                }
-            }
-            _ => {}
-        }
-        Ok(())
     }
 
     /// The pod's running container for each name in its spec, or why not every one runs.

@@ -6,7 +6,7 @@
 //!
 //! * [`depart`]: a container of a pod on this node is being stopped. If the pod departs (it
 //!   is being deleted with a grace period, opted in, and its controller replaces it, see
-//!   [`crate::controller::place`]), every container is frozen, checkpointed onto the share
+//!   [`crate::controller::place`] and [`replaced`]), every container is frozen, checkpointed onto the share
 //!   and stopped, within the pod's grace period; otherwise, or should that fail, the pod stops
 //!   as Kubernetes would stop it (and the replacement starts fresh).
 //! * [`arrive`]: a container of a pod on this node is being created. If the pod takes the place
@@ -20,6 +20,7 @@ mod arrive;
 mod depart;
 pub mod record;
 mod release;
+mod replaced;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -33,7 +34,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use super::ports::Cluster;
 use super::watch::LiveAgent;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 
 pub use release::run as run_release;
 
@@ -78,6 +81,23 @@ impl Handoff {
             .unwrap_or_else(|p| p.into_inner())
             .get(uid)
             .is_some_and(|(_, answer)| answer.borrow().is_none())
+    }
+
+    /// The pod a shim asks about (with uid `uid`) as the API server has it now, and its
+    /// namespace (for the opt-in label); the answer to give when it cannot be read.
+    async fn asked_about(
+        &self,
+        namespace: &str,
+        name: &str,
+        uid: &str,
+    ) -> Result<(Pod, Option<Namespace>), Answer> {
+        let cluster = &self.agent.cluster;
+        let pod = match cluster.pod(namespace, name).await {
+            Ok(Some(pod)) if pod.metadata.uid.as_deref() == Some(uid) => pod,
+            Ok(_) => return Err(proceed(format!("pod {namespace}/{name} is gone"))),
+            Err(e) => return Err(proceed(format!("reading pod {namespace}/{name}: {e}"))),
+        };
+        Ok((pod, cluster.namespace(namespace).await.ok().flatten()))
     }
 
     /// The answer to a Kill in pod `uid`: one departure per pod, however many of its containers

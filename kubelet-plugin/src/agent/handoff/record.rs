@@ -77,6 +77,15 @@ impl Record {
             .and_then(|n| n.strip_prefix(DEPARTURE_LEASE_PREFIX))
             .unwrap_or_default()
     }
+    /// The Leases of the record's namespace, and the record's name.
+    fn api(&self, client: &kube::Client) -> (Api<Lease>, &str) {
+        let metadata = &self.lease.metadata;
+        let namespace = metadata.namespace.as_deref().unwrap_or_default();
+        (
+            Api::namespaced(client.clone(), namespace),
+            metadata.name.as_deref().unwrap_or_default(),
+        )
+    }
     pub fn holder(&self) -> Option<&str> {
         self.lease
             .spec
@@ -209,25 +218,12 @@ pub async fn claim(
     record: &Record,
     holder: &str,
 ) -> Result<Option<Record>, kube::Error> {
-    let namespace = record
-        .lease
-        .metadata
-        .namespace
-        .as_deref()
-        .unwrap_or_default();
-    let api: Api<Lease> = Api::namespaced(client.clone(), namespace);
+    let (api, name) = record.api(client);
     let mut lease = record.lease.clone();
     let spec = lease.spec.get_or_insert_default();
     spec.holder_identity = Some(holder.to_string());
     spec.acquire_time = Some(now());
-    match api
-        .replace(
-            lease.metadata.name.as_deref().unwrap_or_default(),
-            &PostParams::default(),
-            &lease,
-        )
-        .await
-    {
+    match api.replace(name, &PostParams::default(), &lease).await {
         Ok(lease) => Ok(Some(Record { lease })),
         Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => Ok(None),
         Err(e) => Err(e),
@@ -236,20 +232,8 @@ pub async fn claim(
 
 /// Removes the record; one already gone is no error.
 pub async fn remove(client: &kube::Client, record: &Record) -> Result<(), kube::Error> {
-    let namespace = record
-        .lease
-        .metadata
-        .namespace
-        .as_deref()
-        .unwrap_or_default();
-    let api: Api<Lease> = Api::namespaced(client.clone(), namespace);
-    match api
-        .delete(
-            record.lease.metadata.name.as_deref().unwrap_or_default(),
-            &DeleteParams::default(),
-        )
-        .await
-    {
+    let (api, name) = record.api(client);
+    match api.delete(name, &DeleteParams::default()).await {
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
         other => other.map(drop),
     }
