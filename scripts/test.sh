@@ -5,10 +5,11 @@
 #   3. scripts/local-up-cluster.sh up: a real two-node Kubernetes (built from source by
 #      scripts/kube-build.sh, cached under /var/cache/podmigrate) with podmigrate installed,
 #      for the suites that drive Kubernetes; torn down when this script ends
-#   4. cargo test --release --workspace  (includes the runc + CRIU end-to-end suites)
+#   4. cargo test --release --workspace  (includes the runc + CRIU end-to-end suites, and the
+#      Kubernetes suites on that cluster: kube_migration, kube_faults, kube_drain)
 #   5. the suites that drive containerd again against containerd 1.6 (PODMIGRATE_CONTAINERD_BIN_DIR):
 #      the shim's, the CRI lifecycle, the shim's checkpoint/restore, and the Kubernetes suite on
-#      the cluster with containerd 1.6 on its nodes
+#      the cluster with containerd 1.6 on its nodes (kube_migration; not kube_faults nor kube_drain)
 # Extra arguments are passed to `cargo test` (e.g. `scripts/test.sh -- --nocapture`).
 set -euo pipefail
 

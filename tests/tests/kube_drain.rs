@@ -58,6 +58,18 @@ fn or_diagnose<T>(cluster: &KubeCluster, result: anyhow::Result<T>) -> T {
     result.unwrap_or_else(|e| panic!("{e:#}\n{}", cluster.diagnostics(60)))
 }
 
+/// The one pod of `app` (of identity `extra`, a label selector, if not empty) once it runs ready
+/// on `node`: its name. Panics with the cluster's diagnostics otherwise.
+async fn ready_on(
+    cluster: &KubeCluster,
+    ns: &TestNamespace,
+    app: &str,
+    extra: &str,
+    node: &str,
+) -> String {
+    or_diagnose(cluster, wait_one_ready_on(ns, app, extra, node, WAIT).await)
+}
+
 /// Once the counter at `port` of `pod` answers, counts `times`: the counts.
 async fn hits(ns: &TestNamespace, pod: &str, port: u16, times: usize) -> Vec<u64> {
     let ip = ns.pod_ip(pod).await.unwrap();
@@ -177,26 +189,17 @@ async fn draining_a_node_moves_controller_owned_pods_with_their_state() {
     ] {
         ns.apply(&object).unwrap();
     }
-    let web = or_diagnose(
-        &cluster,
-        wait_one_ready_on(&ns, "web", "", NODE_A, WAIT).await,
-    );
+    let web = ready_on(&cluster, &ns, "web", "", NODE_A).await;
     assert_eq!(web, "web-0");
     let web = was(&ns, &web).await;
-    let shop = or_diagnose(
-        &cluster,
-        wait_one_ready_on(&ns, "shop", "", NODE_A, WAIT).await,
-    );
+    let shop = ready_on(&cluster, &ns, "shop", "", NODE_A).await;
     let shop = was(&ns, &shop).await;
     let mut batch = Vec::new();
     for index in 0..2 {
-        let pod = wait_one_ready_on(&ns, "batch", &index_selector(index), NODE_A, WAIT).await;
-        batch.push(was(&ns, &or_diagnose(&cluster, pod)).await);
+        let pod = ready_on(&cluster, &ns, "batch", &index_selector(index), NODE_A).await;
+        batch.push(was(&ns, &pod).await);
     }
-    let plain = or_diagnose(
-        &cluster,
-        wait_one_ready_on(&ns, "plain", "", NODE_A, WAIT).await,
-    );
+    let plain = ready_on(&cluster, &ns, "plain", "", NODE_A).await;
     let plain = was(&ns, &plain).await;
     step(
         t0,
@@ -240,10 +243,7 @@ async fn draining_a_node_moves_controller_owned_pods_with_their_state() {
     );
 
     // The StatefulSet's pod: the same name, on node-b, counting on.
-    let now = or_diagnose(
-        &cluster,
-        wait_one_ready_on(&ns, "web", "", NODE_B, WAIT).await,
-    );
+    let now = ready_on(&cluster, &ns, "web", "", NODE_B).await;
     assert_eq!(now, "web-0");
     assert_eq!(hits(&ns, &now, 8080, 1).await, [4], "web-0 counts on");
     assert_replaced(&ns, &web, &now).await;
@@ -251,10 +251,7 @@ async fn draining_a_node_moves_controller_owned_pods_with_their_state() {
 
     // The Deployment's pod: another name of the same ReplicaSet, with its emptyDir, its
     // loopback connection and its lock.
-    let now = or_diagnose(
-        &cluster,
-        wait_one_ready_on(&ns, "shop", "", NODE_B, WAIT).await,
-    );
+    let now = ready_on(&cluster, &ns, "shop", "", NODE_B).await;
     assert_ne!(now, shop.name);
     assert_replaced(&ns, &shop, &now).await;
     let cat = |file: &str| {
@@ -264,7 +261,7 @@ async fn draining_a_node_moves_controller_owned_pods_with_their_state() {
             .to_string()
     };
     assert_eq!(cat("/data/note"), "scratch");
-    // Written by the second counter at its first count; a fresh emptyDir would say 0.
+    // Written by the second counter at its first count, before the departure.
     assert_eq!(cat("/data/second"), "1");
     let carried = loopback(&ns, &now).await;
     assert_eq!(
@@ -298,8 +295,7 @@ async fn draining_a_node_moves_controller_owned_pods_with_their_state() {
     // once, each index by the pod that restored it.
     let mut finished = Vec::new();
     for (index, source) in batch.iter().enumerate() {
-        let now = wait_one_ready_on(&ns, "batch", &index_selector(index), NODE_B, WAIT).await;
-        let now = or_diagnose(&cluster, now);
+        let now = ready_on(&cluster, &ns, "batch", &index_selector(index), NODE_B).await;
         assert_replaced(&ns, source, &now).await;
         assert_eq!(
             hits(&ns, &now, 8080, 1).await,
@@ -330,10 +326,7 @@ async fn draining_a_node_moves_controller_owned_pods_with_their_state() {
     );
 
     // The pod that did not opt in starts from zero, and nothing departed.
-    let now = or_diagnose(
-        &cluster,
-        wait_one_ready_on(&ns, "plain", "", NODE_B, WAIT).await,
-    );
+    let now = ready_on(&cluster, &ns, "plain", "", NODE_B).await;
     assert_ne!(now, plain.name);
     assert_eq!(hits(&ns, &now, 8080, 1).await, [1], "plain starts fresh");
     assert!(ns
@@ -365,10 +358,7 @@ async fn a_departure_whose_checkpoint_fails_starts_the_replacement_fresh_with_th
     let pod = roaming_counter_pod("frail", &[counter().ballast(64)], true);
     ns.apply(&counter_controller("StatefulSet", "frail", &pod))
         .unwrap();
-    let name = or_diagnose(
-        &cluster,
-        wait_one_ready_on(&ns, "frail", "", NODE_A, WAIT).await,
-    );
+    let name = ready_on(&cluster, &ns, "frail", "", NODE_A).await;
     assert_eq!(name, "frail-0");
     let source = was(&ns, &name).await;
     assert_eq!(hits(&ns, &name, 8080, 2).await, [1, 2]);
@@ -403,10 +393,7 @@ async fn a_departure_whose_checkpoint_fails_starts_the_replacement_fresh_with_th
     );
     step(t0, "kubectl delete pod frail-0 returned");
 
-    let now = or_diagnose(
-        &cluster,
-        wait_one_ready_on(&ns, "frail", "", NODE_B, WAIT).await,
-    );
+    let now = ready_on(&cluster, &ns, "frail", "", NODE_B).await;
     assert_eq!(now, "frail-0");
     let uid = ns.uid_of(&now).await.unwrap();
     assert_ne!(uid, source.uid);
