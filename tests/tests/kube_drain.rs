@@ -14,6 +14,9 @@
 //!   checkpoint space full) stops as usual: its replacement starts fresh, a `DepartureFailed`
 //!   Warning on it says why, and so does `StartedFresh` on the replacement if it claimed the
 //!   failed departure.
+//! * a StatefulSet's pod with an init container (it leaves a line in an emptyDir) and a native
+//!   sidecar: drained, the replacement's sidecar and app container count on, and its init
+//!   container completes without running again (the line is there once).
 //!
 //! Pods start on node-a because node-b is cordoned meanwhile; no pod is pinned to a node.
 //! Cordoning disturbs every other test, so each test takes the cluster alone, and its cordons are
@@ -452,4 +455,72 @@ async fn a_departure_whose_checkpoint_fails_starts_the_replacement_fresh_with_th
 
     or_diagnose(&cluster, wait_no_departure_records(&ns, WAIT).await);
     step(t0, "no departure record is left");
+}
+
+/// A StatefulSet's pod with an init container that leaves a line in an emptyDir and a native
+/// sidecar counter: drained, its replacement restores the sidecar and the app counter, and its
+/// init container, which ran in the departed pod, completes without running again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_departed_pods_init_containers_do_not_run_again_and_its_sidecar_counts_on() {
+    let Some(cluster) = cluster().await else {
+        return;
+    };
+    let _alone = KubeCluster::exclusive().await;
+    let t0 = Instant::now();
+    let ns = cluster.namespace("sidecar").await.unwrap();
+    let mut cordons = Cordons::new(&cluster);
+    cordons.cordon(NODE_B).unwrap();
+    let mut pod = roaming_counter_pod(
+        "side",
+        &[Counter::new("counter", 8080, "/data/count")],
+        true,
+    );
+    let data = json!([{"name": "data", "mountPath": "/data"}]);
+    pod["spec"]["volumes"] = json!([{"name": "data", "emptyDir": {}}]);
+    pod["spec"]["containers"][0]["volumeMounts"] = data.clone();
+    let image = pod["spec"]["containers"][0]["image"].clone();
+    pod["spec"]["initContainers"] = json!([
+        {"name": "setup", "image": image, "volumeMounts": data,
+         "command": ["sh", "-c", "echo ran >> /data/init-runs"]},
+        {"name": "helper", "image": image, "restartPolicy": "Always",
+         "args": ["-p", "8081", "-f", "/tmp/count"]},
+    ]);
+    ns.apply(&counter_controller("StatefulSet", "side", &pod))
+        .unwrap();
+    let source = ready_on(&cluster, &ns, "side", "", NODE_A).await;
+    let source = was(&ns, &source).await;
+    assert_eq!(hits(&ns, &source.name, 8080, 3).await, [1, 2, 3]);
+    assert_eq!(hits(&ns, &source.name, 8081, 2).await, [1, 2]);
+    step(
+        t0,
+        "side-0 on node-a: its init container ran, counter at 3, sidecar at 2",
+    );
+
+    cordons.uncordon(NODE_B).unwrap();
+    or_diagnose(&cluster, cordons.drain(NODE_A, STOP_TIMEOUT));
+    let now = ready_on(&cluster, &ns, "side", "", NODE_B).await;
+    assert_eq!(now, "side-0");
+    assert_replaced(&ns, &source, &now).await;
+    assert_eq!(hits(&ns, &now, 8080, 1).await, [4]);
+    assert_eq!(hits(&ns, &now, 8081, 1).await, [3], "the sidecar counts on");
+    let runs = ns
+        .exec(&now, "counter", &["cat", "/data/init-runs"])
+        .unwrap();
+    assert_eq!(runs.trim(), "ran", "the init container ran once, on node-a");
+    let replacement = ns.get_pod(&now).await.unwrap();
+    let setup = replacement
+        .status
+        .and_then(|s| s.init_container_statuses)
+        .unwrap_or_default()
+        .into_iter()
+        .find(|c| c.name == "setup")
+        .and_then(|c| c.state)
+        .and_then(|s| s.terminated)
+        .expect("the init container's status");
+    assert_eq!(setup.exit_code, 0, "{setup:?}");
+    step(
+        t0,
+        "side-0 on node-b: counter at 4, sidecar at 3, init container skipped",
+    );
+    or_diagnose(&cluster, wait_no_departure_records(&ns, WAIT).await);
 }
