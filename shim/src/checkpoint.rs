@@ -279,7 +279,9 @@ impl Checkpointer<'_> {
             }
             Err(err) => {
                 // A lazy dump that got as far as serving ends here: its CRIU lets the source go.
-                drop(serving);
+                if let Some(source) = serving {
+                    source.serving.abandon();
+                }
                 let _ = fs::remove_dir_all(&criu_work);
                 if paused_by_us {
                     if let Err(e) = self.delegate.client().resume(

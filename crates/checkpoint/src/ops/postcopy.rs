@@ -159,6 +159,15 @@ impl Serve<'_> {
 }
 
 impl Serving {
+    /// Ends a lazy dump whose memory nobody will fetch (its checkpoint failed after the dump):
+    /// CRIU's page server, still waiting for its one connection, is made to fail the dump,
+    /// which lets go of the source's processes. Returns once runc has ended. Dropped instead,
+    /// CRIU would wait on and hold them, and not even SIGKILL would end them.
+    pub fn abandon(self) {
+        abort_criu(self.criu);
+        let _ = self.dump.wait();
+    }
+
     /// What the clone needs to fetch the memory; it travels in the archive.
     pub fn ticket(&self) -> &Ticket {
         &self.ticket
