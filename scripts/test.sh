@@ -9,7 +9,7 @@
 #      Kubernetes suites on that cluster: kube_migration, kube_faults, kube_drain)
 #   5. the suites that drive containerd again against containerd 1.6 (PODMIGRATE_CONTAINERD_BIN_DIR):
 #      the shim's, the CRI lifecycle, the shim's checkpoint/restore, and the Kubernetes suite on
-#      the cluster with containerd 1.6 on its nodes (kube_migration; not kube_faults nor kube_drain)
+#      the cluster with containerd 1.6 on its nodes (kube_migration and kube_drain; not kube_faults)
 # Extra arguments are passed to `cargo test` (e.g. `scripts/test.sh -- --nocapture`).
 set -euo pipefail
 
@@ -60,7 +60,8 @@ if [ -x "${containerd16}/containerd" ]; then
   export PODMIGRATE_CONTAINERD_BIN_DIR=$containerd16
   PODMIGRATE_SHARE=smb PODMIGRATE_SKIP_BUILD=1 bash scripts/local-up-cluster.sh up >/dev/null
   cargo test --release --workspace --no-fail-fast \
-    --test containerd --test cri_lifecycle --test shim_checkpoint_restore --test kube_migration "$@"
+    --test containerd --test cri_lifecycle --test shim_checkpoint_restore --test kube_migration \
+    --test kube_drain "$@"
   unset PODMIGRATE_CONTAINERD_BIN_DIR
 fi
 
