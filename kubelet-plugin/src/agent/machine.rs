@@ -377,6 +377,37 @@ impl<C: Cluster, R: Runtime, S: Share> Agent<C, R, S> {
         }
     }
 
+    /// Stops frozen containers for good: killed while frozen, they die as they thaw, without
+    /// running again. Best effort: each failure is logged (as `what`) and the rest still stop.
+    pub(super) async fn stop_frozen(&self, containers: &[AppContainer], what: &str) {
+        for c in containers {
+            if let Err(e) = self.runtime.kill(&c.id, libc::SIGKILL).await {
+                warn!(container = %c.name, error = %e, "{what}");
+            }
+            let _ = self.runtime.resume(&c.id).await;
+        }
+    }
+
+    /// Where CRIU leaves container `container`'s images in the checkpoint of migration (or
+    /// departure) `uid`: `<work>/checkpoints/<uid>/<container>`, emptied, its parent made.
+    pub(super) fn image_dir(&self, uid: &str, container: &str) -> std::path::PathBuf {
+        let image = self.checkpoints_of(uid).join(container);
+        let _ = std::fs::remove_dir_all(&image);
+        if let Some(parent) = image.parent() {
+            let _ = std::fs::create_dir_all(parent);
+        }
+        image
+    }
+
+    /// Removes what CRIU left for migration (or departure) `uid`.
+    pub(super) fn discard_images(&self, uid: &str) {
+        let _ = std::fs::remove_dir_all(self.checkpoints_of(uid));
+    }
+
+    fn checkpoints_of(&self, uid: &str) -> std::path::PathBuf {
+        self.config.work_dir.join("checkpoints").join(uid)
+    }
+
     /// Thaws the source's containers, best effort: each failure is logged and the rest still
     /// thaw. Only a paused task is resumed.
     pub(super) async fn thaw(&self, containers: &[AppContainer]) {
@@ -510,7 +541,7 @@ impl<C: Cluster, R: Runtime, S: Share> Agent<C, R, S> {
             }
         }
         if claimed && !uid.is_empty() {
-            let _ = std::fs::remove_dir_all(self.config.work_dir.join("checkpoints").join(&uid));
+            self.discard_images(&uid);
         }
         if claimed {
             let patch = json!({ "metadata": { "finalizers": finalizers_with(clone, false) } });

@@ -132,16 +132,12 @@ impl Handoff {
             .await;
         let started = Instant::now();
         let outcome = self.checkpoint(&pod, &containers, &names, deadline).await;
-        let _ = std::fs::remove_dir_all(agent.config.work_dir.join("checkpoints").join(uid));
+        agent.discard_images(uid);
         match outcome {
             Ok(()) => {
-                // Frozen, they die as they thaw, without running again.
-                for c in &containers {
-                    if let Err(e) = agent.runtime.kill(&c.id, libc::SIGKILL).await {
-                        warn!(container = %c.name, error = %e, "stopping the departed pod");
-                    }
-                    let _ = agent.runtime.resume(&c.id).await;
-                }
+                agent
+                    .stop_frozen(&containers, "stopping the departed pod")
+                    .await;
                 let ms = started.elapsed().as_millis();
                 if let Err(e) =
                     record::set(client, namespace, uid, Departure::Committed, None).await
@@ -246,16 +242,7 @@ impl Handoff {
                 .map_err(|e| format!("freezing container {}: {e}", c.name))?;
         }
         for c in containers {
-            let image = agent
-                .config
-                .work_dir
-                .join("checkpoints")
-                .join(uid)
-                .join(&c.name);
-            let _ = std::fs::remove_dir_all(&image);
-            if let Some(parent) = image.parent() {
-                let _ = std::fs::create_dir_all(parent);
-            }
+            let image = agent.image_dir(uid, &c.name);
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(format!(

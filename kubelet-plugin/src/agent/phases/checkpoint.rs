@@ -108,16 +108,7 @@ impl<C: Cluster, R: Runtime, S: Share> Agent<C, R, S> {
         }
         let started = Instant::now();
         for c in &m.containers {
-            let image = self
-                .config
-                .work_dir
-                .join("checkpoints")
-                .join(&m.uid)
-                .join(&c.name);
-            let _ = std::fs::remove_dir_all(&image);
-            if let Some(parent) = image.parent() {
-                let _ = std::fs::create_dir_all(parent);
-            }
+            let image = self.image_dir(&m.uid, &c.name);
             // The whole completion budget that is left: the dump cannot be interrupted safely
             // (CRIU holds the tasks), so a cancel takes effect once it ends.
             let left = m

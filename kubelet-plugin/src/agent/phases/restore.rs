@@ -14,7 +14,7 @@ use podmigrate_vocabulary::{
     Mode, Phase, Transfer, FROZEN_AT, FROZEN_MS, PHASE, PROGRESS, TRANSFER_CHOSEN,
 };
 use serde_json::json;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::agent::machine::{
     millis, progress, unix_millis, Agent, AgentError, Ending, Migration, Next,
@@ -183,12 +183,8 @@ impl<C: Cluster, R: Runtime, S: Share> Agent<C, R, S> {
     /// without running again), its ReplicaSet, if any, takes the clone in its place, then its
     /// pod goes.
     pub(in crate::agent) async fn retire_source(&self, m: &Migration) -> Result<(), AgentError> {
-        for c in &m.containers {
-            if let Err(e) = self.runtime.kill(&c.id, libc::SIGKILL).await {
-                warn!(container = %c.name, error = %e, "stopping the migrated source");
-            }
-            let _ = self.runtime.resume(&c.id).await;
-        }
+        self.stop_frozen(&m.containers, "stopping the migrated source")
+            .await;
         if let Some(source) = &m.source {
             self.hand_over(m, source).await?;
             self.cluster.delete(&m.namespace, &m.source_name).await?;
