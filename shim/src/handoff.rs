@@ -99,7 +99,7 @@ pub fn at_create(
         return AtCreate::Create;
     }
     // Restored once already on this node: kubelet restarts it, and it starts fresh.
-    if crate::restore::marker(&config.work_dir, identity).is_some_and(|m| m.exists()) {
+    if crate::restore::restored_before(&config.work_dir, identity).is_some() {
         return AtCreate::Create;
     }
     let question = Ask::Arrive {

@@ -46,12 +46,15 @@ pub fn plan<'a>(
         Some(source) if !identity.is_sandbox && !checkpoint_given => source,
         _ => return CreatePlan::AsAsked,
     };
-    match marker(work_dir, identity) {
-        Some(marker) if fs::symlink_metadata(&marker).is_ok() => {
-            CreatePlan::Restarted { source, marker }
-        }
-        _ => CreatePlan::Restore { source },
+    match restored_before(work_dir, identity) {
+        Some(marker) => CreatePlan::Restarted { source, marker },
+        None => CreatePlan::Restore { source },
     }
+}
+
+/// The marker saying `identity` was restored on this node already, if it was.
+pub fn restored_before(work_dir: &Path, identity: &ContainerIdentity) -> Option<PathBuf> {
+    marker(work_dir, identity).filter(|marker| fs::symlink_metadata(marker).is_ok())
 }
 
 /// Where the fact that `identity` was restored on this node is recorded: keyed by the clone
