@@ -893,15 +893,8 @@ impl TestNamespace {
         let started = Instant::now();
         loop {
             let pod = self.get_pod(name).await;
-            if let Some(pod) = &pod {
-                let status = pod.status.as_ref();
-                let ready = status
-                    .and_then(|s| s.container_statuses.as_ref())
-                    .is_some_and(|cs| !cs.is_empty() && cs.iter().all(|c| c.ready));
-                let has_ip = status.and_then(|s| s.pod_ip.as_ref()).is_some();
-                if ready && has_ip {
-                    return Ok(pod.clone());
-                }
+            if let Some(pod) = pod.as_ref().filter(|p| is_ready(p)) {
+                return Ok(pod.clone());
             }
             if started.elapsed() >= timeout {
                 bail!(
@@ -1185,6 +1178,15 @@ impl TestNamespace {
 
 /// A migratable pod of counters (pod network, `migrate` RuntimeClass), scheduled onto `node`
 /// through its hostname label, as the tutorial's manifest.
+/// Whether every container of `pod` is ready and the pod has its IP.
+pub fn is_ready(pod: &Pod) -> bool {
+    let status = pod.status.as_ref();
+    status.and_then(|s| s.pod_ip.as_ref()).is_some()
+        && status
+            .and_then(|s| s.container_statuses.as_ref())
+            .is_some_and(|cs| !cs.is_empty() && cs.iter().all(|c| c.ready))
+}
+
 pub fn counter_pod(name: &str, node: &str, counters: &[Counter]) -> Pod {
     let containers: Vec<Value> = counters
         .iter()

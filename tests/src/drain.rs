@@ -18,7 +18,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
 use podmigrate_vocabulary::DEPARTURE_LEASE_PREFIX;
 
-use crate::cluster::{KubeCluster, TestNamespace};
+use crate::cluster::{is_ready, KubeCluster, TestNamespace};
 
 /// The label an Indexed Job puts on each of its pods: its completion index.
 pub const JOB_COMPLETION_INDEX: &str = "batch.kubernetes.io/job-completion-index";
@@ -112,15 +112,6 @@ fn name_of(pod: &Pod) -> String {
 
 fn node_of(pod: &Pod) -> Option<&str> {
     pod.spec.as_ref()?.node_name.as_deref()
-}
-
-/// Whether every container of `pod` is ready and the pod has its IP.
-fn is_ready(pod: &Pod) -> bool {
-    let status = pod.status.as_ref();
-    status.and_then(|s| s.pod_ip.as_ref()).is_some()
-        && status
-            .and_then(|s| s.container_statuses.as_ref())
-            .is_some_and(|cs| !cs.is_empty() && cs.iter().all(|c| c.ready))
 }
 
 /// Waits until the live pods of `app` (and `extra`, e.g. a Job's completion index) are exactly
